@@ -1,0 +1,590 @@
+"""Clips from real video files, the clip samplers of TimeBalance, augmentations, split formats and
+a small generated toy action dataset. Runtime imports: standard library, torch, av.
+
+    load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
+    *_indices(n, ...)                  the clip samplers of PAPER_NOTES.md "Clips that every objective uses"
+    augment(clip, size, g)             one random augmentation shared by every frame of a clip
+    read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
+    VideoDataset(items, root, mode)    what each training stage iterates over
+    python data.py toy DIR             writes the toy action dataset in the UCF101 layout
+"""
+import argparse
+import ctypes
+import math
+import os
+import random
+import sys
+import warnings
+
+import av
+import torch
+import torch.nn.functional as F
+
+AV_ERROR = getattr(av, "FFmpegError", None) or av.AVError  # PyAV < 14 calls it AVError
+# PyAV >= 17 converts frames on several threads unless told otherwise; inside DataLoader workers one
+# thread is faster. Older versions have no such argument.
+ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
+class VideoError(Exception):
+    """A video file that cannot be read: it is skipped and counted, never fatal on its own."""
+
+
+class DataError(Exception):
+    """A bad dataset path, split file or flag: the run stops before any training (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading frames
+
+
+def _open_video(path):
+    try:
+        container = av.open(path)
+    except (AV_ERROR, OSError, ValueError) as e:
+        raise VideoError(f"{path}: cannot open ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # one thread per DataLoader worker; the workers are the parallelism
+    return container, stream
+
+
+def count_frames(path):
+    """Number of frames of the first video stream, counted from the demuxed packets (no decoding),
+    so it is right when the container stores no frame count or a wrong one (a truncated file)."""
+    container, stream = _open_video(path)
+    n = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size > 0:  # the demuxer ends the stream with one empty flush packet
+                n += 1
+    except AV_ERROR:
+        pass  # a truncated file: count what could be read
+    finally:
+        container.close()
+    if n == 0:
+        raise VideoError(f"{path}: no video frames")
+    return n
+
+
+def _output_size(size, width, height):
+    """size=None keeps the frame, (H, W) resizes to it, an int resizes the short side to it."""
+    if size is None:
+        return height, width
+    if isinstance(size, int):
+        scale = size / min(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    return size
+
+
+def _to_tensor(frame, out_hw):
+    """One decoded frame -> (H, W, 3) uint8 view of its RGB plane, converted once at the output size."""
+    H, W = out_hw
+    rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", **ONE_THREAD)
+    plane = rgb.planes[0]
+    with warnings.catch_warnings():  # the plane is read-only memory; we copy it out at once
+        warnings.simplefilter("ignore")
+        flat = torch.frombuffer(plane, dtype=torch.uint8)
+    return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
+
+
+def _decode(container, stream, first, last):
+    """Yields (index, frame) for frames first..last in presentation order. Seeks to the keyframe at or
+    before `first`; an index is the frame's timestamp times the frame rate, so B-frame streams come out
+    in display order. Falls back to counting from the start where timestamps are missing or the seek
+    overshoots."""
+    rate = stream.average_rate or stream.guessed_rate
+    tb = stream.time_base
+    start = stream.start_time or 0
+    if rate and tb and first > 0:
+        container.seek(start + int(first / rate / tb), stream=stream, backward=True, any_frame=False)
+        frames = container.decode(stream)
+        head = next(frames, None)
+        if head is not None and head.pts is not None:
+            index = round((head.pts - start) * tb * rate)
+            if index <= first:
+                yield index, head
+                for frame in frames:
+                    if frame.pts is None:
+                        break
+                    index = round((frame.pts - start) * tb * rate)
+                    yield index, frame
+                    if index >= last:
+                        return
+                return
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    for index, frame in enumerate(container.decode(stream)):  # sequential decode from the start
+        yield index, frame
+        if index >= last:
+            return
+
+
+def load_frames(path, indices, size=None):
+    """Frames `indices` of video `path` as a (len(indices), H, W, 3) uint8 RGB tensor, in the order asked
+    (indices may repeat). Decodes once, from the keyframe before min(indices) to max(indices); each
+    wanted frame is converted once, resized to `size` ((H, W), or an int short side) on the way.
+    Indices past the last decodable frame get the last decoded frame (a truncated file)."""
+    if len(indices) == 0:
+        raise ValueError("load_frames: no indices")
+    wanted = sorted(set(indices))
+    wanted_set = set(wanted)
+    container, stream = _open_video(path)
+    out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
+    got = {}
+    try:
+        for index, frame in _decode(container, stream, wanted[0], wanted[-1]):
+            if index in wanted_set and index not in got:
+                got[index] = _to_tensor(frame, out_hw).clone()
+            if index >= wanted[-1]:
+                break
+    except AV_ERROR as e:
+        if not got:
+            raise VideoError(f"{path}: decoding failed ({e})") from None
+    finally:
+        container.close()
+    if not got:
+        raise VideoError(f"{path}: none of frames {wanted[0]}..{wanted[-1]} could be decoded")
+    out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)
+    for i, index in enumerate(indices):
+        if index in got:
+            out[i] = got[index]
+        else:  # past the end of a short or truncated stream: the nearest earlier decoded frame
+            earlier = [k for k in got if k <= index]
+            out[i] = got[max(earlier)] if earlier else got[min(got)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip samplers. Each returns frame indices into a video of n frames.
+
+
+def clip_indices(n, T, stride, start):
+    """T frames at `stride` from `start`. A video shorter than the span first gets a lower stride
+    (down to 1), then its last frame repeated."""
+    if (T - 1) * stride + 1 > n:
+        stride = max(1, (n - 1) // max(1, T - 1))
+    return [min(start + i * stride, n - 1) for i in range(T)]
+
+
+def max_start(n, T, stride):
+    return max(0, n - ((T - 1) * stride + 1))
+
+
+def train_indices(n, T, stride, g):
+    """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
+    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
+    return clip_indices(n, T, stride, start)
+
+
+def ssl_indices(n, T, stride, g, n_dense=4):
+    """Self-supervised clip set: one sparse clip of T frames at `stride` spanning T*stride frames, and
+    `n_dense` dense clips tiling that span without overlap, each T frames at stride/n_dense (paper:
+    16 frames at stride 4, dense clip j = 16 consecutive frames from sparse frame 4j).
+    Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
+    span = T * stride
+    if span > n:
+        span = max(n_dense, n)
+    start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
+    sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
+    dense = []
+    for j in range(n_dense):
+        lo = start + (j * span) // n_dense
+        width = span // n_dense
+        dense.append([min(lo + (i * width) // T, n - 1) for i in range(T)])
+    return sparse, dense
+
+
+def test_indices(n, T, stride, K=10):
+    """K clips spread uniformly over the video (paper: 10), first and last starts at the ends."""
+    m = max_start(n, T, stride)
+    starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
+    return [clip_indices(n, T, stride, s) for s in starts]
+
+
+def score_indices(n, T, n_clips=4):
+    """Temporal similarity score: `n_clips` consecutive non-overlapping clips covering the video,
+    clip c = T frames spread evenly over the c-th quarter (PAPER_NOTES "Temporal similarity score")."""
+    seg = n / n_clips
+    return [[min(n - 1, int(c * seg + i * seg / T)) for i in range(T)] for c in range(n_clips)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentations: torch ops, the same random parameters for every frame of a clip.
+
+MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
+STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
+
+
+def _u(g, lo=0.0, hi=1.0):
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def _resize(x, size):
+    """(T, 3, h, w) float -> (T, 3, size, size)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def center_crop(clip, size):
+    """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float; evaluation and scoring."""
+    T, H, W, _ = clip.shape
+    s = min(H, W)
+    top, left = (H - s) // 2, (W - s) // 2
+    x = clip[:, top : top + s, left : left + s].permute(0, 3, 1, 2).float()  # (T, 3, s, s)
+    if s != size:
+        x = _resize(x, size)
+    x = x.permute(1, 0, 2, 3) / 255.0  # (3, T, size, size)
+    return (x - MEAN) / STD
+
+
+def augment(clip, size, g, strong=True):
+    """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float, one draw of: random resized crop
+    (scale 0.3-1, ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised clips) also colour
+    jitter (p 0.8: brightness, contrast, saturation 0.4), grayscale (p 0.2) and random erase (p 0.5)."""
+    T, H, W, _ = clip.shape
+    area = H * W
+    for _ in range(10):
+        target = area * _u(g, 0.3, 1.0)
+        ratio = math.exp(_u(g, math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            break
+    else:
+        h = w = min(H, W)
+    top = int(_u(g) * (H - h + 1))
+    left = int(_u(g) * (W - w + 1))
+    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float()  # (T, 3, h, w)
+    x = _resize(x, size) / 255.0
+    if _u(g) < 0.5:
+        x = x.flip(-1)
+    if strong:
+        if _u(g) < 0.8:
+            x = x * _u(g, 0.6, 1.4)  # brightness
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * _u(g, 0.6, 1.4) + mean  # contrast
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (T, 1, S, S)
+            x = (x - gray) * _u(g, 0.6, 1.4) + gray  # saturation
+            x = x.clamp(0, 1)
+        if _u(g) < 0.2:
+            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand(-1, 3, -1, -1)
+    x = (x.permute(1, 0, 2, 3) - MEAN) / STD  # (3, T, S, S)
+    if strong and _u(g) < 0.5:
+        eh, ew = int(size * _u(g, 0.1, 0.4)), int(size * _u(g, 0.1, 0.4))
+        et, el = int(_u(g) * (size - eh)), int(_u(g) * (size - ew))
+        x = x.clone()
+        x[:, :, et : et + eh, el : el + ew] = 0.0  # erased to the mean colour
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset splits. An item is (path relative to root, 0-based label).
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def _lines(path):
+    with open(_need(path, "split file")) as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def _check_classes(root, classes):
+    for name in classes:
+        _need(os.path.join(root, name), "class folder")
+
+
+def read_ucf101(root, splits, fold):
+    """UCF101 train/test lists of `fold`. Labels are classInd.txt index - 1 (PAPER_NOTES: sorting the
+    folder names swaps HammerThrow/Hammering and JumpRope/JumpingJack)."""
+    _need(root, "dataset root")
+    index = {name: int(i) - 1 for i, name in _lines(os.path.join(splits, "classInd.txt"))}
+    classes = sorted(index, key=index.get)
+    _check_classes(root, classes)
+
+    def parse(name):
+        items = []
+        for words in _lines(os.path.join(splits, name)):
+            folder = words[0].split("/")[0]
+            if folder not in index:
+                raise DataError(f"{os.path.join(splits, name)}: class {folder} is not in classInd.txt")
+            items.append((words[0], index[folder]))
+        return items
+
+    return parse(f"trainlist0{fold}.txt"), parse(f"testlist0{fold}.txt"), classes
+
+
+def read_hmdb51(root, splits, fold, use_unused=False):
+    """HMDB51 split `fold` from <class>_test_split<fold>.txt: flag 1 train, 2 test, 0 unused. With
+    `use_unused` the flag-0 videos join the training pool (semi-supervised work draws from the 5,236
+    non-test videos). Labels follow the sorted class names, as the split files define them."""
+    _need(root, "dataset root")
+    suffix = f"_test_split{fold}.txt"
+    files = sorted(f for f in os.listdir(_need(splits, "split folder")) if f.endswith(suffix))
+    if not files:
+        raise DataError(f"no *{suffix} files in {splits}")
+    classes = [f[: -len(suffix)] for f in files]
+    _check_classes(root, classes)
+    train, test = [], []
+    for label, (name, f) in enumerate(zip(classes, files)):
+        for video, flag in _lines(os.path.join(splits, f)):
+            item = (f"{name}/{video}", label)
+            if flag == "2":
+                test.append(item)
+            elif flag == "1" or use_unused:
+                train.append(item)
+    return train, test, classes
+
+
+def read_list(root, train_list, test_list):
+    """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this."""
+    _need(root, "dataset root")
+
+    def parse(path):
+        try:
+            return [(w[0], int(w[1])) for w in _lines(path)]
+        except (IndexError, ValueError):
+            raise DataError(f"{path}: lines must read 'relative/path label'") from None
+
+    train, test = parse(train_list), parse(test_list)
+    num_classes = 1 + max(label for _, label in train + test)
+    return train, test, [str(c) for c in range(num_classes)]
+
+
+def split_labeled(items, labeled, seed, classes):
+    """Labeled subset: `labeled` < 1 is a fraction of each class, >= 1 a count per class; at least one
+    video per class, drawn per class with `seed`. Returns (labeled_items, unlabeled_items)."""
+    if labeled <= 0:
+        raise DataError(f"--labeled must be > 0, got {labeled}")
+    if labeled >= 1 and labeled != int(labeled):
+        raise DataError(f"--labeled {labeled}: a count per class must be a whole number")
+    rng = random.Random(seed)
+    by_class = {c: [] for c in range(len(classes))}
+    for item in sorted(items):
+        by_class[item[1]].append(item)
+    lab, unlab = [], []
+    for c, videos in by_class.items():
+        if not videos:
+            raise DataError(f"class {classes[c]} has no training videos")
+        k = max(1, round(labeled * len(videos))) if labeled < 1 else int(labeled)
+        if k > len(videos):
+            raise DataError(f"--labeled {labeled}: class {classes[c]} has only {len(videos)} training videos")
+        rng.shuffle(videos)
+        lab += videos[:k]
+        unlab += videos[k:]
+    return lab, unlab
+
+
+def write_list(path, items):
+    with open(path, "w") as f:
+        f.writelines(f"{p} {label}\n" for p, label in items)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Items (relative path, label) under `root`, read in one of four modes:
+      train  one clip, T frames at `stride`, weak augmentation       -> (3, T, S, S)
+      ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S):
+             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4]
+      test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S)
+      score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S)
+    Each item returns (clips, label, index, bad): `bad` lists the items that failed to decode on the
+    way. A failed train/ssl item is replaced by another random video; a failed test/score item comes
+    back as zeros with its index in `bad`, so evaluation can count it wrong.
+    Randomness comes from a generator seeded by (seed, epoch, index): the same run gives the same
+    clips whatever the number of workers."""
+
+    def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0):
+        if mode not in ("train", "ssl", "test", "score"):
+            raise ValueError(f"unknown mode {mode}")
+        self.items, self.root, self.mode = items, root, mode
+        self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
+        self.epoch = 0
+        self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
+        self._counts = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def path(self, i):
+        return os.path.join(self.root, self.items[i][0])
+
+    def frame_count(self, i):
+        if i not in self._counts:
+            self._counts[i] = count_frames(self.path(i))
+        return self._counts[i]
+
+    def _load(self, i, g):
+        n = self.frame_count(i)
+        S = self.size
+        if self.mode == "train":
+            frames = load_frames(self.path(i), train_indices(n, self.T, self.stride, g), self.decode_size)
+            return augment(frames, S, g, strong=False)
+        if self.mode == "ssl":
+            sparse, dense = ssl_indices(n, self.T, self.stride, g)
+            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)  # one decode
+            clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
+            views = [augment(clips[0], S, g), augment(clips[0], S, g)]
+            views += [augment(clips[1 + j], S, g) for j in range(4)]
+            views += [augment(clips[1 + j], S, g) for j in range(4)]
+            return torch.stack(views)  # (10, 3, T, S, S)
+        sets = test_indices(n, self.T, self.stride, self.K) if self.mode == "test" else score_indices(n, self.T)
+        frames = load_frames(self.path(i), sum(sets, []), self.decode_size)
+        clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
+        return torch.stack([center_crop(c, S) for c in clips])  # (K, 3, T, S, S)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        bad = []
+        for _ in range(20):
+            try:
+                return self._load(i, g), self.items[i][1], i, bad
+            except VideoError as e:
+                bad.append((i, str(e)))
+                if self.mode in ("test", "score"):
+                    shape = (self.K if self.mode == "test" else 4, 3, self.T, self.size, self.size)
+                    return torch.zeros(shape), self.items[i][1], i, bad
+                i = int(torch.randint(0, len(self.items), (1,), generator=g))
+        raise VideoError(f"20 videos in a row failed to decode, the last: {bad[-1][1]}")
+
+
+def collate(batch):
+    clips, labels, index, bad = zip(*batch)
+    return torch.stack(clips), torch.tensor(labels), torch.tensor(index), [b for bs in bad for b in bs]
+
+
+class BadVideos:
+    """Counts unreadable videos across DataLoader workers: warns once per file, by name."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def add(self, bad):
+        for i, msg in bad:
+            if msg not in self.seen:
+                warnings.warn(f"skipping unreadable video: {msg}", stacklevel=2)
+                print(f"warning: skipping unreadable video: {msg}", file=sys.stderr)
+            self.seen[msg] = i
+
+    def __len__(self):
+        return len(self.seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy action dataset: appearance classes (shape, texture; repetitive motion) and temporal-order
+# classes (up vs down, growing vs shrinking; shape random). Never left/right: flips are augmentation.
+
+TOY_CLASSES = ["Circle", "Square", "StripedCircle", "StripedSquare", "MoveUp", "MoveDown", "Grow", "Shrink"]
+
+
+def _render(cls, n, H, W, g):
+    """(n, H, W, 3) uint8 frames of one toy video of class `cls`."""
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    bg = torch.rand(3, generator=g) * 0.6 + 0.2
+    noise = (torch.rand(H // 8, W // 8, 3, generator=g) - 0.5) * 0.25  # a coarse per-video texture
+    noise = F.interpolate(noise.permute(2, 0, 1)[None], size=(H, W), mode="bilinear")[0].permute(1, 2, 0)
+    fg = torch.rand(3, generator=g)
+    while (fg - bg).abs().sum() < 0.6:  # keep the object visible against the background
+        fg = torch.rand(3, generator=g)
+    name = TOY_CLASSES[cls]
+    shape = {"Circle": 0, "StripedCircle": 0, "Square": 1, "StripedSquare": 1}.get(name)
+    if shape is None:
+        shape = int(torch.randint(0, 2, (1,), generator=g))
+    striped = name.startswith("Striped")
+    cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
+    cy0 = H * (0.35 + 0.3 * float(torch.rand((), generator=g)))
+    phase = 6.283 * float(torch.rand((), generator=g))
+    period = 8 + 8 * float(torch.rand((), generator=g))
+    frames = []
+    for t in range(n):
+        a = t / (n - 1)  # 0 -> 1 over the video
+        r, cx, cy = 0.16 * H, cx0, cy0
+        wobble = 0.06 * H * math.sin(phase + 6.283 * t / period)
+        if name == "MoveUp":
+            cy = H * (0.8 - 0.6 * a)
+        elif name == "MoveDown":
+            cy = H * (0.2 + 0.6 * a)
+        elif name == "Grow":
+            r = H * (0.06 + 0.24 * a)
+        elif name == "Shrink":
+            r = H * (0.30 - 0.24 * a)
+        else:  # appearance classes bob in place, the same over the whole video
+            cy = cy0 + wobble
+            cx = cx0 + 0.5 * wobble
+        dx, dy = xx - cx, yy - cy
+        mask = (dx**2 + dy**2 < r**2) if shape == 0 else (torch.maximum(dx.abs(), dy.abs()) < r * 0.9)
+        if striped:
+            mask &= ((xx + yy) // 4) % 2 == 0
+        img = (bg + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.06).clamp(0, 1)
+        img[mask] = fg
+        frames.append((img * 255).round().to(torch.uint8))
+    return torch.stack(frames)  # (n, H, W, 3)
+
+
+def write_video(path, frames, fps=25, codec=None, gop=12):
+    """Encodes (n, H, W, 3) uint8 frames: MPEG-4 part 2 in .avi (UCF101's format), H.264 with
+    B-frames in .mp4 (Kinetics-like)."""
+    codec = codec or ("libx264" if path.endswith(".mp4") else "mpeg4")
+    n, H, W, _ = frames.shape
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "bf": "2", "crf": "20"}
+        else:
+            stream.codec_context.bit_rate = 2_000_000
+        alpha = torch.full((H, W, 1), 255, dtype=torch.uint8)
+        for f in frames:
+            rgba = torch.cat([f, alpha], dim=-1).contiguous()  # (H, W, 4): from_bytes takes RGBA
+            data = ctypes.string_at(rgba.data_ptr(), rgba.numel())  # tensor bytes without NumPy
+            for packet in stream.encode(av.VideoFrame.from_bytes(data, W, H, format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, seed=0):
+    """Writes the toy action dataset in the UCF101 layout: root/<Class>/v_<Class>_gNN_c01.{avi,mp4},
+    root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate videos are MPEG-4 AVI / H.264 MP4."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(root, exist_ok=True)
+    train, test = [], []
+    for c, name in enumerate(TOY_CLASSES):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for k in range(train_per_class + test_per_class):
+            rel = f"{name}/v_{name}_g{k:02d}_c01.{'mp4' if k % 2 else 'avi'}"
+            write_video(os.path.join(root, rel), _render(c, frames, size, size, g))
+            (train if k < train_per_class else test).append(rel)
+    with open(os.path.join(root, "classInd.txt"), "w") as f:
+        f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(TOY_CLASSES))
+    with open(os.path.join(root, "trainlist01.txt"), "w") as f:
+        f.writelines(f"{rel} {TOY_CLASSES.index(rel.split('/')[0]) + 1}\n" for rel in train)
+    with open(os.path.join(root, "testlist01.txt"), "w") as f:
+        f.writelines(f"{rel}\n" for rel in test)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("toy", help="write the toy action dataset (UCF101 layout)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("dir", type=str, help="output folder")
+    t.add_argument("--train-per-class", type=int, default=30, help="training videos per class")
+    t.add_argument("--test-per-class", type=int, default=10, help="test videos per class")
+    t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
+    t.add_argument("--size", type=int, default=80, help="frame height and width in pixels")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    args = p.parse_args()
+    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed)
+    print(f"wrote {len(TOY_CLASSES)} classes to {args.dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""TimeBalance's objectives, score and distillation as pure functions of tensors (PAPER_NOTES.md).
+
+Notation: every embedding is already L2-normalised, h(u, v) = exp(u . v / tau), tau = 0.1.
+  g_a, g_b   (B, D)     sparse (global) clip of each video, augmentations A and B
+  L_a, L_b   (B, 4, D)  the sparse clip's 4 temporal slices ("local slices" L_1..L_4)
+  G_a, G_b   (B, 4, D)  the 4 dense (local) clips G_1..G_4 tiling the sparse clip's span
+"""
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def _nt_xent_rows(z1, z2, tau):
+    """NT-Xent per anchor over the second-to-last dim: z1, z2 (..., N, D) -> (..., 2N) losses.
+    Anchor i's positive is its partner in the other view; every other one of the 2N is a negative:
+        l_i = -log( h(z_i, z~_i) / sum_{k != i} h(z_i, z_k) )"""
+    N = z1.shape[-2]
+    z = torch.cat([z1, z2], dim=-2)  # (..., 2N, D)
+    sim = z @ z.transpose(-1, -2) / tau  # (..., 2N, 2N): log h(z_i, z_k)
+    eye = torch.eye(2 * N, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))  # k != i
+    pos = torch.arange(2 * N, device=z.device).add(N).remainder(2 * N)  # partner of i: i + N mod 2N
+    return torch.logsumexp(sim, dim=-1) - sim[..., torch.arange(2 * N), pos]
+
+
+def nt_xent(z1, z2, tau=0.1):
+    """SimCLR NT-Xent over the batch (PAPER_NOTES "Temporally-invariant objective"): z1, z2 (N, D) are
+    two views of N videos; a view's positive is the other view of its video, negatives are the other
+    videos. Mean over the 2N anchors. Needs N >= 2: with one video there is no negative."""
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"nt_xent: views must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError("nt_xent: needs at least 2 videos in the batch (other videos are the negatives)")
+    return _nt_xent_rows(z1, z2, tau).mean()
+
+
+def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1):
+    """Temporally-invariant objective (PAPER_NOTES "Temporally-invariant objective"):
+        L_I = NTXent(g, g~) + 1/4 * sum over unordered pairs of distinct dense clips
+              (a, p) != (b, q) of NTXent(G_{a,p}, G_{b,q})
+    Dense clips at different times of one video are positives: the features become time-invariant.
+    With 2 augmentations x 4 times there are 28 pairs."""
+    dense = [G[:, p] for G in (G_a, G_b) for p in range(G.shape[1])]  # 8 x (B, D)
+    L_dense = sum(nt_xent(u, v, tau) for u, v in itertools.combinations(dense, 2))
+    return nt_xent(g_a, g_b, tau) + L_dense / 4
+
+
+def local_local_loss(G_a, G_b, tau=0.1):
+    """TCLR local-local loss L_LL (PAPER_NOTES "Temporally-distinctive objective"): per video, NT-Xent
+    whose "batch" is the 4 time slots: anchor G_p's positive is G~_p, its negatives are G_q and G~_q
+    for q != p (other times of the same video). Averaged over videos and anchors (the released code
+    sums over the batch; averaging keeps the scale independent of the batch size)."""
+    return _nt_xent_rows(G_a, G_b, tau).mean()  # (B, 8) -> ()
+
+
+def global_local_loss(L, G, tau=0.1):
+    """TCLR global-local loss L_GL: per video S_pq = L_p . G_q / tau (sparse slice p vs dense clip q),
+        L_GL = 1/2 [ CE(S rows, target p) + CE(S columns, target q) ]
+    averaged over videos. L, G: (B, 4, D)."""
+    S = L @ G.transpose(1, 2) / tau  # (B, 4, 4)
+    B, P, _ = S.shape
+    target = torch.arange(P, device=S.device).repeat(B)  # (B*4,)
+    rows = F.cross_entropy(S.reshape(B * P, P), target)
+    cols = F.cross_entropy(S.transpose(1, 2).reshape(B * P, P), target)
+    return (rows + cols) / 2
+
+
+def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1):
+    """Temporally-distinctive objective L_D = L_LL + L_GL, L_GL summed over the 4 combinations of
+    sparse / dense augmentations (PAPER_NOTES; released teacher config: both temporal weights 1)."""
+    L_GL = sum(global_local_loss(L, G, tau) for L in (L_a, L_b) for G in (G_a, G_b))
+    return local_local_loss(G_a, G_b, tau) + L_GL
+
+
+def temporal_similarity(e_I, e_D):
+    """Temporal similarity score s in [0, 1] (PAPER_NOTES "Temporal similarity score"). e_I, e_D
+    (B, 4, D): the invariant and distinctive SSL encoders' projected, L2-normalised embeddings of 4
+    consecutive non-overlapping clips of each video.
+        C = (C_I + C_D) / 2,   C_X = e_X e_X^T  (4x4 cosine similarities)
+        c = mean of the 12 off-diagonal entries of C,   s = (c + 1) / 2
+    Identical clips give s = 1; clips that differ over time give lower s. The raw score sits in a
+    narrow band on small data: `normalize_scores` spreads it over the training videos."""
+    C = (e_I @ e_I.transpose(1, 2) + e_D @ e_D.transpose(1, 2)) / 2  # (B, 4, 4)
+    n = C.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=C.device)
+    c = C[:, off].mean(dim=1)  # (B,): mean off-diagonal cosine
+    return (c + 1) / 2
+
+
+def normalize_scores(s, method="minmax"):
+    """Dataset-level normalisation of raw scores (B,) over the training videos, a reading of the paper
+    that the notes allow: "none" keeps s, "minmax" maps min -> 0 and max -> 1, "rank" maps each score to
+    its rank / (B - 1) (ties broken by order)."""
+    if method == "none" or s.numel() < 2:
+        return s
+    if method == "minmax":
+        lo, hi = s.min(), s.max()
+        return (s - lo) / (hi - lo) if hi > lo else torch.full_like(s, 0.5)
+    if method == "rank":
+        return s.argsort().argsort().to(s.dtype) / (s.numel() - 1)
+    raise ValueError(f"normalize_scores: unknown method {method!r}")
+
+
+def mix_teachers(p_inv, p_dist, s):
+    """Teacher target (PAPER_NOTES "Student"): p_T = s * p_I + (1 - s) * p_D, per video.
+    p_inv, p_dist (B, K) probabilities; s (B,) in [0, 1]."""
+    s = s.view(-1, 1)  # (B, 1)
+    return s * p_inv + (1 - s) * p_dist
+
+
+def distillation_loss(student_logits, p_teacher, kind="mse"):
+    """Distillation from the mixed teachers: "mse" = MSE(softmax(student), p_T) averaged over batch x
+    classes (the paper's; hence its loss weights 50 / 100), "kl" = KL(p_T || softmax(student)) averaged
+    over the batch (the released alternative)."""
+    if kind == "mse":
+        return F.mse_loss(student_logits.softmax(dim=-1), p_teacher)
+    if kind == "kl":
+        return F.kl_div(student_logits.log_softmax(dim=-1), p_teacher, reduction="batchmean")
+    raise ValueError(f"distillation_loss: unknown kind {kind!r}")

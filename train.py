@@ -1,0 +1,607 @@
+"""Every stage of TimeBalance: `python train.py --stage NAME`, or `python train.py --demo` for all of them.
+
+  invariant    self-supervised pretraining with L_I                  -> OUT/invariant.pt
+  distinctive  self-supervised pretraining with L_D = L_LL + L_GL    -> OUT/distinctive.pt
+  both         L_I + L_LL + L_GL, the student's initialisation      -> OUT/both.pt
+  finetune     both SSL encoders fine-tuned on the labeled subset   -> OUT/teacher_{invariant,distinctive}.pt
+  supervised   the baseline: labeled subset only, from scratch      -> OUT/supervised.pt
+  semisup      temporal similarity scores (OUT/scores.json), then the student distilled from the
+               per-video mix of both teachers                       -> OUT/student.pt
+  eval         K-clip test accuracy of --ckpt
+  ablation     the 3-seed table of README "Results" (supervised, both teachers, fixed and similarity mix)
+
+Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import tb
+from models import R3D, load_backbone
+
+SSL_STAGES = ("invariant", "distinctive", "both")
+STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
+# Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
+EPOCHS = {"invariant": 6, "distinctive": 6, "both": 6, "finetune": 40, "supervised": 40, "semisup": 20}
+LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 1e-3, "supervised": 1e-3, "semisup": 5e-4}
+BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
+
+
+class StageError(Exception):
+    """A stage cannot start: missing input checkpoint, mismatched model, bad flag (exit code 2)."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--stage", choices=STAGES, help="the stage to run (see above)")
+    a("--demo", action="store_true", help="generate the toy set if missing and run every stage at CPU scale")
+    a("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results.json")
+    # data (data.py)
+    a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
+    a("--root", type=str, default=None, help="video folder (toy: generated here if missing; default data/toy)")
+    a("--splits", type=str, default=None, help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits")
+    a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
+    a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
+    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
+    a("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
+    a("--labeled", type=float, default=3, help="labeled subset: fraction (<1) or videos per class (>=1)")
+    a("--labeled-list", type=str, default=None, help="reuse a saved or published labeled list")
+    a("--seed", type=int, default=0, help="seed of the labeled split, initialisation and augmentation")
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: seeds of the labeled split")
+    # schedule
+    a("--epochs", type=int, default=None, help=f"epochs of the stage (default per stage: {EPOCHS})")
+    a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each; default {BATCH})")
+    a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4; default {LR})")
+    a("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+    # clips and model
+    a("--frames", type=int, default=8, help="frames per train/test clip (paper 8)")
+    a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
+    a("--ssl-frames", type=int, default=8, help="frames per sparse and dense SSL clip (paper 16)")
+    a("--ssl-stride", type=int, default=4, help="sparse clip stride; the 4 dense clips tile its span (paper 4)")
+    a("--size", type=int, default=64, help="crop size in pixels (paper 224)")
+    a("--test-clips", type=int, default=10, help="clips per test video, softmax averaged (paper 10)")
+    a("--width", type=int, default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
+    a("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
+    # method (PAPER_NOTES.md)
+    a("--tau", type=float, default=0.1, help="temperature of h(u, v) = exp(u.v / tau)")
+    a("--w-labeled", type=float, default=50.0, help="distillation weight on labeled clips (paper 50 with MSE)")
+    a("--w-unlabeled", type=float, default=100.0, help="distillation weight on unlabeled clips (paper 100 with MSE)")
+    a("--distill", choices=["mse", "kl"], default="mse", help="distillation loss: MSE of softmaxes (paper) or KL")
+    a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video score s, or s = 0.5")
+    a("--score-norm", choices=["none", "minmax", "rank"], default="rank",
+      help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
+    # running
+    a("--ckpt", type=str, default=None, help="eval: checkpoint to evaluate")
+    a("--resume", action="store_true", help="continue the stage from its last saved epoch")
+    a("--workers", type=int, default=2, help="DataLoader worker processes")
+    a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
+    a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
+    a("--log-every", type=int, default=10, help="print a progress line every N steps")
+    args = p.parse_args(argv)
+    if not args.stage and not args.demo:
+        p.error("give --stage NAME or --demo")
+    for flag in ("frames", "stride", "ssl_frames", "size", "test_clips", "width", "workers", "log_every"):
+        if getattr(args, flag) < (0 if flag == "workers" else 1):
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.ssl_stride < 4 or args.ssl_stride % 4:
+        p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), got {args.ssl_stride}")
+    for flag in ("epochs", "batch_size", "lr"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.labeled <= 0:
+        p.error(f"--labeled must be > 0, got {args.labeled}")
+    if args.stage == "eval" and not args.ckpt:
+        p.error("--stage eval needs --ckpt")
+    args.root = args.root or ("data/toy" if args.dataset == "toy" else None)
+    if args.root is None:
+        p.error(f"--dataset {args.dataset} needs --root")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: device, distributed, data, checkpoints, logging
+
+
+class Run:
+    """What every stage needs: device, rank, the splits, and the run folder."""
+
+    def __init__(self, args):
+        self.args = args
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(dev)
+        self.device = torch.device(dev)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.amp = self.device.type == "cuda" and not args.no_amp
+        os.makedirs(args.out, exist_ok=True)
+        if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
+            if self.rank == 0:
+                print(f"generating the toy dataset in {args.root}")
+                data.make_toy(args.root)
+            self.barrier()
+        self.train, self.test, self.classes = read_splits(args)
+        if args.labeled_list:
+            lab = set(data.read_list(args.root, args.labeled_list, args.labeled_list)[0])
+            self.labeled = [it for it in self.train if it in lab]
+            self.unlabeled = [it for it in self.train if it not in lab]
+        else:
+            self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed, self.classes)
+        if self.rank == 0:
+            data.write_list(os.path.join(args.out, "labeled.txt"), self.labeled)
+            data.write_list(os.path.join(args.out, "unlabeled.txt"), self.unlabeled)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def log(self, *msg):
+        if self.rank == 0:
+            print(*msg, flush=True)
+
+    def dataset(self, items, mode):
+        a = self.args
+        T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
+        return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed)
+
+    def loader(self, ds, batch_size, epoch, shuffle=True):
+        """A fresh loader each epoch: shuffling and augmentation depend on (seed, epoch) only, so a
+        resumed run sees the same batches as an uninterrupted one."""
+        ds.epoch = epoch
+        sampler = None
+        if self.world > 1:
+            sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=self.args.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        g = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        return torch.utils.data.DataLoader(
+            ds, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g, drop_last=shuffle,
+            num_workers=self.args.workers, collate_fn=data.collate, pin_memory=self.device.type == "cuda")
+
+    def model(self, **kw):
+        a = self.args
+        m = R3D(a.width, a.layers, **kw).to(self.device)
+        if a.channels_last and self.device.type == "cuda":
+            m = m.to(memory_format=torch.channels_last_3d)
+        return m
+
+    def to_device(self, x):
+        x = x.to(self.device, non_blocking=True)
+        if self.args.channels_last and self.device.type == "cuda" and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def path(self, name):
+        return os.path.join(self.args.out, f"{name}.pt")
+
+    def need(self, name, stage):
+        """The finished checkpoint of an earlier stage, or a one-line error naming the stage to run."""
+        path = self.path(name)
+        if not os.path.exists(path):
+            raise StageError(f"{path} not found: run --stage {stage} first (same --out)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt["epoch"] < ckpt["epochs"]:
+            raise StageError(f"{path} is unfinished ({ckpt['epoch']}/{ckpt['epochs']} epochs): run --stage {stage} --resume")
+        return ckpt
+
+    def save(self, name, model, opt, epoch, epochs):
+        """Atomic: a temporary file, then a rename; a kill during the save leaves the previous one."""
+        if self.rank == 0:
+            m = model.module if hasattr(model, "module") else model
+            state = dict(model=m.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs,
+                         arch=m.arch, args=vars(self.args), classes=self.classes, rng=torch.get_rng_state())
+            tmp = self.path(name) + ".tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.path(name))
+        self.barrier()
+
+    def resume(self, name, model, opt):
+        """Start epoch of stage `name`: 0, or where its checkpoint stopped (with --resume)."""
+        if not (self.args.resume and os.path.exists(self.path(name))):
+            return 0
+        ckpt = torch.load(self.path(name), map_location="cpu", weights_only=False)
+        m = model.module if hasattr(model, "module") else model
+        if ckpt["arch"] != m.arch:
+            raise StageError(f"{self.path(name)}: saved model {ckpt['arch']} differs from this run's {m.arch}")
+        m.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        self.log(f"resuming {name} after epoch {ckpt['epoch']}")
+        return ckpt["epoch"]
+
+    def wrap(self, model):
+        if self.world > 1:
+            return torch.nn.parallel.DistributedDataParallel(model)
+        return model
+
+    def log_epoch(self, record):
+        if self.rank == 0:
+            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def record_result(self, name, top1):
+        if self.rank == 0:
+            path = os.path.join(self.args.out, "results.json")
+            results = json.load(open(path)) if os.path.exists(path) else {}
+            results[name] = round(top1, 2)
+            write_json(path, results)
+
+
+def read_splits(args):
+    if args.dataset in ("toy", "ucf101"):
+        return data.read_ucf101(args.root, args.splits or args.root, args.fold)
+    if args.dataset == "hmdb51":
+        return data.read_hmdb51(args.root, args.splits or args.root, args.fold, args.hmdb_unused)
+    if not (args.train_list and args.test_list):
+        raise data.DataError("--dataset list needs --train-list and --test-list")
+    return data.read_list(args.root, args.train_list, args.test_list)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def lr_at(step, total, base, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 (a function of the step, so a resumed
+    run follows the same schedule)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def optimize(opt, terms, where):
+    """Backward and step on the sum of the loss terms; a non-finite term stops the run, named."""
+    for name, value in terms.items():
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {name}={value.item()} at {where}")
+    opt.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    opt.step()
+
+
+def hparams(args, stage):
+    return (args.epochs or EPOCHS[stage], args.lr or LR[stage], args.batch_size or BATCH[stage])
+
+
+def progress(run, stage, epoch, step, steps, terms, clips, t0, done, total):
+    elapsed = time.time() - t0
+    eta = elapsed / max(1, done) * (total - done)
+    loss = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+    run.log(f"{stage} ep {epoch} step {step + 1}/{steps} {loss} | {clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-supervised pretraining: invariant (L_I), distinctive (L_D = L_LL + L_GL), both
+
+
+def train_ssl(run, stage):
+    a = run.args
+    epochs, lr, bs = hparams(a, stage)
+    ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
+    model = run.model(proj_dim=128)
+    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    start = run.resume(stage, model, opt)
+    net = run.wrap(model)
+    steps = len(ds) // (bs * run.world)
+    if steps == 0:
+        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch")
+    bad, t0, clips = data.BadVideos(), time.time(), 0
+    for epoch in range(start, epochs):
+        net.train()
+        sums = {}
+        for step, (x, _, _, failed) in enumerate(run.loader(ds, bs, epoch)):
+            bad.add(failed)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
+            B = x.shape[0]
+            x = run.to_device(x.transpose(0, 1).reshape(10 * B, *x.shape[2:]))  # (10B, 3, T, S, S), clip-major
+            with run.autocast():
+                g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
+            g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)
+            g_a, g_b, L_a, L_b = g[0], g[1], L[0], L[1]  # sparse clips: (B, D), slices (B, 4, D)
+            G_a, G_b = g[2:6].transpose(0, 1), g[6:10].transpose(0, 1)  # dense clips: (B, 4, D)
+            terms = {}
+            if stage in ("invariant", "both"):
+                terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, a.tau)
+            if stage in ("distinctive", "both"):
+                terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, a.tau)
+            optimize(opt, terms, f"{stage} epoch {epoch} step {step}")
+            clips += 10 * B * run.world
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            if (step + 1) % a.log_every == 0:
+                progress(run, stage, epoch, step, steps, terms, clips, t0,
+                         (epoch - start) * steps + step + 1, (epochs - start) * steps)
+        run.save(stage, model, opt, epoch + 1, epochs)
+        record = dict(stage=stage, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
+                      bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
+        run.log_epoch(record)
+        run.log(json.dumps(record))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifiers on the labeled subset: the two teachers (finetune) and the supervised baseline
+
+
+def train_classifier(run, name, init=None):
+    """Cross-entropy on the labeled clips. `init`: an SSL checkpoint whose backbone is loaded strictly
+    (its projection head is skipped, and said so). Saves OUT/<name>.pt and records its test top-1."""
+    a = run.args
+    stage = "finetune" if init else "supervised"
+    epochs, lr, bs = hparams(a, stage)
+    model = run.model(num_classes=len(run.classes), dropout=0.5)
+    if init is not None:
+        skipped = load_backbone(model, init["model"], source=f"{name} init")
+        run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
+    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    start = run.resume(name, model, opt)
+    net = run.wrap(model)
+    ds = run.dataset(run.labeled, "train")
+    bs = min(bs, len(ds) // run.world)
+    steps = len(ds) // (bs * run.world)
+    bad, t0, clips = data.BadVideos(), time.time(), 0
+    for epoch in range(start, epochs):
+        net.train()
+        total = 0.0
+        for step, (x, y, _, failed) in enumerate(run.loader(ds, bs, epoch)):
+            bad.add(failed)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
+            with run.autocast():
+                logits = net(run.to_device(x)).float()  # (B, K)
+            terms = {"CE": F.cross_entropy(logits, y.to(run.device))}
+            optimize(opt, terms, f"{name} epoch {epoch} step {step}")
+            clips += x.shape[0] * run.world
+            total += terms["CE"].item()
+        run.save(name, model, opt, epoch + 1, epochs)
+        record = dict(stage=name, epoch=epoch + 1, CE=total / steps, bad_videos=len(bad),
+                      clips_per_s=round(clips / (time.time() - t0), 1))
+        run.log_epoch(record)
+        if (epoch + 1) % a.log_every == 0 or epoch + 1 == epochs:
+            run.log(json.dumps(record))
+    evaluate_and_record(run, name, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal similarity scores and the student
+
+
+def compute_scores(run):
+    """s for every training video, once, cached in OUT/scores.json keyed by video path (PAPER_NOTES
+    "Temporal similarity score"): 4 consecutive clips embedded by both SSL encoders' projection heads."""
+    path = os.path.join(run.args.out, "scores.json")
+    inv, dis = run.need("invariant", "invariant"), run.need("distinctive", "distinctive")
+    source = {k: os.path.getmtime(run.path(k)) for k in ("invariant", "distinctive")}
+    cached = json.load(open(path)) if os.path.exists(path) else {}
+    if cached.get("source") == source and all(p in cached["raw"] for p, _ in run.train):
+        return cached["raw"]
+    encoders = []
+    for ckpt in (inv, dis):
+        m = run.model(proj_dim=128)
+        m.load_state_dict(ckpt["model"], strict=True)
+        encoders.append(m.eval())
+    ds = run.dataset(run.train[run.rank :: run.world], "score")
+    raw, bad = {}, data.BadVideos()
+    with torch.no_grad():
+        for x, _, idx, failed in run.loader(ds, 8, 0, shuffle=False):
+            bad.add(failed)
+            B = x.shape[0]
+            x = run.to_device(x.flatten(0, 1))  # (4B, 3, T, S, S)
+            with run.autocast():
+                e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
+            for i, s in zip(idx.tolist(), tb.temporal_similarity(e_I, e_D).tolist()):
+                raw[ds.items[i][0]] = s
+    if run.world > 1:
+        parts = [None] * run.world
+        dist.all_gather_object(parts, raw)
+        raw = {k: v for part in parts for k, v in part.items()}
+    if run.rank == 0:
+        write_json(path, {"source": source, "raw": raw})
+    run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
+            + (f", {len(bad)} unreadable" if len(bad) else ""))
+    run.barrier()
+    return raw
+
+
+def load_classifier(run, ckpt, path):
+    if ckpt["arch"]["num_classes"] != len(run.classes):
+        raise StageError(f"{path}: {ckpt['arch']['num_classes']} classes, dataset has {len(run.classes)}")
+    m = run.model(num_classes=len(run.classes), dropout=0.5)
+    if ckpt["arch"] != m.arch:
+        raise StageError(f"{path}: saved model {ckpt['arch']} differs from this run's {m.arch} (--width/--layers)")
+    m.load_state_dict(ckpt["model"], strict=True)
+    return m
+
+
+def train_semisup(run, name="student"):
+    """The TimeBalance student (PAPER_NOTES "Student"): per step a labeled and an unlabeled batch go
+    through the student in one forward; frozen teachers give p_T = s p_I + (1 - s) p_D on the same clips;
+        loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on unlabeled."""
+    a = run.args
+    epochs, lr, bs = hparams(a, "semisup")
+    both = run.need("both", "both")
+    teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
+                for k in ("invariant", "distinctive")]
+    frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
+    raw = compute_scores(run)
+    paths = [p for p, _ in run.train]
+    s_all = tb.normalize_scores(torch.tensor([raw[p] for p in paths]), a.score_norm)
+    s_of = dict(zip(paths, s_all.tolist())) if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
+    lab_ds, unl_ds = run.dataset(run.labeled, "train"), run.dataset(run.unlabeled, "train")
+    s_lab = torch.tensor([s_of[p] for p, _ in run.labeled], device=run.device)
+    s_unl = torch.tensor([s_of[p] for p, _ in run.unlabeled], device=run.device)
+
+    model = run.model(num_classes=len(run.classes), dropout=0.5)
+    load_backbone(model, both["model"], source=run.path("both"))  # the student starts from L_I + L_LL + L_GL
+    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    start = run.resume(name, model, opt)
+    net = run.wrap(model)
+    bs_l = min(bs, len(lab_ds) // run.world)
+    steps = len(unl_ds) // (bs * run.world)
+    if steps == 0:
+        raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled videos give no full batch")
+    bad, t0, clips = data.BadVideos(), time.time(), 0
+    for epoch in range(start, epochs):
+        net.train()
+        sums = {}
+        lab_epoch, lab_iter = epoch * 1000, None
+        for step, (x_u, _, i_u, failed) in enumerate(run.loader(unl_ds, bs, epoch)):
+            batch = next(lab_iter, None) if lab_iter else None
+            if batch is None:  # the labeled subset is small: cycle it, reshuffled each pass
+                lab_epoch += 1
+                lab_iter = iter(run.loader(lab_ds, bs_l, lab_epoch))
+                batch = next(lab_iter)
+            x_l, y_l, i_l, failed_l = batch
+            bad.add(failed + failed_l)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
+            n_l = x_l.shape[0]
+            x = run.to_device(torch.cat([x_l, x_u]))  # (B_l + B_u, 3, T, S, S)
+            s = torch.cat([s_lab[i_l.to(run.device)], s_unl[i_u.to(run.device)]])  # (B_l + B_u,)
+            with torch.no_grad(), run.autocast():
+                p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B, K) each
+            p_T = tb.mix_teachers(p_I, p_D, s)
+            with run.autocast():
+                logits = net(x).float()  # (B_l + B_u, K)
+            terms = {"CE": F.cross_entropy(logits[:n_l], y_l.to(run.device)),
+                     "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
+                     "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
+            optimize(opt, terms, f"{name} epoch {epoch} step {step}")
+            clips += x.shape[0] * run.world
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            if (step + 1) % a.log_every == 0:
+                progress(run, name, epoch, step, steps, terms, clips, t0,
+                         (epoch - start) * steps + step + 1, (epochs - start) * steps)
+        run.save(name, model, opt, epoch + 1, epochs)
+        record = dict(stage=name, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
+                      bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
+        run.log_epoch(record)
+        run.log(json.dumps(record))
+    # the teachers are frozen: their weights must not have moved
+    assert frozen == [sum(p.double().sum().item() for p in t.parameters()) for t in teachers], "teacher changed"
+    evaluate_and_record(run, name, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: K clips per test video, centre crop, softmax averaged
+
+
+@torch.no_grad()
+def evaluate(run, model):
+    """Top-1 (%) over ALL test videos: an unreadable video counts as wrong. Each rank takes every
+    world-th video (no padding, nothing counted twice). Returns (top1, per-class %, unreadable count)."""
+    model.eval()
+    K = len(run.classes)
+    correct, total = torch.zeros(K), torch.zeros(K)
+    bad = data.BadVideos()
+    ds = run.dataset(run.test[run.rank :: run.world], "test")
+    for x, y, idx, failed in run.loader(ds, 4, 0, shuffle=False):
+        bad.add(failed)
+        B, n = x.shape[:2]
+        with run.autocast():
+            logits = model(run.to_device(x.flatten(0, 1))).float()  # (B*n, K)
+        p = logits.softmax(dim=-1).view(B, n, K).mean(dim=1)  # (B, K): softmax averaged over clips
+        unreadable = {i for i, _ in failed}
+        hit = (p.argmax(dim=1).cpu() == y).float()
+        hit *= torch.tensor([float(i not in unreadable) for i in idx.tolist()])  # unreadable = wrong
+        correct.index_add_(0, y, hit)
+        total.index_add_(0, y, torch.ones(B))
+    n_bad = torch.tensor(float(len(bad)))
+    if run.world > 1:
+        for t in (correct, total, n_bad):
+            dist.all_reduce(t)
+    per_class = (100 * correct / total.clamp(min=1)).tolist()
+    return 100 * correct.sum().item() / total.sum().item(), per_class, int(n_bad)
+
+
+def evaluate_and_record(run, name, model):
+    m = model.module if hasattr(model, "module") else model
+    top1, per_class, n_bad = evaluate(run, m)
+    run.record_result(name, top1)
+    if run.rank == 0:
+        path = os.path.join(run.args.out, "per_class.json")
+        per = json.load(open(path)) if os.path.exists(path) else {}
+        per[name] = dict(zip(run.classes, [round(v, 1) for v in per_class]))
+        write_json(path, per)
+    run.log(f"{name}: test top-1 {top1:.2f}% over {len(run.test)} videos" + (f" ({n_bad} unreadable, counted wrong)" if n_bad else ""))
+    return top1
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def run_stage(args, stage):
+    run = Run(args)
+    if stage in SSL_STAGES:
+        train_ssl(run, stage)
+    elif stage == "finetune":
+        inits = {k: run.need(k, k) for k in ("invariant", "distinctive")}  # both present before any work
+        for k, init in inits.items():
+            train_classifier(run, f"teacher_{k}", init=init)
+    elif stage == "supervised":
+        train_classifier(run, "supervised")
+    elif stage == "semisup":
+        train_semisup(run, "student" if args.mix == "similarity" else "student_fixed")
+    elif stage == "eval":
+        if not os.path.exists(args.ckpt):
+            raise StageError(f"--ckpt {args.ckpt} not found")
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        if not ckpt["arch"]["num_classes"]:
+            raise StageError(f"--ckpt {args.ckpt} is a self-supervised encoder, not a classifier: fine-tune it first")
+        model = load_classifier(run, ckpt, args.ckpt)
+        evaluate_and_record(run, os.path.basename(args.ckpt).removesuffix(".pt"), model)
+    return run
+
+
+def demo(args):
+    t0 = time.time()
+    for stage in ("invariant", "distinctive", "both", "finetune", "supervised", "semisup"):
+        print(f"=== {stage}", flush=True)
+        run_stage(args, stage)
+    results = json.load(open(os.path.join(args.out, "results.json")))
+    print(f"\n{'model':<24}{'test top-1 %':>14}")
+    for k in ("supervised", "teacher_invariant", "teacher_distinctive", "student"):
+        print(f"{k:<24}{results[k]:>14.1f}")
+    print(f"wall time {time.time() - t0:.0f} s; results in {args.out}/results.json")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        if args.demo:
+            demo(args)
+        elif args.stage == "ablation":
+            ablation(args)
+        else:
+            run_stage(args, args.stage)
+    except (data.DataError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
