@@ -132,18 +132,20 @@ def load_frames(path, indices, size=None):
     wanted_set = set(wanted)
     container, stream = _open_video(path)
     out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
-    got = {}
+    got, tail = {}, None
     try:
         for index, frame in _decode(container, stream, wanted[0], wanted[-1]):
             if index in wanted_set and index not in got:
                 got[index] = _to_tensor(frame, out_hw).clone()
+            tail = frame
             if index >= wanted[-1]:
                 break
     except AV_ERROR as e:
-        if not got:
+        if not got and tail is None:
             raise VideoError(f"{path}: decoding failed ({e})") from None
-    finally:
-        container.close()
+    if not got and tail is not None:  # all wanted frames lie past the end: the last decodable frame
+        got[wanted[0]] = _to_tensor(tail, out_hw).clone()
+    container.close()
     if not got:
         raise VideoError(f"{path}: none of frames {wanted[0]}..{wanted[-1]} could be decoded")
     out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)

@@ -1,0 +1,43 @@
+"""Real encoded videos for the tests, written with PyAV by data.py's own encoder."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def moving_frames(n, H=48, W=64, seed=0):
+    """(n, H, W, 3) uint8: noise plus a bar whose position encodes the frame number, so every frame
+    differs from every other."""
+    g = torch.Generator().manual_seed(seed)
+    frames = (torch.rand(n, H, W, 3, generator=g) * 60).to(torch.uint8)
+    for t in range(n):
+        x = (t * 5) % (W - 6)
+        frames[t, :, x : x + 6] = 230
+        frames[t, (t * 3) % (H - 4) : (t * 3) % (H - 4) + 4, :, 1] = 200
+    return frames
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory):
+    """An MPEG-4 AVI (UCF101's format, keyframe every 12 frames) and an H.264 MP4 with B-frames."""
+    d = tmp_path_factory.mktemp("videos")
+    out = {}
+    for name in ("clip.avi", "clip.mp4"):
+        path = str(d / name)
+        data.write_video(path, moving_frames(60, seed=len(name)), gop=12)
+        out[name.split(".")[1]] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A small toy action set: 8 classes x (5 train + 2 test) videos of 40 frames at 64 px."""
+    root = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(root, train_per_class=5, test_per_class=2, frames=40, size=64, seed=1)
+    return root

@@ -1,0 +1,250 @@
+import os
+import random
+
+import av
+import pytest
+import torch
+
+import data
+
+
+def sequential(path, size=None):
+    """Reference: every frame of one full sequential decode, converted with PyAV."""
+    with av.open(path) as c:
+        frames = []
+        for f in c.decode(video=0):
+            H, W = size or (f.height, f.width)
+            rgb = f.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR")
+            plane = bytes(rgb.planes[0])
+            frames.append(torch.frombuffer(bytearray(plane), dtype=torch.uint8)
+                          .view(H, rgb.planes[0].line_size)[:, : W * 3].reshape(H, W, 3))
+    return torch.stack(frames)
+
+
+@pytest.mark.parametrize("kind", ["avi", "mp4"])
+def test_load_frames_equals_sequential_decode(videos, kind):
+    path = videos[kind]
+    ref = sequential(path)
+    assert len(ref) == 60
+    rng = random.Random(kind)
+    for _ in range(25):
+        idx = [rng.randrange(len(ref)) for _ in range(rng.randint(1, 12))]  # random order, repeats allowed
+        assert torch.equal(data.load_frames(path, idx), ref[idx]), idx
+    idx = [59, 0, 30, 30, 13]
+    assert torch.equal(data.load_frames(path, idx), ref[idx])
+
+
+def test_load_frames_resizes_during_conversion(videos):
+    ref = sequential(videos["mp4"], size=(24, 40))
+    idx = [3, 17, 44]
+    assert torch.equal(data.load_frames(videos["mp4"], idx, size=(24, 40)), ref[idx])
+    short = data.load_frames(videos["mp4"], [5], size=24)  # int: short side, aspect kept (48x64 -> 24x32)
+    assert short.shape == (1, 24, 32, 3)
+
+
+def test_mp4_really_has_b_frames(videos):
+    with av.open(videos["mp4"]) as c:
+        pts = [p.pts for p in c.demux(video=0) if p.size]
+    assert pts != sorted(pts)  # decode order differs from presentation order
+
+
+def test_count_frames(videos, tmp_path):
+    for path in videos.values():
+        assert data.count_frames(path) == len(sequential(path))
+    # MPEG-TS stores no frame count at all
+    ts = str(tmp_path / "clip.ts")
+    data.write_video(ts, data._render(4, 30, 32, 32, torch.Generator().manual_seed(0)), codec="mpeg4")
+    with av.open(ts) as c:
+        assert c.streams.video[0].frames == 0
+    assert data.count_frames(ts) == 30 == len(sequential(ts))
+
+
+def test_bad_files_raise_video_error(videos, tmp_path):
+    empty = tmp_path / "empty.avi"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.avi"
+    text.write_text("this is not a video\n" * 20)
+    audio = str(tmp_path / "audio.wav")
+    with av.open(audio, "w") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=800)
+        frame.planes[0].update(bytes(1600))
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            c.mux(p)
+    for bad in (str(empty), str(text), audio, str(tmp_path / "missing.avi")):
+        with pytest.raises(data.VideoError, match=os.path.basename(bad)):
+            data.load_frames(bad, [0])
+        with pytest.raises(data.VideoError):
+            data.count_frames(bad)
+
+
+def test_truncated_avi_gives_the_frames_it_has(videos, tmp_path):
+    raw = open(videos["avi"], "rb").read()
+    cut = tmp_path / "half.avi"
+    cut.write_bytes(raw[: len(raw) // 2])
+    n = data.count_frames(str(cut))
+    assert 0 < n < 60
+    ref = sequential(videos["avi"])
+    got = data.load_frames(str(cut), [0, n // 2])
+    assert torch.equal(got, ref[[0, n // 2]])
+    past = data.load_frames(str(cut), [59])  # past the end: the last decodable frame, no crash
+    assert torch.equal(past[0], sequential(str(cut))[-1])
+
+
+def test_samplers():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx = data.train_indices(100, 8, 2, g)
+        assert [b - a for a, b in zip(idx, idx[1:])] == [2] * 7 and 0 <= idx[0] and idx[-1] < 100
+    sparse, dense = data.ssl_indices(100, 16, 4, g)  # paper: 16 frames at stride 4, span 64
+    assert [b - a for a, b in zip(sparse, sparse[1:])] == [4] * 15
+    for j, clip in enumerate(dense):  # dense clip j = 16 consecutive frames from sparse frame 4j
+        assert clip == list(range(sparse[4 * j], sparse[4 * j] + 16))
+    sparse, dense = data.ssl_indices(100, 8, 4, g)  # CPU default: 8 frames, dense at stride 1
+    assert sum(dense, []) == list(range(sparse[0], sparse[0] + 32))
+    clips = data.test_indices(100, 8, 2, K=10)
+    assert clips[0][0] == 0 and clips[-1][-1] == 99 and len(clips) == 10
+    starts = [c[0] for c in clips]
+    assert max(b - a for a, b in zip(starts, starts[1:])) - min(b - a for a, b in zip(starts, starts[1:])) <= 1
+    quarters = data.score_indices(40, 8)
+    assert [c[0] for c in quarters] == [0, 10, 20, 30] and quarters[-1][-1] < 40
+    assert all(max(a) < min(b) for a, b in zip(quarters, quarters[1:]))  # consecutive, no overlap
+    # a video shorter than a clip: stride lowered first, then the last frame repeated
+    assert data.clip_indices(10, 8, 2, 0) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert data.clip_indices(5, 8, 2, 0) == [0, 1, 2, 3, 4, 4, 4, 4]
+    s, d = data.ssl_indices(12, 8, 4, g)
+    assert max(s + sum(d, [])) < 12
+
+
+def test_augment_shares_parameters_across_frames():
+    frame = (torch.rand(1, 40, 50, 3) * 255).to(torch.uint8)
+    clip = frame.expand(8, -1, -1, -1)  # 8 identical frames
+    for seed in range(10):
+        x = data.augment(clip, 32, torch.Generator().manual_seed(seed))
+        assert x.shape == (3, 8, 32, 32)
+        assert torch.equal(x, x[:, :1].expand_as(x))  # still identical after augmentation
+    a = data.augment(clip, 32, torch.Generator().manual_seed(1))
+    b = data.augment(clip, 32, torch.Generator().manual_seed(2))
+    assert not torch.equal(a, b)
+
+
+def test_center_crop_against_hand():
+    clip = torch.zeros(2, 4, 6, 3, dtype=torch.uint8)
+    clip[:, :, 1:5] = 255  # the central 4x4 square is white
+    x = data.center_crop(clip, 4)
+    white = (1 - data.MEAN.flatten()) / data.STD.flatten()
+    assert torch.allclose(x, white.view(3, 1, 1, 1).expand(3, 2, 4, 4))
+
+
+def write_ucf_like(root, classes, per_class=2):
+    os.makedirs(root / "splits", exist_ok=True)
+    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    train, test = [], []
+    for i, c in enumerate(classes):
+        os.makedirs(root / c, exist_ok=True)
+        for k in range(per_class):
+            train.append(f"{c}/v_{c}_g{k:02d}_c01.avi {i + 1}\n")
+        test.append(f"{c}/v_{c}_g99_c01.avi\n")
+    (root / "splits" / "trainlist01.txt").write_text("".join(train))
+    (root / "splits" / "testlist01.txt").write_text("".join(test))
+
+
+def test_ucf101_labels_come_from_classind(tmp_path):
+    classes = ["Hammering", "HammerThrow", "JumpingJack", "JumpRope"]  # UCF101's classInd order (36-37, 47-48)
+    assert sorted(classes) != classes
+    write_ucf_like(tmp_path, classes)
+    train, test, names = data.read_ucf101(str(tmp_path), str(tmp_path / "splits"), 1)
+    assert names == classes
+    assert ("HammerThrow/v_HammerThrow_g01_c01.avi", 1) in train and ("JumpingJack/v_JumpingJack_g99_c01.avi", 2) in test
+
+
+def test_split_errors_name_the_path(tmp_path):
+    write_ucf_like(tmp_path, ["A", "B"])
+    with pytest.raises(data.DataError, match="nope"):
+        data.read_ucf101(str(tmp_path / "nope"), str(tmp_path / "splits"), 1)
+    with pytest.raises(data.DataError, match="trainlist02.txt"):
+        data.read_ucf101(str(tmp_path), str(tmp_path / "splits"), 2)
+    os.rmdir(tmp_path / "B")
+    with pytest.raises(data.DataError, match="class folder not found: .*B"):
+        data.read_ucf101(str(tmp_path), str(tmp_path / "splits"), 1)
+
+
+def test_hmdb51_flags(tmp_path):
+    splits = tmp_path / "splits"
+    os.makedirs(splits)
+    for c in ("brush_hair", "cartwheel"):
+        os.makedirs(tmp_path / c)
+        (splits / f"{c}_test_split1.txt").write_text(f"{c}_a.avi 1 \n{c}_b.avi 2 \n{c}_c.avi 0 \n")
+    train, test, classes = data.read_hmdb51(str(tmp_path), str(splits), 1)
+    assert classes == ["brush_hair", "cartwheel"]
+    assert train == [("brush_hair/brush_hair_a.avi", 0), ("cartwheel/cartwheel_a.avi", 1)]
+    assert test == [("brush_hair/brush_hair_b.avi", 0), ("cartwheel/cartwheel_b.avi", 1)]
+    train, _, _ = data.read_hmdb51(str(tmp_path), str(splits), 1, use_unused=True)
+    assert ("cartwheel/cartwheel_c.avi", 1) in train and len(train) == 4
+
+
+def test_list_format(tmp_path):
+    (tmp_path / "train.txt").write_text("a/x.mp4 0\nb/y.mp4 2\n")
+    (tmp_path / "test.txt").write_text("a/z.mp4 1\n")
+    train, test, classes = data.read_list(str(tmp_path), str(tmp_path / "train.txt"), str(tmp_path / "test.txt"))
+    assert train == [("a/x.mp4", 0), ("b/y.mp4", 2)] and test == [("a/z.mp4", 1)] and len(classes) == 3
+
+
+def test_split_labeled():
+    items = [(f"c{c}/v{k}.avi", c) for c in range(3) for k in range(10)]
+    classes = ["a", "b", "c"]
+    lab, unlab = data.split_labeled(items, 3, seed=0, classes=classes)
+    assert sorted(lab + unlab) == sorted(items)
+    assert [sum(1 for _, c in lab if c == k) for k in range(3)] == [3, 3, 3]
+    assert data.split_labeled(items, 3, 0, classes) == (lab, unlab)  # same seed, same split
+    assert data.split_labeled(items, 3, 1, classes)[0] != lab
+    frac, _ = data.split_labeled(items, 0.2, 0, classes)
+    assert len(frac) == 6
+    assert len(data.split_labeled(items, 0.01, 0, classes)[0]) == 3  # at least one per class
+    with pytest.raises(data.DataError, match="--labeled must be > 0"):
+        data.split_labeled(items, 0, 0, classes)
+    with pytest.raises(data.DataError, match="only 10"):
+        data.split_labeled(items, 11, 0, classes)
+
+
+def test_dataset_modes_and_bad_videos(toy_root, tmp_path):
+    train, test, classes = data.read_ucf101(toy_root, toy_root, 1)
+    assert len(classes) == 8 and len(train) == 40 and len(test) == 16
+    exts = {os.path.splitext(p)[1] for p, _ in train}
+    assert exts == {".avi", ".mp4"}
+    shapes = {"train": (3, 8, 32, 32), "ssl": (10, 3, 8, 32, 32), "test": (3, 3, 8, 32, 32), "score": (4, 3, 8, 32, 32)}
+    for mode, shape in shapes.items():
+        ds = data.VideoDataset(train[:3], toy_root, mode, 8, 4 if mode == "ssl" else 2, 32, test_clips=3)
+        x, y, i, bad = ds[1]
+        assert x.shape == shape and y == train[1][1] and i == 1 and bad == []
+        assert torch.equal(ds[1][0], x)  # seeded by (seed, epoch, index)
+        ds.epoch = 1
+        if mode in ("train", "ssl"):
+            assert not torch.equal(ds[1][0], x)
+    # a bad file in training is replaced by another video and reported; at test it comes back marked
+    (tmp_path / "Bad").mkdir()
+    (tmp_path / "Bad" / "zero.avi").write_bytes(b"")
+    items = [("Bad/zero.avi", 0)] + [(os.path.relpath(os.path.join(toy_root, p), tmp_path), c) for p, c in train[:2]]
+    ds = data.VideoDataset(items, str(tmp_path), "train", 8, 2, 32)
+    x, y, i, bad = ds[0]
+    assert x.shape == (3, 8, 32, 32) and i in (1, 2) and bad[0][0] == 0 and "zero.avi" in bad[0][1]
+    x, y, i, bad = data.VideoDataset(items, str(tmp_path), "test", 8, 2, 32, test_clips=2)[0]
+    assert i == 0 and bad and not x.any()
+    counter = data.BadVideos()
+    with pytest.warns(UserWarning, match="zero.avi"):
+        counter.add(bad)
+    counter.add(bad)  # counted once
+    assert len(counter) == 1
+    all_bad = data.VideoDataset([("Bad/zero.avi", 0)], str(tmp_path), "train", 8, 2, 32)
+    with pytest.raises(data.VideoError, match="in a row"):
+        all_bad[0]
+
+
+def test_toy_dataset_classes_differ_as_designed():
+    g = torch.Generator().manual_seed(0)
+    up = data._render(data.TOY_CLASSES.index("MoveUp"), 20, 48, 48, g).float()
+    grow = data._render(data.TOY_CLASSES.index("Grow"), 20, 48, 48, g).float()
+    circle = data._render(data.TOY_CLASSES.index("Circle"), 20, 48, 48, g).float()
+    change = lambda v: (v[-1] - v[0]).abs().mean()  # noqa: E731
+    assert change(up) > 2 * change(circle) and change(grow) > 2 * change(circle)
