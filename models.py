@@ -30,7 +30,7 @@ class Block(nn.Module):
 
 class R3D(nn.Module):
     """Stem (3x5x5 conv, stride 1x2x2, then 1x2x2 max-pool) and four stages of `layers[i]` blocks at
-    widths w, 2w, 4w, 8w; time is halved once (stage 2), space 16x in all: 8x64x64 -> 4x4x4.
+    widths w, 2w, 4w, 8w; time is halved once (stage 2), space 32x in all: 8x64x64 -> 4x2x2.
 
     num_classes > 0 adds the classifier `fc`; proj_dim > 0 adds the projection head g of PAPER_NOTES
     (fc -> BN -> ReLU -> fc -> BN, 128-d, L2-normalised)."""
