@@ -240,14 +240,24 @@ def center_crop(clip, size):
     return (x - MEAN) / STD
 
 
+def _hue_rotation(theta):
+    """3x3 rotation of RGB by `theta` about the grey axis (1, 1, 1) / sqrt(3): a hue shift that keeps
+    grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
+    c, s = math.cos(theta), math.sin(theta) / math.sqrt(3)
+    a = (1 - c) / 3
+    return torch.tensor([[c + a, a - s, a + s], [a + s, c + a, a - s], [a - s, a + s, c + a]])
+
+
 def augment(clip, size, g, strong=True):
     """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float, one draw of: random resized crop
-    (scale 0.3-1, ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised clips) also colour
-    jitter (p 0.8: brightness, contrast, saturation 0.4), grayscale (p 0.2) and random erase (p 0.5)."""
+    (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised clips) also colour
+    jitter (p 0.8: brightness, contrast, saturation 0.4, hue rotated by any angle), grayscale (p 0.2) and
+    random erase (p 0.5). The full hue range is stronger than the paper's: on the toy set an object's
+    colour is the easiest fingerprint of a video, and instance discrimination must not solve itself by it."""
     T, H, W, _ = clip.shape
     area = H * W
     for _ in range(10):
-        target = area * _u(g, 0.3, 1.0)
+        target = area * _u(g, 0.3 if strong else 0.5, 1.0)
         ratio = math.exp(_u(g, math.log(3 / 4), math.log(4 / 3)))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= W and 0 < h <= H:
@@ -267,6 +277,7 @@ def augment(clip, size, g, strong=True):
             x = (x - mean) * _u(g, 0.6, 1.4) + mean  # contrast
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (T, 1, S, S)
             x = (x - gray) * _u(g, 0.6, 1.4) + gray  # saturation
+            x = torch.einsum("ij,tjhw->tihw", _hue_rotation(_u(g, -math.pi, math.pi)), x)  # hue, any angle
             x = x.clamp(0, 1)
         if _u(g) < 0.2:
             x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand(-1, 3, -1, -1)
@@ -482,23 +493,20 @@ class BadVideos:
 # Toy action dataset: appearance classes (shape, texture; repetitive motion) and temporal-order
 # classes (up vs down, growing vs shrinking; shape random). Never left/right: flips are augmentation.
 
-TOY_CLASSES = ["Circle", "Square", "StripedCircle", "StripedSquare", "MoveUp", "MoveDown", "Grow", "Shrink"]
+TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "MoveUp", "MoveDown", "Grow", "Shrink"]
 
 
 def _render(cls, n, H, W, g):
     """(n, H, W, 3) uint8 frames of one toy video of class `cls`."""
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
-    bg = torch.rand(3, generator=g) * 0.6 + 0.2
-    noise = (torch.rand(H // 8, W // 8, 3, generator=g) - 0.5) * 0.25  # a coarse per-video texture
+    bg = 0.2 + 0.6 * torch.rand((), generator=g) + 0.1 * (torch.rand(3, generator=g) - 0.5)  # greyish, tinted
+    noise = (torch.rand(H // 8, W // 8, 1, generator=g) - 0.5) * 0.15  # a coarse per-video texture
     noise = F.interpolate(noise.permute(2, 0, 1)[None], size=(H, W), mode="bilinear")[0].permute(1, 2, 0)
     fg = torch.rand(3, generator=g)
-    while (fg - bg).abs().sum() < 0.6:  # keep the object visible against the background
+    while abs(fg.mean() - bg.mean()) < 0.3:  # keep the object visible against the background
         fg = torch.rand(3, generator=g)
     name = TOY_CLASSES[cls]
-    shape = {"Circle": 0, "StripedCircle": 0, "Square": 1, "StripedSquare": 1}.get(name)
-    if shape is None:
-        shape = int(torch.randint(0, 2, (1,), generator=g))
-    striped = name.startswith("Striped")
+    shape = name if name in TOY_CLASSES[:4] else ("Disk", "Square")[int(torch.randint(0, 2, (1,), generator=g))]
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
@@ -506,24 +514,31 @@ def _render(cls, n, H, W, g):
     frames = []
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
-        r, cx, cy = 0.16 * H, cx0, cy0
+        r, cx, cy = 0.22 * H, cx0, cy0
         wobble = 0.06 * H * math.sin(phase + 6.283 * t / period)
         if name == "MoveUp":
             cy = H * (0.8 - 0.6 * a)
         elif name == "MoveDown":
             cy = H * (0.2 + 0.6 * a)
         elif name == "Grow":
-            r = H * (0.06 + 0.24 * a)
+            r = H * (0.08 + 0.24 * a)
         elif name == "Shrink":
-            r = H * (0.30 - 0.24 * a)
+            r = H * (0.32 - 0.24 * a)
         else:  # appearance classes bob in place, the same over the whole video
             cy = cy0 + wobble
             cx = cx0 + 0.5 * wobble
         dx, dy = xx - cx, yy - cy
-        mask = (dx**2 + dy**2 < r**2) if shape == 0 else (torch.maximum(dx.abs(), dy.abs()) < r * 0.9)
-        if striped:
-            mask &= ((xx + yy) // 4) % 2 == 0
-        img = (bg + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.06).clamp(0, 1)
+        if shape == "Disk":
+            mask = dx**2 + dy**2 < r**2
+        elif shape == "Ring":
+            mask = (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.55 * r) ** 2)
+        elif shape == "Cross":
+            mask = (torch.minimum(dx.abs(), dy.abs()) < 0.3 * r) & (torch.maximum(dx.abs(), dy.abs()) < r)
+        else:  # squares, plain or with horizontal stripes 6 % of the frame high
+            mask = torch.maximum(dx.abs(), dy.abs()) < r * 0.9
+            if shape == "StripedSquare":
+                mask &= (yy // (0.06 * H)) % 2 == 0
+        img = (bg + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.04).clamp(0, 1)
         img[mask] = fg
         frames.append((img * 255).round().to(torch.uint8))
     return torch.stack(frames)  # (n, H, W, 3)

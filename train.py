@@ -29,10 +29,11 @@ import data
 import tb
 from models import R3D, load_backbone
 
+DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 6, "distinctive": 6, "both": 6, "finetune": 40, "supervised": 40, "semisup": 20}
+EPOCHS = {"invariant": 6, "distinctive": 6, "both": 6, "finetune": 15, "supervised": 15, "semisup": 15}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 1e-3, "supervised": 1e-3, "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
@@ -49,7 +50,7 @@ def get_args(argv=None):
     a("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results.json")
     # data (data.py)
     a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    a("--root", type=str, default=None, help="video folder (toy: generated here if missing; default data/toy)")
+    a("--root", type=str, default=None, help=f"video folder (default for toy: {DEFAULT_TOY}, generated there if missing, as with --demo)")
     a("--splits", type=str, default=None, help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits")
     a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
@@ -104,7 +105,7 @@ def get_args(argv=None):
         p.error(f"--labeled must be > 0, got {args.labeled}")
     if args.stage == "eval" and not args.ckpt:
         p.error("--stage eval needs --ckpt")
-    args.root = args.root or ("data/toy" if args.dataset == "toy" else None)
+    args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
     if args.root is None:
         p.error(f"--dataset {args.dataset} needs --root")
     return args
@@ -129,8 +130,10 @@ class Run:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.amp = self.device.type == "cuda" and not args.no_amp
+        torch.manual_seed(args.seed)  # model initialisation; data randomness is seeded per item
         os.makedirs(args.out, exist_ok=True)
-        if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
+        generate = args.demo or args.root == DEFAULT_TOY  # never into a folder the user named
+        if args.dataset == "toy" and generate and not os.path.exists(os.path.join(args.root, "classInd.txt")):
             if self.rank == 0:
                 print(f"generating the toy dataset in {args.root}")
                 data.make_toy(args.root)
@@ -355,7 +358,9 @@ def train_classifier(run, name, init=None):
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt)
     net = run.wrap(model)
-    ds = run.dataset(run.labeled, "train")
+    # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
+    # repeat with its own augmentation), so epochs mean the same amount of work in every stage
+    ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
     bs = min(bs, len(ds) // run.world)
     steps = len(ds) // (bs * run.world)
     bad, t0, clips = data.BadVideos(), time.time(), 0
@@ -584,6 +589,53 @@ def demo(args):
     for k in ("supervised", "teacher_invariant", "teacher_distinctive", "student"):
         print(f"{k:<24}{results[k]:>14.1f}")
     print(f"wall time {time.time() - t0:.0f} s; results in {args.out}/results.json")
+
+
+def ablation(args):
+    """README "Results": self-supervised pretraining once (it uses no labels), then for each seed of the
+    labeled split: both teachers, supervised-only, the student with a fixed 0.5 mix and the TimeBalance
+    student. Prints mean +- std top-1, per-class teacher accuracy and the score spread per class."""
+    t0 = time.time()
+    for stage in SSL_STAGES:
+        done = os.path.exists(os.path.join(args.out, f"{stage}.pt"))
+        if not done or torch.load(os.path.join(args.out, f"{stage}.pt"), weights_only=False)["epoch"] < (args.epochs or EPOCHS[stage]):
+            print(f"=== {stage}", flush=True)
+            run_stage(argparse.Namespace(**{**vars(args), "resume": True}), stage)
+    table, per_class, runs = {}, {}, []
+    for seed in args.seeds:
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}")})
+        os.makedirs(sub.out, exist_ok=True)
+        for stage in SSL_STAGES:  # the shared encoders, linked into the seed's folder
+            dst = os.path.join(sub.out, f"{stage}.pt")
+            if not os.path.exists(dst):
+                os.link(os.path.join(args.out, f"{stage}.pt"), dst)
+        for stage, mix in (("finetune", None), ("supervised", None), ("semisup", "fixed"), ("semisup", "similarity")):
+            print(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
+            runs.append(run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage))
+        for k, v in json.load(open(os.path.join(sub.out, "results.json"))).items():
+            table.setdefault(k, []).append(v)
+        for k, v in json.load(open(os.path.join(sub.out, "per_class.json"))).items():
+            per_class.setdefault(k, []).append(v)
+    run = runs[-1]
+    rows = [("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
+            ("distinctive teacher", "teacher_distinctive"), ("student, fixed mix s = 0.5", "student_fixed"),
+            ("TimeBalance student (similarity mix)", "student")]
+    print(f"\n| model | top-1 % (mean +- std over seeds {args.seeds}) |\n|---|---|")
+    for label, key in rows:
+        v = table[key]
+        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} |")
+    print("\n| class | invariant teacher | distinctive teacher | raw s (mean, min-max) | normalised s (mean) |\n|---|---|---|---|---|")
+    raw = json.load(open(os.path.join(run.args.out, "scores.json")))["raw"]
+    paths = [p for p, _ in run.train]
+    norm = dict(zip(paths, tb.normalize_scores(torch.tensor([raw[p] for p in paths]), args.score_norm).tolist()))
+    for c, name in enumerate(run.classes):
+        acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ("invariant", "distinctive")]
+        r = [raw[p] for p, y in run.train if y == c]
+        n = [norm[p] for p, y in run.train if y == c]
+        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.3f} ({min(r):.3f}-{max(r):.3f}) "
+              f"| {statistics.mean(n):.2f} |")
+    write_json(os.path.join(args.out, "ablation.json"), {"seeds": args.seeds, "top1": table, "per_class": per_class})
+    print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/")
 
 
 def main(argv=None):

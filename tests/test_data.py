@@ -245,6 +245,6 @@ def test_toy_dataset_classes_differ_as_designed():
     g = torch.Generator().manual_seed(0)
     up = data._render(data.TOY_CLASSES.index("MoveUp"), 20, 48, 48, g).float()
     grow = data._render(data.TOY_CLASSES.index("Grow"), 20, 48, 48, g).float()
-    circle = data._render(data.TOY_CLASSES.index("Circle"), 20, 48, 48, g).float()
+    circle = data._render(data.TOY_CLASSES.index("Disk"), 20, 48, 48, g).float()
     change = lambda v: (v[-1] - v[0]).abs().mean()  # noqa: E731
     assert change(up) > 2 * change(circle) and change(grow) > 2 * change(circle)

@@ -1,0 +1,232 @@
+"""Benchmarks that print figures (never timed tests): `python tests/bench.py` on the CPU (data path and
+training steps), `python tests/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d).
+
+Decoding floors: the necessary work only - seek to the keyframe before the first wanted frame, decode to
+the last wanted frame, convert each wanted frame once, single-threaded - written here as a bare PyAV loop.
+"""
+import argparse
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tb  # noqa: E402
+from models import R3D, count_flops  # noqa: E402
+
+
+def timed(fn, reps):
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def floor_decode(av, path, indices, size):
+    """Bare PyAV: seek to the keyframe before min(indices), decode to max(indices), convert wanted ones."""
+    wanted = set(indices)
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_count = 1
+        rate, tb_, start = s.average_rate, s.time_base, s.start_time or 0
+        c.seek(start + int(min(indices) / rate / tb_), stream=s, backward=True)
+        for f in c.decode(s):
+            i = round((f.pts - start) * tb_ * rate)
+            if i in wanted:
+                f.reformat(width=size[1], height=size[0], format="rgb24", threads=1)
+            if i >= max(indices):
+                break
+
+
+def from_start(av, path, last, size):
+    """Decode every frame from the start to `last`, converting each (the naive way)."""
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.thread_count = 1
+        for i, f in enumerate(c.decode(s)):
+            f.reformat(width=size[1], height=size[0], format="rgb24", threads=1)
+            if i >= last:
+                break
+
+
+def bench_decoding(reps):
+    import av
+
+    import data
+
+    tmp = tempfile.mkdtemp()
+    g = torch.Generator().manual_seed(0)
+    files = {"UCF-like 320x240 MPEG-4 AVI": (os.path.join(tmp, "ucf.avi"), 240, 320),
+             "Kinetics-like 340x256 H.264 MP4": (os.path.join(tmp, "kin.mp4"), 256, 340)}
+    for path, H, W in files.values():  # 10 s at 25 fps, keyframe every 12 frames
+        data.write_video(path, data._render(4, 250, H, W, g), gop=12)
+    print("\n## Decoding (ms; floor = bare PyAV doing only the necessary work; size 128 short side)")
+    print("| file | what | load_frames | floor | ratio | decode all from start | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    rng = random.Random(0)
+    for name, (path, H, W) in files.items():
+        n = data.count_frames(path)
+        out = data._output_size(128, W, H)
+        sets = {
+            "train clip (8 x stride 2, random start)": lambda: data.train_indices(n, 8, 2, g),
+            "SSL clip set (16 x 4 sparse + 4 dense)": lambda: (lambda s, d: s + sum(d, []))(*data.ssl_indices(n, 16, 4, g)),
+            "test video (10 clips of 8 x 2)": lambda: sum(data.test_indices(n, 8, 2, 10), []),
+            "score clip set (4 x 8)": lambda: sum(data.score_indices(n, 8), []),
+        }
+        for what, draw in sets.items():
+            draws = [draw() for _ in range(reps)]
+            ours = sum(timed(lambda: data.load_frames(path, d, 128), 1) for d in draws) / reps
+            floor = sum(timed(lambda: floor_decode(av, path, d, out), 1) for d in draws) / reps
+            naive = sum(timed(lambda: from_start(av, path, max(d), out), 1) for d in draws) / reps
+            print(f"| {name} | {what} | {1000 * ours:.1f} | {1000 * floor:.1f} | {ours / floor:.2f} "
+                  f"| {1000 * naive:.1f} | {ours / naive:.2f} |")
+        rng.random()
+
+
+def bench_toy_loader(root, workers_list, steps_clips):
+    import data
+
+    train, test, classes = data.read_ucf101(root, root, 1)
+    print("\n## Toy set through VideoDataset (clips/s, one process)")
+    for mode, T, k, per in (("train", 8, 2, 1), ("ssl", 8, 4, 10), ("test", 8, 2, 10), ("score", 8, 2, 4)):
+        ds = data.VideoDataset(train, root, mode, T, k, 64)
+        dt = timed(lambda: [ds[i] for i in range(16)], 1) / 16
+        print(f"- {mode}: {1000 * dt:.1f} ms per item, {per / dt:.0f} clips/s")
+    print("\n## Loader (train clips, batch 16) vs step, clips/s")
+    ds = data.VideoDataset(train, root, "train", 8, 2, 64)
+    for w in workers_list:
+        loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
+        t = time.perf_counter()
+        n = sum(x.shape[0] for x, *_ in loader)
+        print(f"- workers {w}: loader {n / (time.perf_counter() - t):.0f} clips/s vs supervised step "
+              f"{steps_clips:.0f} clips/s")
+
+
+def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
+    """The three training steps of train.py on random input: supervised, SSL (10 clips per video), semisup."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+
+    def model(**kw):
+        return R3D(width, layers, **kw).to(device, memory_format=fmt)
+
+    def clips(n):
+        return torch.randn(n, 3, 8, size, size, device=device).contiguous(memory_format=fmt)
+
+    ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    clf, ssl = model(num_classes=K), model(proj_dim=128)
+    teachers = [model(num_classes=K).eval().requires_grad_(False) for _ in range(2)]
+    opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
+    B = 16 if size <= 112 else 8
+    x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
+    x_ssl, x_semi = clips(10 * (B // 2)), clips(B)
+
+    def sup():
+        with ctx():
+            loss = F.cross_entropy(clf(x_sup).float(), y)
+        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
+
+    def ssl_step():
+        b = B // 2
+        with ctx():
+            g, L = ssl(x_ssl, out="ssl")
+        g, L = g.float().view(10, b, -1), L.float().view(10, b, 4, -1)
+        G_a, G_b = g[2:6].transpose(0, 1), g[6:10].transpose(0, 1)
+        loss = tb.invariant_loss(g[0], g[1], G_a, G_b) + tb.distinctive_loss(L[0], L[1], G_a, G_b)
+        opt_s.zero_grad(); loss.backward(); opt_s.step()  # noqa: E702
+
+    def teacher_fwd():
+        with torch.no_grad(), ctx():
+            return [t(x_semi).float().softmax(-1) for t in teachers]
+
+    def semi():
+        p_I, p_D = teacher_fwd()
+        p_T = tb.mix_teachers(p_I, p_D, torch.rand(B, device=device))
+        with ctx():
+            logits = clf(x_semi).float()
+        loss = F.cross_entropy(logits[: B // 2], y[: B // 2]) + 50 * tb.distillation_loss(logits[: B // 2], p_T[: B // 2]) \
+            + 100 * tb.distillation_loss(logits[B // 2:], p_T[B // 2:])
+        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
+
+    def student_only():
+        with ctx():
+            loss = F.cross_entropy(clf(x_semi).float(), y)
+        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
+
+    return {"supervised": (sup, B), "ssl": (ssl_step, 10 * (B // 2)), "semisup": (semi, B),
+            "_student": (student_only, B), "_teachers": (teacher_fwd, B)}
+
+
+def bench_steps_cpu(reps):
+    dev = torch.device("cpu")
+    m = R3D(16, (1, 1, 1, 1), num_classes=8)
+    print(f"\n## Default model (width 16, 1 block per stage) at 8x64x64: "
+          f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters (classifier), "
+          f"{count_flops(m, torch.zeros(1, 3, 8, 64, 64)) / 1e9:.3f} GFLOPs per clip forward")
+    fns = step_fns(16, (1, 1, 1, 1), 64, dev)
+    times = {k: timed(fn, reps) for k, (fn, _) in fns.items()}
+    print("| step | clips/s (forward + backward) |\n|---|---|")
+    for k in ("supervised", "ssl", "semisup"):
+        print(f"| {k} | {fns[k][1] / times[k]:.0f} |")
+    parts = times["_student"] + times["_teachers"]
+    print(f"- semisup step {1000 * times['semisup']:.0f} ms vs its parts (student fwd+bwd "
+          f"{1000 * times['_student']:.0f} ms + both teachers no-grad fwd {1000 * times['_teachers']:.0f} ms): "
+          f"ratio {times['semisup'] / parts:.2f}")
+    print(f"- peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    return fns["supervised"][1] / times["supervised"]
+
+
+def bench_gpu():
+    dev = torch.device("cuda")
+    print(f"\n## GPU: {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    print("| model | input | AMP bf16 | channels_last_3d | supervised clips/s | SSL clips/s | semisup clips/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for width, layers, label in ((64, (2, 2, 2, 2), "R3D-18 (width 64, 2-2-2-2)"),):
+        for size in (112, 224):
+            for amp in (False, True):
+                for cl in (False, True):
+                    torch.cuda.reset_peak_memory_stats()
+                    fns = step_fns(width, layers, size, dev, amp, cl)
+                    row = []
+                    for k in ("supervised", "ssl", "semisup"):
+                        fn, n = fns[k]
+                        for _ in range(3):
+                            fn()
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        for _ in range(10):
+                            fn()
+                        torch.cuda.synchronize()
+                        row.append(n * 10 / (time.perf_counter() - t))
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    print(f"| {label} | 8x{size}x{size} | {amp} | {cl} | " + " | ".join(f"{v:.0f}" for v in row)
+                          + f" | {peak:.1f} |", flush=True)
+                    del fns
+                    torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="benchmark the GPU-scale model instead")
+    p.add_argument("--reps", type=int, default=10, help="repetitions per figure")
+    p.add_argument("--toy", type=str, default="data/toy", help="toy dataset folder (generated if missing)")
+    args = p.parse_args()
+    if args.gpu:
+        bench_gpu()
+        return
+    import data
+
+    if not os.path.exists(os.path.join(args.toy, "classInd.txt")):
+        data.make_toy(args.toy)
+    bench_decoding(args.reps)
+    step = bench_steps_cpu(args.reps)
+    bench_toy_loader(args.toy, (0, 1, 2), step)
+
+
+if __name__ == "__main__":
+    main()
