@@ -24,6 +24,7 @@ AV_ERROR = getattr(av, "FFmpegError", None) or av.AVError  # PyAV < 14 calls it 
 # PyAV >= 17 converts frames on several threads unless told otherwise; inside DataLoader workers one
 # thread is faster. Older versions have no such argument.
 ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see _to_tensor
 
 
 class VideoError(Exception):
@@ -42,7 +43,7 @@ def _open_video(path):
     try:
         container = av.open(path)
     except (AV_ERROR, OSError, ValueError) as e:
-        raise VideoError(f"{path}: cannot open ({e})") from None
+        raise VideoError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: no video stream")
@@ -84,9 +85,7 @@ def _to_tensor(frame, out_hw):
     H, W = out_hw
     rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", **ONE_THREAD)
     plane = rgb.planes[0]
-    with warnings.catch_warnings():  # the plane is read-only memory; we copy it out at once
-        warnings.simplefilter("ignore")
-        flat = torch.frombuffer(plane, dtype=torch.uint8)
+    flat = torch.frombuffer(plane, dtype=torch.uint8)  # read-only memory: the caller copies it out
     return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
 
 
@@ -142,7 +141,7 @@ def load_frames(path, indices, size=None):
                 break
     except AV_ERROR as e:
         if not got and tail is None:
-            raise VideoError(f"{path}: decoding failed ({e})") from None
+            raise VideoError(f"{path}: decoding failed ({getattr(e, 'strerror', None) or e})") from None
     if not got and tail is not None:  # all wanted frames lie past the end: the last decodable frame
         got[wanted[0]] = _to_tensor(tail, out_hw).clone()
     container.close()
@@ -248,12 +247,29 @@ def _hue_rotation(theta):
     return torch.tensor([[c + a, a - s, a + s], [a + s, c + a, a - s], [a - s, a + s, c + a]])
 
 
+GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
+
+
+def colour_matrix(b, c, s, theta, grey, m):
+    """Colour jitter as one affine map x -> A x + o on RGB in [0, 1], applied before a single clamp:
+        brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
+        saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (if `grey`)
+    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once."""
+    I = torch.eye(3)
+    A = (s * I + (1 - s) * torch.outer(torch.ones(3), GREY)) * (b * c)
+    A = _hue_rotation(theta) @ A
+    if grey:
+        A = torch.outer(torch.ones(3), GREY) @ A
+    return A, (1 - c) * b * m
+
+
 def augment(clip, size, g, strong=True):
     """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float, one draw of: random resized crop
-    (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised clips) also colour
-    jitter (p 0.8: brightness, contrast, saturation 0.4, hue rotated by any angle), grayscale (p 0.2) and
-    random erase (p 0.5). The full hue range is stronger than the paper's: on the toy set an object's
-    colour is the easiest fingerprint of a video, and instance discrimination must not solve itself by it."""
+    (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised
+    clips) also colour jitter (p 0.8: brightness, contrast, saturation 0.4, hue rotated by any angle),
+    greyscale (p 0.2) and random erase (p 0.5). The full hue range is stronger than the paper's: on the
+    toy set an object's colour is the easiest fingerprint of a video, and instance discrimination must
+    not solve itself by it. The colour ops are fused into one 3x3 map (`colour_matrix`)."""
     T, H, W, _ = clip.shape
     area = H * W
     for _ in range(10):
@@ -266,26 +282,23 @@ def augment(clip, size, g, strong=True):
         h = w = min(H, W)
     top = int(_u(g) * (H - h + 1))
     left = int(_u(g) * (W - w + 1))
-    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float()  # (T, 3, h, w)
-    x = _resize(x, size) / 255.0
+    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float()  # (T, 3, h, w), 0..255
+    x = _resize(x, size)
     if _u(g) < 0.5:
         x = x.flip(-1)
-    if strong:
-        if _u(g) < 0.8:
-            x = x * _u(g, 0.6, 1.4)  # brightness
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * _u(g, 0.6, 1.4) + mean  # contrast
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (T, 1, S, S)
-            x = (x - gray) * _u(g, 0.6, 1.4) + gray  # saturation
-            x = torch.einsum("ij,tjhw->tihw", _hue_rotation(_u(g, -math.pi, math.pi)), x)  # hue, any angle
-            x = x.clamp(0, 1)
-        if _u(g) < 0.2:
-            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand(-1, 3, -1, -1)
-    x = (x.permute(1, 0, 2, 3) - MEAN) / STD  # (3, T, S, S)
+    jitter = strong and _u(g) < 0.8
+    params = (_u(g, 0.6, 1.4), _u(g, 0.6, 1.4), _u(g, 0.6, 1.4), _u(g, -math.pi, math.pi)) if jitter else (1, 1, 1, 0)
+    grey = strong and _u(g) < 0.2
+    if jitter or grey:
+        m = float(torch.einsum("c,tchw->", GREY, x)) / (255 * x[:, 0].numel())  # the clip's mean grey
+        A, o = colour_matrix(*params, grey, m)
+        x = torch.einsum("ij,tjhw->tihw", A / 255, x).add_(o).clamp_(0, 1)
+    else:
+        x = x.div_(255)
+    x = x.permute(1, 0, 2, 3).sub_(MEAN).div_(STD)  # (3, T, S, S)
     if strong and _u(g) < 0.5:
         eh, ew = int(size * _u(g, 0.1, 0.4)), int(size * _u(g, 0.1, 0.4))
         et, el = int(_u(g) * (size - eh)), int(_u(g) * (size - ew))
-        x = x.clone()
         x[:, :, et : et + eh, el : el + ew] = 0.0  # erased to the mean colour
     return x
 
@@ -481,8 +494,7 @@ class BadVideos:
     def add(self, bad):
         for i, msg in bad:
             if msg not in self.seen:
-                warnings.warn(f"skipping unreadable video: {msg}", stacklevel=2)
-                print(f"warning: skipping unreadable video: {msg}", file=sys.stderr)
+                print(f"warning: skipping unreadable video: {msg}", file=sys.stderr, flush=True)
             self.seen[msg] = i
 
     def __len__(self):

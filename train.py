@@ -33,8 +33,8 @@ DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 6, "distinctive": 6, "both": 6, "finetune": 15, "supervised": 15, "semisup": 15}
-LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 1e-3, "supervised": 1e-3, "semisup": 5e-4}
+EPOCHS = {"invariant": 12, "distinctive": 12, "both": 8, "finetune": 15, "supervised": 15, "semisup": 15}
+LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
 
@@ -70,7 +70,7 @@ def get_args(argv=None):
     a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
     a("--ssl-frames", type=int, default=8, help="frames per sparse and dense SSL clip (paper 16)")
     a("--ssl-stride", type=int, default=4, help="sparse clip stride; the 4 dense clips tile its span (paper 4)")
-    a("--size", type=int, default=64, help="crop size in pixels (paper 224)")
+    a("--size", type=int, default=48, help="crop size in pixels (paper 224)")
     a("--test-clips", type=int, default=10, help="clips per test video, softmax averaged (paper 10)")
     a("--width", type=int, default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
     a("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
@@ -167,7 +167,7 @@ class Run:
         resumed run sees the same batches as an uninterrupted one."""
         ds.epoch = epoch
         sampler = None
-        if self.world > 1:
+        if self.world > 1 and shuffle:  # evaluation and scoring shard their items themselves
             sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=self.args.seed, drop_last=True)
             sampler.set_epoch(epoch)
         g = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
@@ -514,7 +514,8 @@ def train_semisup(run, name="student"):
 @torch.no_grad()
 def evaluate(run, model):
     """Top-1 (%) over ALL test videos: an unreadable video counts as wrong. Each rank takes every
-    world-th video (no padding, nothing counted twice). Returns (top1, per-class %, unreadable count)."""
+    world-th video (no padding, nothing counted twice). Returns (top1, per-class %, unreadable count,
+    videos counted)."""
     model.eval()
     K = len(run.classes)
     correct, total = torch.zeros(K), torch.zeros(K)
@@ -536,19 +537,19 @@ def evaluate(run, model):
         for t in (correct, total, n_bad):
             dist.all_reduce(t)
     per_class = (100 * correct / total.clamp(min=1)).tolist()
-    return 100 * correct.sum().item() / total.sum().item(), per_class, int(n_bad)
+    return 100 * correct.sum().item() / total.sum().item(), per_class, int(n_bad), int(total.sum())
 
 
 def evaluate_and_record(run, name, model):
     m = model.module if hasattr(model, "module") else model
-    top1, per_class, n_bad = evaluate(run, m)
+    top1, per_class, n_bad, n = evaluate(run, m)
     run.record_result(name, top1)
     if run.rank == 0:
         path = os.path.join(run.args.out, "per_class.json")
         per = json.load(open(path)) if os.path.exists(path) else {}
         per[name] = dict(zip(run.classes, [round(v, 1) for v in per_class]))
         write_json(path, per)
-    run.log(f"{name}: test top-1 {top1:.2f}% over {len(run.test)} videos" + (f" ({n_bad} unreadable, counted wrong)" if n_bad else ""))
+    run.log(f"{name}: test top-1 {top1:.2f}% over {n} videos" + (f" ({n_bad} unreadable, counted wrong)" if n_bad else ""))
     return top1
 
 

@@ -23,6 +23,19 @@ def moving_frames(n, H=48, W=64, seed=0):
     return frames
 
 
+def write_audio_only(path):
+    """A real .wav with one audio stream and no video stream."""
+    import av
+
+    with av.open(path, "w", format="wav") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=800)
+        frame.planes[0].update(bytes(1600))
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            c.mux(p)
+
+
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory):
     """An MPEG-4 AVI (UCF101's format, keyframe every 12 frames) and an H.264 MP4 with B-frames."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+from conftest import write_audio_only
 
 
 def sequential(path, size=None):
@@ -65,13 +66,7 @@ def test_bad_files_raise_video_error(videos, tmp_path):
     text = tmp_path / "text.avi"
     text.write_text("this is not a video\n" * 20)
     audio = str(tmp_path / "audio.wav")
-    with av.open(audio, "w") as c:
-        s = c.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=800)
-        frame.planes[0].update(bytes(1600))
-        frame.sample_rate = 8000
-        for p in s.encode(frame):
-            c.mux(p)
+    write_audio_only(audio)
     for bad in (str(empty), str(text), audio, str(tmp_path / "missing.avi")):
         with pytest.raises(data.VideoError, match=os.path.basename(bad)):
             data.load_frames(bad, [0])
@@ -208,7 +203,7 @@ def test_split_labeled():
         data.split_labeled(items, 11, 0, classes)
 
 
-def test_dataset_modes_and_bad_videos(toy_root, tmp_path):
+def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
     train, test, classes = data.read_ucf101(toy_root, toy_root, 1)
     assert len(classes) == 8 and len(train) == 40 and len(test) == 16
     exts = {os.path.splitext(p)[1] for p, _ in train}
@@ -232,10 +227,9 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path):
     x, y, i, bad = data.VideoDataset(items, str(tmp_path), "test", 8, 2, 32, test_clips=2)[0]
     assert i == 0 and bad and not x.any()
     counter = data.BadVideos()
-    with pytest.warns(UserWarning, match="zero.avi"):
-        counter.add(bad)
-    counter.add(bad)  # counted once
-    assert len(counter) == 1
+    counter.add(bad)
+    counter.add(bad)  # warned and counted once
+    assert len(counter) == 1 and capsys.readouterr().err.count("zero.avi") == 1
     all_bad = data.VideoDataset([("Bad/zero.avi", 0)], str(tmp_path), "train", 8, 2, 32)
     with pytest.raises(data.VideoError, match="in a row"):
         all_bad[0]
@@ -248,3 +242,19 @@ def test_toy_dataset_classes_differ_as_designed():
     circle = data._render(data.TOY_CLASSES.index("Disk"), 20, 48, 48, g).float()
     change = lambda v: (v[-1] - v[0]).abs().mean()  # noqa: E731
     assert change(up) > 2 * change(circle) and change(grow) > 2 * change(circle)
+
+
+def test_colour_matrix_equals_the_ops_one_by_one():
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    b, c, s, theta = 1.3, 0.7, 1.2, 2.0
+    grey = lambda v: torch.einsum("c,tchw->thw", data.GREY.double(), v)[:, None]  # noqa: E731
+    m = float(grey(x).mean())
+    ref = x * b  # brightness
+    ref = (ref - b * m) * c + b * m  # contrast about the clip's mean grey
+    ref = (ref - grey(ref)) * s + grey(ref)  # saturation
+    ref = torch.einsum("ij,tjhw->tihw", data._hue_rotation(theta).double(), ref)  # hue
+    for to_grey in (False, True):
+        A, o = data.colour_matrix(b, c, s, theta, to_grey, m)
+        got = torch.einsum("ij,tjhw->tihw", A.double(), x) + o
+        want = grey(ref).expand_as(ref) if to_grey else ref
+        assert torch.allclose(got, want, atol=1e-6)

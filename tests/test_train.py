@@ -10,15 +10,18 @@ import time
 import pytest
 import torch
 
+import data
+from conftest import write_audio_only
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--size", "32", "--frames", "4", "--ssl-frames", "4", "--batch-size", "4", "--test-clips", "2",
         "--labeled", "2", "--workers", "0", "--epochs", "1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: float sums in the same order in every process
 
 
 def train(*args, root, out, check=True, extra=()):
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", root, "--out", str(out), *FAST, *args, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -121,7 +124,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(toy_root, tmp_path):
     killed = tmp_path / "killed"
     os.makedirs(killed)
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", toy_root, "--out", str(killed), *FAST, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpt = killed / "distinctive.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -146,12 +149,15 @@ def test_training_survives_bad_videos(toy_root, tmp_path):
     train_list = [line.split()[0] for line in open(root / "trainlist01.txt")]
     test_list = [line.split()[0] for line in open(root / "testlist01.txt")]
     (root / train_list[0]).write_bytes(b"")  # zero bytes
+    write_audio_only(str(root / train_list[1]))  # audio only, named like a video
+    data.write_video(str(root / train_list[2]), data._render(0, 3, 64, 64, torch.Generator()))  # 3 frames < a clip
     (root / test_list[0]).write_text("not a video\n")  # text named .avi
     out = tmp_path / "out"
-    p = train("--stage", "supervised", "--labeled", "5", root=str(root), out=out)
-    assert p.stderr.count(train_list[0]) >= 1 and "1 unreadable, counted wrong" in p.stdout
-    assert "over 16 videos" in p.stdout
-    assert [json.loads(line)["bad_videos"] for line in open(out / "log.jsonl")] == [1]
+    p = train("--stage", "supervised", "--labeled", "5", "--epochs", "2", root=str(root), out=out)
+    assert p.stderr.count(train_list[0]) == 1 and p.stderr.count(train_list[1]) == 1  # warned once each
+    assert train_list[2] not in p.stderr  # short, but readable
+    assert "1 unreadable, counted wrong" in p.stdout and "over 16 videos" in p.stdout
+    assert [json.loads(line)["bad_videos"] for line in open(out / "log.jsonl")] == [2, 2]
 
 
 def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
@@ -161,9 +167,10 @@ def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            os.path.join(HERE, "train.py"), "--stage", "finetune", "--device", "cpu", "--root", toy_root,
            "--out", str(tmp_path), *FAST]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("teacher_invariant: test top-1") == 1  # rank 0 logs alone
+    assert "over 16 videos" in p.stdout  # 8 + 8 across the ranks, none padded or dropped
     assert not list(tmp_path.glob("*.tmp"))
     results = json.load(open(tmp_path / "results.json"))
     # the 2-process evaluation (8 + 8 of 16 videos, nothing padded) agrees with a single process
