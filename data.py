@@ -454,11 +454,12 @@ class VideoDataset(torch.utils.data.Dataset):
             return augment(frames, S, g, strong=False)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
-            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)  # one decode
-            clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
-            views = [augment(clips[0], S, g), augment(clips[0], S, g)]
-            views += [augment(clips[1 + j], S, g) for j in range(4)]
-            views += [augment(clips[1 + j], S, g) for j in range(4)]
+            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)  # one decode, (5T, H, W, 3)
+            # one augmentation draws one set of parameters for the whole clip set (sparse and its 4 dense
+            # clips), so within a view the clips differ only by time; the two views are independent
+            A = augment(frames, S, g).view(3, 5, self.T, S, S)  # (3, 5, T, S, S): sparse, dense 1..4
+            B = augment(frames, S, g).view(3, 5, self.T, S, S)
+            views = [A[:, 0], B[:, 0]] + [A[:, 1 + j] for j in range(4)] + [B[:, 1 + j] for j in range(4)]
             return torch.stack(views)  # (10, 3, T, S, S)
         sets = test_indices(n, self.T, self.stride, self.K) if self.mode == "test" else score_indices(n, self.T)
         frames = load_frames(self.path(i), sum(sets, []), self.decode_size)
@@ -514,6 +515,8 @@ def _render(cls, n, H, W, g):
     bg = 0.2 + 0.6 * torch.rand((), generator=g) + 0.1 * (torch.rand(3, generator=g) - 0.5)  # greyish, tinted
     noise = (torch.rand(H // 8, W // 8, 1, generator=g) - 0.5) * 0.15  # a coarse per-video texture
     noise = F.interpolate(noise.permute(2, 0, 1)[None], size=(H, W), mode="bilinear")[0].permute(1, 2, 0)
+    sky = (0.5 - yy / (H - 1)).unsqueeze(-1) * 0.4  # (H, W, 1): light above, dark below, in every video,
+    # so that where an object is shows in what surrounds it, even after spatial pooling
     fg = torch.rand(3, generator=g)
     while abs(fg.mean() - bg.mean()) < 0.3:  # keep the object visible against the background
         fg = torch.rand(3, generator=g)
@@ -550,7 +553,7 @@ def _render(cls, n, H, W, g):
             mask = torch.maximum(dx.abs(), dy.abs()) < r * 0.9
             if shape == "StripedSquare":
                 mask &= (yy // (0.06 * H)) % 2 == 0
-        img = (bg + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.04).clamp(0, 1)
+        img = (bg + sky + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.04).clamp(0, 1)
         img[mask] = fg
         frames.append((img * 255).round().to(torch.uint8))
     return torch.stack(frames)  # (n, H, W, 3)
