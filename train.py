@@ -33,7 +33,7 @@ DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 12, "distinctive": 12, "both": 8, "finetune": 15, "supervised": 15, "semisup": 15}
+EPOCHS = {"invariant": 10, "distinctive": 10, "both": 6, "finetune": 15, "supervised": 15, "semisup": 15}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
@@ -281,6 +281,16 @@ def optimize(opt, terms, where):
     opt.step()
 
 
+def end_epoch(run, name, model, opt, epoch, epochs, sums, steps, bad, clips, t0, echo=True):
+    """Checkpoint after every epoch, then one JSON line in OUT/log.jsonl with the mean loss terms."""
+    run.save(name, model, opt, epoch + 1, epochs)
+    record = dict(stage=name, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
+                  bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
+    run.log_epoch(record)
+    if echo:
+        run.log(json.dumps(record))
+
+
 def hparams(args, stage):
     return (args.epochs or EPOCHS[stage], args.lr or LR[stage], args.batch_size or BATCH[stage])
 
@@ -334,11 +344,7 @@ def train_ssl(run, stage):
             if (step + 1) % a.log_every == 0:
                 progress(run, stage, epoch, step, steps, terms, clips, t0,
                          (epoch - start) * steps + step + 1, (epochs - start) * steps)
-        run.save(stage, model, opt, epoch + 1, epochs)
-        record = dict(stage=stage, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
-                      bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
-        run.log_epoch(record)
-        run.log(json.dumps(record))
+        end_epoch(run, stage, model, opt, epoch, epochs, sums, steps, bad, clips, t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,12 +383,8 @@ def train_classifier(run, name, init=None):
             optimize(opt, terms, f"{name} epoch {epoch} step {step}")
             clips += x.shape[0] * run.world
             total += terms["CE"].item()
-        run.save(name, model, opt, epoch + 1, epochs)
-        record = dict(stage=name, epoch=epoch + 1, CE=total / steps, bad_videos=len(bad),
-                      clips_per_s=round(clips / (time.time() - t0), 1))
-        run.log_epoch(record)
-        if (epoch + 1) % a.log_every == 0 or epoch + 1 == epochs:
-            run.log(json.dumps(record))
+        end_epoch(run, name, model, opt, epoch, epochs, {"CE": total}, steps, bad, clips, t0,
+                  echo=(epoch + 1) % a.log_every == 0 or epoch + 1 == epochs)
     evaluate_and_record(run, name, model)
 
 
@@ -497,11 +499,7 @@ def train_semisup(run, name="student"):
             if (step + 1) % a.log_every == 0:
                 progress(run, name, epoch, step, steps, terms, clips, t0,
                          (epoch - start) * steps + step + 1, (epochs - start) * steps)
-        run.save(name, model, opt, epoch + 1, epochs)
-        record = dict(stage=name, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
-                      bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
-        run.log_epoch(record)
-        run.log(json.dumps(record))
+        end_epoch(run, name, model, opt, epoch, epochs, sums, steps, bad, clips, t0)
     # the teachers are frozen: their weights must not have moved
     assert frozen == [sum(p.double().sum().item() for p in t.parameters()) for t in teachers], "teacher changed"
     evaluate_and_record(run, name, model)

@@ -6,7 +6,6 @@ the last wanted frame, convert each wanted frame once, single-threaded - written
 """
 import argparse
 import os
-import random
 import resource
 import sys
 import tempfile
@@ -69,7 +68,6 @@ def bench_decoding(reps):
     print("\n## Decoding (ms; floor = bare PyAV doing only the necessary work; size 128 short side)")
     print("| file | what | load_frames | floor | ratio | decode all from start | ratio |")
     print("|---|---|---|---|---|---|---|")
-    rng = random.Random(0)
     for name, (path, H, W) in files.items():
         n = data.count_frames(path)
         out = data._output_size(128, W, H)
@@ -86,7 +84,6 @@ def bench_decoding(reps):
             naive = sum(timed(lambda: from_start(av, path, max(d), out), 1) for d in draws) / reps
             print(f"| {name} | {what} | {1000 * ours:.1f} | {1000 * floor:.1f} | {ours / floor:.2f} "
                   f"| {1000 * naive:.1f} | {ours / naive:.2f} |")
-        rng.random()
 
 
 def bench_toy_loader(root, workers_list, steps_clips):
@@ -95,11 +92,11 @@ def bench_toy_loader(root, workers_list, steps_clips):
     train, test, classes = data.read_ucf101(root, root, 1)
     print("\n## Toy set through VideoDataset (clips/s, one process)")
     for mode, T, k, per in (("train", 8, 2, 1), ("ssl", 8, 4, 10), ("test", 8, 2, 10), ("score", 8, 2, 4)):
-        ds = data.VideoDataset(train, root, mode, T, k, 64)
+        ds = data.VideoDataset(train, root, mode, T, k, 48)
         dt = timed(lambda: [ds[i] for i in range(16)], 1) / 16
         print(f"- {mode}: {1000 * dt:.1f} ms per item, {per / dt:.0f} clips/s")
     print("\n## Loader (train clips, batch 16) vs step, clips/s")
-    ds = data.VideoDataset(train, root, "train", 8, 2, 64)
+    ds = data.VideoDataset(train, root, "train", 8, 2, 48)
     for w in workers_list:
         loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
         t = time.perf_counter()
@@ -162,13 +159,13 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
             "_student": (student_only, B), "_teachers": (teacher_fwd, B)}
 
 
-def bench_steps_cpu(reps):
+def bench_steps_cpu(reps, size=48):
     dev = torch.device("cpu")
     m = R3D(16, (1, 1, 1, 1), num_classes=8)
-    print(f"\n## Default model (width 16, 1 block per stage) at 8x64x64: "
+    print(f"\n## Default model (width 16, 1 block per stage) at 8x{size}x{size}: "
           f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters (classifier), "
-          f"{count_flops(m, torch.zeros(1, 3, 8, 64, 64)) / 1e9:.3f} GFLOPs per clip forward")
-    fns = step_fns(16, (1, 1, 1, 1), 64, dev)
+          f"{count_flops(m, torch.zeros(1, 3, 8, size, size)) / 1e9:.3f} GFLOPs per clip forward")
+    fns = step_fns(16, (1, 1, 1, 1), size, dev)
     times = {k: timed(fn, reps) for k, (fn, _) in fns.items()}
     print("| step | clips/s (forward + backward) |\n|---|---|")
     for k in ("supervised", "ssl", "semisup"):
