@@ -142,9 +142,10 @@ def load_frames(path, indices, size=None):
     except AV_ERROR as e:
         if not got and tail is None:
             raise VideoError(f"{path}: decoding failed ({getattr(e, 'strerror', None) or e})") from None
+    finally:
+        container.close()  # decoded frames own their data and outlive the container
     if not got and tail is not None:  # all wanted frames lie past the end: the last decodable frame
         got[wanted[0]] = _to_tensor(tail, out_hw).clone()
-    container.close()
     if not got:
         raise VideoError(f"{path}: none of frames {wanted[0]}..{wanted[-1]} could be decoded")
     out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)

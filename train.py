@@ -429,6 +429,11 @@ def compute_scores(run):
     return raw
 
 
+def normalized_scores(raw, paths, method):
+    """{path: s} for the training videos `paths`, normalised over them (`tb.normalize_scores`)."""
+    return dict(zip(paths, tb.normalize_scores(torch.tensor([raw[p] for p in paths]), method).tolist()))
+
+
 def load_classifier(run, ckpt, path):
     if ckpt["arch"]["num_classes"] != len(run.classes):
         raise StageError(f"{path}: {ckpt['arch']['num_classes']} classes, dataset has {len(run.classes)}")
@@ -451,8 +456,7 @@ def train_semisup(run, name="student"):
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
     raw = compute_scores(run)
     paths = [p for p, _ in run.train]
-    s_all = tb.normalize_scores(torch.tensor([raw[p] for p in paths]), a.score_norm)
-    s_of = dict(zip(paths, s_all.tolist())) if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
+    s_of = normalized_scores(raw, paths, a.score_norm) if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
     lab_ds, unl_ds = run.dataset(run.labeled, "train"), run.dataset(run.unlabeled, "train")
     s_lab = torch.tensor([s_of[p] for p, _ in run.labeled], device=run.device)
     s_unl = torch.tensor([s_of[p] for p, _ in run.unlabeled], device=run.device)
@@ -626,7 +630,7 @@ def ablation(args):
     print("\n| class | invariant teacher | distinctive teacher | raw s (mean, min-max) | normalised s (mean) |\n|---|---|---|---|---|")
     raw = json.load(open(os.path.join(run.args.out, "scores.json")))["raw"]
     paths = [p for p, _ in run.train]
-    norm = dict(zip(paths, tb.normalize_scores(torch.tensor([raw[p] for p in paths]), args.score_norm).tolist()))
+    norm = normalized_scores(raw, paths, args.score_norm)
     for c, name in enumerate(run.classes):
         acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ("invariant", "distinctive")]
         r = [raw[p] for p, y in run.train if y == c]
