@@ -569,7 +569,8 @@ def write_video(path, frames, fps=25, codec=None, gop=12):
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.gop_size = gop
-        if codec == "libx264":  # one thread: x264's threaded output differs from run to run
+        if codec == "libx264":  # one thread: x264's threaded output differs from run to run (still
+            # not always byte-identical here: see README "Results")
             stream.options = {"preset": "veryfast", "bf": "2", "crf": "20", "threads": "1"}
         else:
             stream.codec_context.bit_rate = 2_000_000
