@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 
 import av
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 import data
 from conftest import write_audio_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sequential(path, size=None):
@@ -242,6 +246,21 @@ def test_toy_dataset_classes_differ_as_designed():
     circle = data._render(data.TOY_CLASSES.index("Disk"), 20, 48, 48, g).float()
     change = lambda v: (v[-1] - v[0]).abs().mean()  # noqa: E731
     assert change(up) > 2 * change(circle) and change(grow) > 2 * change(circle)
+
+
+def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp_path):
+    """README figures must reproduce from a fresh clone, which writes its own toy set."""
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(again), "--train-per-class", "5",
+                    "--test-per-class", "2", "--frames", "40", "--size", "64", "--seed", "1"], check=True, capture_output=True)
+    files = sorted(os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs)
+    assert len(files) == 8 * 7 + 3
+    for rel in files:
+        assert (again / rel).read_bytes() == open(os.path.join(toy_root, rel), "rb").read(), rel
+    mp4 = next(os.path.join(toy_root, f) for f in files if f.endswith(".mp4"))
+    with av.open(mp4) as c:  # the MP4 half keeps B-frames: packets arrive out of display order
+        pts = [p.pts for p in c.demux(c.streams.video[0]) if p.pts is not None]
+    assert pts != sorted(pts)
 
 
 def test_colour_matrix_equals_the_ops_one_by_one():
