@@ -1,7 +1,7 @@
 """A compact residual 3D CNN (3D-ResNet style) with a projection head g and a linear classifier.
 
 The paper uses 3D-ResNet-18/50 at 224 px; the CPU default here is width 16, one block per stage, at
-8x64x64 (see README "Differences from the paper"). A self-supervised encoder has the head and no
+8x32x32 (see README "Differences from the paper"). A self-supervised encoder has the head and no
 classifier; a teacher or student has the classifier and no head, so every parameter is used.
 """
 import torch

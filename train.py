@@ -33,7 +33,7 @@ DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 10, "distinctive": 10, "both": 6, "finetune": 15, "supervised": 15, "semisup": 15}
+EPOCHS = {"invariant": 24, "distinctive": 30, "both": 12, "finetune": 15, "supervised": 15, "semisup": 20}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
@@ -70,7 +70,7 @@ def get_args(argv=None):
     a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
     a("--ssl-frames", type=int, default=8, help="frames per sparse and dense SSL clip (paper 16)")
     a("--ssl-stride", type=int, default=4, help="sparse clip stride; the 4 dense clips tile its span (paper 4)")
-    a("--size", type=int, default=48, help="crop size in pixels (paper 224)")
+    a("--size", type=int, default=32, help="crop size in pixels (paper 224)")
     a("--test-clips", type=int, default=10, help="clips per test video, softmax averaged (paper 10)")
     a("--width", type=int, default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
     a("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
@@ -157,10 +157,11 @@ class Run:
         if self.rank == 0:
             print(*msg, flush=True)
 
-    def dataset(self, items, mode):
+    def dataset(self, items, mode, stream=0):
+        """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
-        return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed)
+        return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
 
     def loader(self, ds, batch_size, epoch, shuffle=True):
         """A fresh loader each epoch: shuffling and augmentation depend on (seed, epoch) only, so a
@@ -457,8 +458,15 @@ def train_semisup(run, name="student"):
     raw = compute_scores(run)
     paths = [p for p, _ in run.train]
     s_of = normalized_scores(raw, paths, a.score_norm) if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
-    lab_ds, unl_ds = run.dataset(run.labeled, "train"), run.dataset(run.unlabeled, "train")
-    s_lab = torch.tensor([s_of[p] for p, _ in run.labeled], device=run.device)
+    unl_ds = run.dataset(run.unlabeled, "train")
+    steps = len(unl_ds) // (bs * run.world)
+    if steps == 0:
+        raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled videos give no full batch")
+    bs_l = min(bs, len(run.labeled) // run.world)
+    # the small labeled subset repeated (each repeat with its own augmentation) to give one labeled
+    # batch per unlabeled batch: one labeled loader per epoch, not one per pass over the subset
+    lab_ds = run.dataset(run.labeled * math.ceil(steps * bs_l * run.world / len(run.labeled)), "train", stream=1)
+    s_lab = torch.tensor([s_of[p] for p, _ in lab_ds.items], device=run.device)
     s_unl = torch.tensor([s_of[p] for p, _ in run.unlabeled], device=run.device)
 
     model = run.model(num_classes=len(run.classes), dropout=0.5)
@@ -466,22 +474,12 @@ def train_semisup(run, name="student"):
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt)
     net = run.wrap(model)
-    bs_l = min(bs, len(lab_ds) // run.world)
-    steps = len(unl_ds) // (bs * run.world)
-    if steps == 0:
-        raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled videos give no full batch")
     bad, t0, clips = data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
         net.train()
         sums = {}
-        lab_epoch, lab_iter = epoch * 1000, None
-        for step, (x_u, _, i_u, failed) in enumerate(run.loader(unl_ds, bs, epoch)):
-            batch = next(lab_iter, None) if lab_iter else None
-            if batch is None:  # the labeled subset is small: cycle it, reshuffled each pass
-                lab_epoch += 1
-                lab_iter = iter(run.loader(lab_ds, bs_l, lab_epoch))
-                batch = next(lab_iter)
-            x_l, y_l, i_l, failed_l = batch
+        batches = zip(run.loader(unl_ds, bs, epoch), run.loader(lab_ds, bs_l, epoch))
+        for step, ((x_u, _, i_u, failed), (x_l, y_l, i_l, failed_l)) in enumerate(batches):
             bad.add(failed + failed_l)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
@@ -519,6 +517,9 @@ def evaluate(run, model):
     world-th video (no padding, nothing counted twice). Returns (top1, per-class %, unreadable count,
     videos counted)."""
     model.eval()
+    if run.world > 1:  # DDP copies rank 0's BN statistics into the others at each forward, so after the last
+        for b in model.buffers():  # step they differ by one update: evaluate every rank with rank 0's (the saved)
+            dist.broadcast(b, 0)
     K = len(run.classes)
     correct, total = torch.zeros(K), torch.zeros(K)
     bad = data.BadVideos()

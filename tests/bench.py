@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tb  # noqa: E402
 from models import R3D, count_flops  # noqa: E402
 
+SIZE = 32  # train.py's --size default
+
 
 def timed(fn, reps):
     fn()
@@ -92,11 +94,11 @@ def bench_toy_loader(root, workers_list, steps_clips):
     train, test, classes = data.read_ucf101(root, root, 1)
     print("\n## Toy set through VideoDataset (clips/s, one process)")
     for mode, T, k, per in (("train", 8, 2, 1), ("ssl", 8, 4, 10), ("test", 8, 2, 10), ("score", 8, 2, 4)):
-        ds = data.VideoDataset(train, root, mode, T, k, 48)
+        ds = data.VideoDataset(train, root, mode, T, k, SIZE)
         dt = timed(lambda: [ds[i] for i in range(16)], 1) / 16
         print(f"- {mode}: {1000 * dt:.1f} ms per item, {per / dt:.0f} clips/s")
     print("\n## Loader (train clips, batch 16) vs step, clips/s")
-    ds = data.VideoDataset(train, root, "train", 8, 2, 48)
+    ds = data.VideoDataset(train, root, "train", 8, 2, SIZE)
     for w in workers_list:
         loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
         t = time.perf_counter()
@@ -159,7 +161,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
             "_student": (student_only, B), "_teachers": (teacher_fwd, B)}
 
 
-def bench_steps_cpu(reps, size=48):
+def bench_steps_cpu(reps, size=SIZE):
     dev = torch.device("cpu")
     m = R3D(16, (1, 1, 1, 1), num_classes=8)
     print(f"\n## Default model (width 16, 1 block per stage) at 8x{size}x{size}: "
