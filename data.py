@@ -515,21 +515,24 @@ TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "MoveUp", "MoveDown", "
 def _render(cls, n, H, W, g):
     """(n, H, W, 3) uint8 frames of one toy video of class `cls`."""
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
-    bg = 0.2 + 0.6 * torch.rand((), generator=g) + 0.1 * (torch.rand(3, generator=g) - 0.5)  # greyish, tinted
-    noise = (torch.rand(H // 8, W // 8, 1, generator=g) - 0.5) * 0.15  # a coarse per-video texture
-    noise = F.interpolate(noise.permute(2, 0, 1)[None], size=(H, W), mode="bilinear")[0].permute(1, 2, 0)
+    # one mid-grey background for all (a per-video brightness would let instance discrimination tell
+    # videos apart by it, not by what is in them), lightly tinted
+    bg = 0.5 + 0.1 * (torch.rand(3, generator=g) - 0.5)
     sky = (0.5 - yy / (H - 1)).unsqueeze(-1) * 0.4  # (H, W, 1): light above, dark below, in every video,
     # so that where an object is shows in what surrounds it, even after spatial pooling
     fg = torch.rand(3, generator=g)
-    while abs(fg.mean() - bg.mean()) < 0.3:  # keep the object visible against the background
+    while abs(fg.mean() - bg.mean()) < 0.2:  # keep the object visible against the background
         fg = torch.rand(3, generator=g)
     name = TOY_CLASSES[cls]
     shape = name if name in TOY_CLASSES[:4] else ("Disk", "Square")[int(torch.randint(0, 2, (1,), generator=g))]
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
-    period = 4 + 4 * float(torch.rand((), generator=g))  # frames: an 8-frame clip holds a whole cycle, so
-    # a repetitive action looks the same in every clip of the video (high temporal similarity)
+    period = 4  # frames: every clip of 8 consecutive frames, or at stride 4, sees the same cycle, so a
+    # repetitive action looks the same all video long (high temporal similarity)
+    # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
+    # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
+    background = (bg + sky).clamp(0, 1)  # (H, W, 3)
     frames = []
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
@@ -557,7 +560,7 @@ def _render(cls, n, H, W, g):
             mask = torch.maximum(dx.abs(), dy.abs()) < r * 0.9
             if shape == "StripedSquare":
                 mask &= (yy // (0.06 * H)) % 2 == 0
-        img = (bg + sky + noise + (torch.rand(H, W, 1, generator=g) - 0.5) * 0.04).clamp(0, 1)
+        img = background.clone()
         img[mask] = fg
         frames.append((img * 255).round().to(torch.uint8))
     return torch.stack(frames)  # (n, H, W, 3)

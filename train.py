@@ -56,6 +56,7 @@ def get_args(argv=None):
     a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
     a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
     a("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
+    a("--holdout", type=int, default=0, help="for tuning: the last N training videos of each class replace the test split")
     a("--labeled", type=float, default=3, help="labeled subset: fraction (<1) or videos per class (>=1)")
     a("--labeled-list", type=str, default=None, help="reuse a saved or published labeled list")
     a("--seed", type=int, default=0, help="seed of the labeled split, initialisation and augmentation")
@@ -103,6 +104,8 @@ def get_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.labeled <= 0:
         p.error(f"--labeled must be > 0, got {args.labeled}")
+    if args.holdout < 0:
+        p.error(f"--holdout must be >= 0, got {args.holdout}")
     if args.stage == "eval" and not args.ckpt:
         p.error("--stage eval needs --ckpt")
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
@@ -139,6 +142,14 @@ class Run:
                 data.make_toy(args.root)
             self.barrier()
         self.train, self.test, self.classes = read_splits(args)
+        if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
+            by_class = [[j for j, (_, y) in enumerate(self.train) if y == c] for c in range(len(self.classes))]
+            c = min(range(len(by_class)), key=lambda c: len(by_class[c]))
+            if len(by_class[c]) <= args.holdout:
+                raise data.DataError(f"--holdout {args.holdout}: class {self.classes[c]} has {len(by_class[c])} training videos")
+            held = {j for js in by_class for j in js[-args.holdout :]}
+            self.test = [it for j, it in enumerate(self.train) if j in held]
+            self.train = [it for j, it in enumerate(self.train) if j not in held]
         if args.labeled_list:
             lab = set(data.read_list(args.root, args.labeled_list, args.labeled_list)[0])
             self.labeled = [it for it in self.train if it in lab]

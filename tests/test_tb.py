@@ -150,6 +150,8 @@ def test_normalize_scores():
     assert tb.normalize_scores(s, "minmax").tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1 / 3])
     assert tb.normalize_scores(s, "rank").tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1 / 3])
     assert torch.equal(tb.normalize_scores(s, "none"), s)
+    tied = torch.tensor([1.0, 0.5, 1.0, 0.7, 1.0])  # ranks 2, 3, 4 shared by the three 1.0s -> 3 each
+    assert tb.normalize_scores(tied, "rank").tolist() == pytest.approx([3 / 4, 0.0, 3 / 4, 1 / 4, 3 / 4])
     with pytest.raises(ValueError, match="unknown method"):
         tb.normalize_scores(s, "zscore")
 

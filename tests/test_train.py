@@ -80,6 +80,7 @@ def test_missing_teacher(chain, toy_root, tmp_path):
     (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
     (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
     (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
+    (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
     (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
     (["--stage", "supervised", "--dataset", "ucf101", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
     (["--stage", "supervised", "--dataset", "list", "--train-list", "/no/list.txt", "--test-list", "/no/list.txt"],
@@ -90,6 +91,17 @@ def test_bad_cli_input(toy_root, tmp_path, flags, message):
     p = train(*flags, root=toy_root, out=tmp_path, check=False, extra=flags[flags.index("--root"):] if "--root" in flags else ())
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()[-1]) < 300 and time.time() - t0 < 60
+
+
+def test_holdout_replaces_the_test_split_by_training_videos(toy_root, tmp_path):
+    import train as train_py
+
+    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--holdout", "2"]))
+    full, test, classes = data.read_ucf101(toy_root, toy_root, 1)
+    by_class = [[it for it in full if it[1] == c] for c in range(len(classes))]  # naive reference
+    assert run.test == [it for c in by_class for it in c[-2:]]
+    assert run.train == [it for it in full if it not in run.test] and not set(run.test) & set(test)
+    assert set(run.labeled) | set(run.unlabeled) == set(run.train)
 
 
 def test_checkpoint_of_other_width_or_classes(chain, toy_root, tmp_path):
