@@ -414,10 +414,11 @@ def compute_scores(run):
     if cached.get("source") == source and all(p in cached["raw"] for p, _ in run.train):
         return cached["raw"]
     encoders = []
-    for ckpt in (inv, dis):
-        m = run.model(proj_dim=128)
-        m.load_state_dict(ckpt["model"], strict=True)
-        encoders.append(m.eval())
+    with torch.random.fork_rng():  # building the encoders must not move the global RNG: the student's
+        for ckpt in (inv, dis):  # initialisation would then depend on whether the scores were cached
+            m = run.model(proj_dim=128)
+            m.load_state_dict(ckpt["model"], strict=True)
+            encoders.append(m.eval())
     ds = run.dataset(run.train[run.rank :: run.world], "score")
     raw, bad = {}, data.BadVideos()
     with torch.no_grad():

@@ -128,6 +128,12 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
     train("--stage", "semisup", root=toy_root, out=tmp_path)
     assert json.load(open(tmp_path / "scores.json"))["raw"] == json.load(open(out / "scores.json"))["raw"]
     assert json.load(open(tmp_path / "results.json"))["student"] == json.load(open(out / "results.json"))["student"]
+    # and the student does not depend on whether the scores were computed or read from the cache
+    first = load(tmp_path / "student.pt")["model"]
+    p = train("--stage", "semisup", root=toy_root, out=tmp_path)
+    assert "scores:" not in p.stdout  # cached this time
+    again = load(tmp_path / "student.pt")["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(toy_root, tmp_path):
