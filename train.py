@@ -144,9 +144,10 @@ class Run:
         self.train, self.test, self.classes = read_splits(args)
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             by_class = [[j for j, (_, y) in enumerate(self.train) if y == c] for c in range(len(self.classes))]
-            c = min(range(len(by_class)), key=lambda c: len(by_class[c]))
-            if len(by_class[c]) <= args.holdout:
-                raise data.DataError(f"--holdout {args.holdout}: class {self.classes[c]} has {len(by_class[c])} training videos")
+            fewest = min(range(len(by_class)), key=lambda c: len(by_class[c]))
+            if len(by_class[fewest]) <= args.holdout:
+                raise data.DataError(f"--holdout {args.holdout}: class {self.classes[fewest]} has "
+                                     f"{len(by_class[fewest])} training videos")
             held = {j for js in by_class for j in js[-args.holdout :]}
             self.test = [it for j, it in enumerate(self.train) if j in held]
             self.train = [it for j, it in enumerate(self.train) if j not in held]

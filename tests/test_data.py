@@ -277,4 +277,3 @@ def test_colour_matrix_equals_the_ops_one_by_one():
         got = torch.einsum("ij,tjhw->tihw", A.double(), x) + o
         want = grey(ref).expand_as(ref) if to_grey else ref
         assert torch.allclose(got, want, atol=1e-6)
-
