@@ -1,14 +1,16 @@
-"""Every stage of TimeBalance: `python train.py --stage NAME`, or `python train.py --demo` for all of them.
+"""Every stage of TimeBalance. The method is three commands (README "Usage"):
 
-  invariant    self-supervised pretraining with L_I                  -> OUT/invariant.pt
-  distinctive  self-supervised pretraining with L_D = L_LL + L_GL    -> OUT/distinctive.pt
-  both         L_I + L_LL + L_GL, the student's initialisation      -> OUT/both.pt
-  finetune     both SSL encoders fine-tuned on the labeled subset   -> OUT/teacher_{invariant,distinctive}.pt
-  supervised   the baseline: labeled subset only, from scratch      -> OUT/supervised.pt
-  semisup      temporal similarity scores (OUT/scores.json), then the student distilled from the
-               per-video mix of both teachers                       -> OUT/student.pt
-  eval         K-clip test accuracy of --ckpt
-  ablation     the 3-seed table of README "Results" (supervised, both teachers, fixed and similarity mix)
+  python train.py --stage invariant     self-supervised pretraining with L_I               -> OUT/invariant.pt
+  python train.py --stage distinctive   self-supervised pretraining with L_D = L_LL + L_GL -> OUT/distinctive.pt
+  python train.py --stage semisup       every step not done yet, in order:
+                                          both: L_I + L_LL + L_GL, the student's init      -> OUT/both.pt
+                                          finetune: both encoders on the labeled subset    -> OUT/teacher_*.pt
+                                          temporal similarity scores                       -> OUT/scores.json
+                                          the student, distilled from the per-video mix    -> OUT/student.pt
+
+Finer stages: `both` and `finetune` run one step of semisup by hand; `supervised` is the baseline (labeled
+subset only, from scratch); `eval --ckpt F` tests a classifier; `ablation` makes the 3-seed table of README
+"Results"; `--demo` runs the three commands, the baseline and the fixed-mix student on the toy set.
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
 """
@@ -17,6 +19,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -31,6 +34,7 @@ from models import R3D, load_backbone
 
 DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
+ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
 EPOCHS = {"invariant": 24, "distinctive": 30, "both": 12, "finetune": 15, "supervised": 15, "semisup": 20}
@@ -42,8 +46,12 @@ class StageError(Exception):
     """A stage cannot start: missing input checkpoint, mismatched model, bad flag (exit code 2)."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every help string; the description keeps its lines."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--stage", choices=STAGES, help="the stage to run (see above)")
     a("--demo", action="store_true", help="generate the toy set if missing and run every stage at CPU scale")
@@ -62,9 +70,9 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="seed of the labeled split, initialisation and augmentation")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: seeds of the labeled split")
     # schedule
-    a("--epochs", type=int, default=None, help=f"epochs of the stage (default per stage: {EPOCHS})")
-    a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each; default {BATCH})")
-    a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4; default {LR})")
+    a("--epochs", type=int, default=None, help=f"epochs; with --stage semisup, --demo or --stage ablation, of every step they run (left out: each step's own default, {EPOCHS})")
+    a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each); applies like --epochs (default per step {BATCH})")
+    a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4); applies like --epochs (default per step {LR})")
     a("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
     # clips and model
     a("--frames", type=int, default=8, help="frames per train/test clip (paper 8)")
@@ -85,7 +93,7 @@ def get_args(argv=None):
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     # running
     a("--ckpt", type=str, default=None, help="eval: checkpoint to evaluate")
-    a("--resume", action="store_true", help="continue the stage from its last saved epoch")
+    a("--resume", action="store_true", help="continue the stage from its last saved epoch (semisup resumes its unfinished earlier steps anyway)")
     a("--workers", type=int, default=2, help="DataLoader worker processes")
     a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
@@ -133,7 +141,6 @@ class Run:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.amp = self.device.type == "cuda" and not args.no_amp
-        torch.manual_seed(args.seed)  # model initialisation; data randomness is seeded per item
         os.makedirs(args.out, exist_ok=True)
         generate = args.demo or args.root == DEFAULT_TOY  # never into a folder the user named
         if args.dataset == "toy" and generate and not os.path.exists(os.path.join(args.root, "classInd.txt")):
@@ -158,6 +165,8 @@ class Run:
         else:
             self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed, self.classes)
         if self.rank == 0:
+            for summary in ("results.json", "per_class.json"):  # before any training, not when recording
+                set_aside_if_damaged(os.path.join(args.out, summary))
             data.write_list(os.path.join(args.out, "labeled.txt"), self.labeled)
             data.write_list(os.path.join(args.out, "unlabeled.txt"), self.unlabeled)
 
@@ -207,12 +216,24 @@ class Run:
     def path(self, name):
         return os.path.join(self.args.out, f"{name}.pt")
 
-    def need(self, name, stage):
-        """The finished checkpoint of an earlier stage, or a one-line error naming the stage to run."""
+    def checkpoint(self, name, kind):
+        """OUT/<name>.pt if there is one (None if not), checked: of `kind`, and of this run's width and depth."""
         path = self.path(name)
         if not os.path.exists(path):
+            return None
+        ckpt = load_checkpoint(path, kind)
+        a = self.args
+        if (ckpt["arch"]["width"], ckpt["arch"]["layers"]) != (a.width, a.layers):
+            raise StageError(f"{path}: saved model {ckpt['arch']} differs from this run's --width {a.width} "
+                             f"--layers {' '.join(map(str, a.layers))}")
+        return ckpt
+
+    def need(self, name, stage, kind):
+        """The finished checkpoint of an earlier stage, or a one-line error naming the stage to run."""
+        path = self.path(name)
+        ckpt = self.checkpoint(name, kind)
+        if ckpt is None:
             raise StageError(f"{path} not found: run --stage {stage} first (same --out)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt["epoch"] < ckpt["epochs"]:
             raise StageError(f"{path} is unfinished ({ckpt['epoch']}/{ckpt['epochs']} epochs): run --stage {stage} --resume")
         return ckpt
@@ -228,11 +249,11 @@ class Run:
             os.replace(tmp, self.path(name))
         self.barrier()
 
-    def resume(self, name, model, opt):
-        """Start epoch of stage `name`: 0, or where its checkpoint stopped (with --resume)."""
-        if not (self.args.resume and os.path.exists(self.path(name))):
+    def resume(self, name, model, opt, resume):
+        """Start epoch of stage `name`: 0, or where its checkpoint stopped (if `resume`)."""
+        if not (resume and os.path.exists(self.path(name))):
             return 0
-        ckpt = torch.load(self.path(name), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.path(name))
         m = model.module if hasattr(model, "module") else model
         if ckpt["arch"] != m.arch:
             raise StageError(f"{self.path(name)}: saved model {ckpt['arch']} differs from this run's {m.arch}")
@@ -255,7 +276,7 @@ class Run:
     def record_result(self, name, top1):
         if self.rank == 0:
             path = os.path.join(self.args.out, "results.json")
-            results = json.load(open(path)) if os.path.exists(path) else {}
+            results = read_json(path)
             results[name] = round(top1, 2)
             write_json(path, results)
 
@@ -268,6 +289,68 @@ def read_splits(args):
     if not (args.train_list and args.test_list):
         raise data.DataError("--dataset list needs --train-list and --test-list")
     return data.read_list(args.root, args.train_list, args.test_list)
+
+
+CKPT_KEYS = ("model", "optimizer", "epoch", "epochs", "arch", "args", "classes", "rng")
+
+
+def load_checkpoint(path, kind=None):
+    """A checkpoint written by `Run.save`, loaded with weights_only=True: only tensors, numbers, strings,
+    lists and dicts are rebuilt, so nothing stored in the file can run code. A file that is missing,
+    unreadable, truncated, not one of ours, or not of `kind` ("ssl" encoder / "classifier") raises
+    StageError with one line naming it, before any training."""
+    if not os.path.isfile(path):
+        raise StageError(f"{path} is not a file" if os.path.exists(path) else f"{path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, KeyError, OSError...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["the file ended early"]
+        code = [line for line in lines if "global" in line.lower()]  # a class or function the file would call
+        if isinstance(e, pickle.UnpicklingError) and code:
+            raise StageError(f"{path}: refused: it holds Python objects beyond weights, which could run code "
+                             f"when loaded ({code[0]})") from None
+        why = next((line for line in lines if "unsupported" in line.lower()), lines[0])
+        raise StageError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: {why[:120]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("arch"), dict):
+        raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
+    missing = [k for k in CKPT_KEYS if k not in ckpt] + [f"arch.{k}" for k in ("width", "layers", "num_classes", "proj_dim")
+                                                         if k not in ckpt["arch"]]
+    if missing:
+        raise StageError(f"{path}: not a checkpoint of this project, missing {', '.join(missing)}")
+    if kind == "classifier" and not ckpt["arch"]["num_classes"]:
+        raise StageError(f"{path} is a self-supervised encoder, not a classifier: fine-tune it first")
+    if kind == "ssl" and not ckpt["arch"]["proj_dim"]:
+        raise StageError(f"{path} is a classifier, not a self-supervised encoder (it has no projection head)")
+    return ckpt
+
+
+def read_json(path):
+    """The JSON object stored in `path`, or {} if there is no file; ValueError if the file is damaged."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
+    return obj
+
+
+def set_aside_if_damaged(path):
+    """A damaged summary file is renamed to PATH.damaged (then .damaged.1, ...), never deleted, and a
+    fresh one is started, so that the figure of the run about to start is not lost when it records."""
+    try:
+        read_json(path)
+    except ValueError as e:
+        aside, k = path + ".damaged", 0
+        while os.path.exists(aside):
+            k += 1
+            aside = f"{path}.damaged.{k}"
+        os.replace(path, aside)
+        write_json(path, {})
+        print(f"warning: {e}: moved it to {aside} and started a new one", file=sys.stderr, flush=True)
 
 
 def write_json(path, obj):
@@ -319,13 +402,14 @@ def progress(run, stage, epoch, step, steps, terms, clips, t0, done, total):
 # Self-supervised pretraining: invariant (L_I), distinctive (L_D = L_LL + L_GL), both
 
 
-def train_ssl(run, stage):
+def train_ssl(run, stage, resume):
     a = run.args
+    torch.manual_seed(a.seed)  # initialisation: the same whether the step runs alone or inside --stage semisup
     epochs, lr, bs = hparams(a, stage)
     ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
-    start = run.resume(stage, model, opt)
+    start = run.resume(stage, model, opt, resume)
     net = run.wrap(model)
     steps = len(ds) // (bs * run.world)
     if steps == 0:
@@ -364,18 +448,19 @@ def train_ssl(run, stage):
 # Classifiers on the labeled subset: the two teachers (finetune) and the supervised baseline
 
 
-def train_classifier(run, name, init=None):
+def train_classifier(run, name, resume, init=None):
     """Cross-entropy on the labeled clips. `init`: an SSL checkpoint whose backbone is loaded strictly
     (its projection head is skipped, and said so). Saves OUT/<name>.pt and records its test top-1."""
     a = run.args
     stage = "finetune" if init else "supervised"
     epochs, lr, bs = hparams(a, stage)
+    torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=0.5)
     if init is not None:
         skipped = load_backbone(model, init["model"], source=f"{name} init")
         run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
-    start = run.resume(name, model, opt)
+    start = run.resume(name, model, opt, resume)
     net = run.wrap(model)
     # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
     # repeat with its own augmentation), so epochs mean the same amount of work in every stage
@@ -409,11 +494,17 @@ def compute_scores(run):
     """s for every training video, once, cached in OUT/scores.json keyed by video path (PAPER_NOTES
     "Temporal similarity score"): 4 consecutive clips embedded by both SSL encoders' projection heads."""
     path = os.path.join(run.args.out, "scores.json")
-    inv, dis = run.need("invariant", "invariant"), run.need("distinctive", "distinctive")
+    inv, dis = run.need("invariant", "invariant", "ssl"), run.need("distinctive", "distinctive", "ssl")
     source = {k: os.path.getmtime(run.path(k)) for k in ("invariant", "distinctive")}
-    cached = json.load(open(path)) if os.path.exists(path) else {}
-    if cached.get("source") == source and all(p in cached["raw"] for p, _ in run.train):
-        return cached["raw"]
+    try:
+        cached = read_json(path)
+    except ValueError as e:  # a cache: recomputed, never fatal
+        if run.rank == 0:
+            print(f"warning: {e}: recomputing the scores", file=sys.stderr, flush=True)
+        cached = {}
+    raw = cached.get("raw")
+    if cached.get("source") == source and isinstance(raw, dict) and all(isinstance(raw.get(p), float) for p, _ in run.train):
+        return raw
     encoders = []
     with torch.random.fork_rng():  # building the encoders must not move the global RNG: the student's
         for ckpt in (inv, dis):  # initialisation would then depend on whether the scores were cached
@@ -464,8 +555,8 @@ def train_semisup(run, name="student"):
         loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on unlabeled."""
     a = run.args
     epochs, lr, bs = hparams(a, "semisup")
-    both = run.need("both", "both")
-    teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
+    both = run.need("both", "both", "ssl")
+    teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
                 for k in ("invariant", "distinctive")]
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
     raw = compute_scores(run)
@@ -482,10 +573,11 @@ def train_semisup(run, name="student"):
     s_lab = torch.tensor([s_of[p] for p, _ in lab_ds.items], device=run.device)
     s_unl = torch.tensor([s_of[p] for p, _ in run.unlabeled], device=run.device)
 
+    torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --demo
     model = run.model(num_classes=len(run.classes), dropout=0.5)
     load_backbone(model, both["model"], source=run.path("both"))  # the student starts from L_I + L_LL + L_GL
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
-    start = run.resume(name, model, opt)
+    start = run.resume(name, model, opt, a.resume)
     net = run.wrap(model)
     bad, t0, clips = data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
@@ -562,7 +654,7 @@ def evaluate_and_record(run, name, model):
     run.record_result(name, top1)
     if run.rank == 0:
         path = os.path.join(run.args.out, "per_class.json")
-        per = json.load(open(path)) if os.path.exists(path) else {}
+        per = read_json(path)
         per[name] = dict(zip(run.classes, [round(v, 1) for v in per_class]))
         write_json(path, per)
     run.log(f"{name}: test top-1 {top1:.2f}% over {n} videos" + (f" ({n_bad} unreadable, counted wrong)" if n_bad else ""))
@@ -576,34 +668,56 @@ def evaluate_and_record(run, name, model):
 def run_stage(args, stage):
     run = Run(args)
     if stage in SSL_STAGES:
-        train_ssl(run, stage)
+        train_ssl(run, stage, args.resume)
     elif stage == "finetune":
-        inits = {k: run.need(k, k) for k in ("invariant", "distinctive")}  # both present before any work
+        inits = {k: run.need(k, k, "ssl") for k in ENCODERS}  # both present before any work
         for k, init in inits.items():
-            train_classifier(run, f"teacher_{k}", init=init)
+            train_classifier(run, f"teacher_{k}", args.resume, init=init)
     elif stage == "supervised":
-        train_classifier(run, "supervised")
+        train_classifier(run, "supervised", args.resume)
     elif stage == "semisup":
-        train_semisup(run, "student" if args.mix == "similarity" else "student_fixed")
+        semisup(run)
     elif stage == "eval":
         if not os.path.exists(args.ckpt):
             raise StageError(f"--ckpt {args.ckpt} not found")
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-        if not ckpt["arch"]["num_classes"]:
-            raise StageError(f"--ckpt {args.ckpt} is a self-supervised encoder, not a classifier: fine-tune it first")
+        ckpt = load_checkpoint(args.ckpt, "classifier")
         model = load_classifier(run, ckpt, args.ckpt)
         evaluate_and_record(run, os.path.basename(args.ckpt).removesuffix(".pt"), model)
     return run
 
 
+def semisup(run):
+    """`--stage semisup`: the whole method downstream of the two self-supervised encoders, each step that is
+    not done yet, in order: the student's initial encoder (L_I + L_LL + L_GL), both teachers, then the
+    scores and the student. A finished step is reused, an unfinished one resumed from its last epoch."""
+    inits = {k: run.need(k, k, "ssl") for k in ENCODERS}  # both present before any work
+    steps = [("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
+              lambda resume: train_ssl(run, "both", resume))]
+    steps += [(f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
+               lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])) for k in ENCODERS]
+    for i, (name, kind, what, train) in enumerate(steps):
+        ckpt = run.checkpoint(name, kind)
+        if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
+            run.log(f"=== step {i + 1}/4 {name} ({what}): reusing {run.path(name)}, finished ({ckpt['epochs']} epochs)")
+            continue
+        how = "training" if ckpt is None else f"resuming {run.path(name)} ({ckpt['epoch']}/{ckpt['epochs']} epochs)"
+        run.log(f"=== step {i + 1}/4 {name} ({what}): {how}")
+        train(ckpt is not None)
+    name = "student" if run.args.mix == "similarity" else "student_fixed"
+    run.log(f"=== step 4/4 {name} (temporal similarity scores, then the student distilled from both teachers)")
+    train_semisup(run, name)
+
+
 def demo(args):
+    """The three commands of README "Usage", then the supervised baseline and the fixed-mix student."""
     t0 = time.time()
-    for stage in ("invariant", "distinctive", "both", "finetune", "supervised", "semisup"):
-        print(f"=== {stage}", flush=True)
-        run_stage(args, stage)
-    results = json.load(open(os.path.join(args.out, "results.json")))
+    for stage, mix in (("invariant", None), ("distinctive", None), ("semisup", None), ("supervised", None),
+                       ("semisup", "fixed")):
+        print(f"=== {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
+        run_stage(argparse.Namespace(**{**vars(args), "mix": mix or args.mix}), stage)
+    results = read_json(os.path.join(args.out, "results.json"))
     print(f"\n{'model':<24}{'test top-1 %':>14}")
-    for k in ("supervised", "teacher_invariant", "teacher_distinctive", "student"):
+    for k in ("supervised", "teacher_invariant", "teacher_distinctive", "student_fixed", "student"):
         print(f"{k:<24}{results[k]:>14.1f}")
     print(f"wall time {time.time() - t0:.0f} s; results in {args.out}/results.json")
 
@@ -615,7 +729,7 @@ def ablation(args):
     t0 = time.time()
     for stage in SSL_STAGES:
         done = os.path.exists(os.path.join(args.out, f"{stage}.pt"))
-        if not done or torch.load(os.path.join(args.out, f"{stage}.pt"), weights_only=False)["epoch"] < (args.epochs or EPOCHS[stage]):
+        if not done or load_checkpoint(os.path.join(args.out, f"{stage}.pt"))["epoch"] < (args.epochs or EPOCHS[stage]):
             print(f"=== {stage}", flush=True)
             run_stage(argparse.Namespace(**{**vars(args), "resume": True}), stage)
     table, per_class, runs = {}, {}, []
@@ -629,9 +743,9 @@ def ablation(args):
         for stage, mix in (("finetune", None), ("supervised", None), ("semisup", "fixed"), ("semisup", "similarity")):
             print(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
             runs.append(run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage))
-        for k, v in json.load(open(os.path.join(sub.out, "results.json"))).items():
+        for k, v in read_json(os.path.join(sub.out, "results.json")).items():
             table.setdefault(k, []).append(v)
-        for k, v in json.load(open(os.path.join(sub.out, "per_class.json"))).items():
+        for k, v in read_json(os.path.join(sub.out, "per_class.json")).items():
             per_class.setdefault(k, []).append(v)
     run = runs[-1]
     rows = [("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
@@ -642,7 +756,7 @@ def ablation(args):
         v = table[key]
         print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} |")
     print("\n| class | invariant teacher | distinctive teacher | raw s (mean, min-max) | normalised s (mean) |\n|---|---|---|---|---|")
-    raw = json.load(open(os.path.join(run.args.out, "scores.json")))["raw"]
+    raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
     paths = [p for p, _ in run.train]
     norm = normalized_scores(raw, paths, args.score_norm)
     for c, name in enumerate(run.classes):

@@ -28,16 +28,22 @@ def train(*args, root, out, check=True, extra=()):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # what every checkpoint here must allow
 
 
 @pytest.fixture(scope="module")
 def chain(toy_root, tmp_path_factory):
-    """invariant -> distinctive -> both -> finetune -> supervised -> semisup, one epoch each."""
+    """The three commands of the README (invariant, distinctive, semisup), then supervised; one epoch each."""
     out = tmp_path_factory.mktemp("run")
     logs = {st: train("--stage", st, root=toy_root, out=out).stdout
-            for st in ("invariant", "distinctive", "both", "finetune", "supervised", "semisup")}
+            for st in ("invariant", "distinctive", "semisup", "supervised")}
     return out, logs
+
+
+def copy_run(src, dst, names):
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        shutil.copy(src / name, dst / name)
 
 
 def test_checkpoint_chain_and_results(chain, toy_root):
@@ -45,7 +51,12 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     for name in ("invariant", "distinctive", "both", "teacher_invariant", "teacher_distinctive", "supervised", "student"):
         ckpt = load(out / f"{name}.pt")
         assert ckpt["epoch"] == ckpt["epochs"] == 1 and set(ckpt) >= {"model", "optimizer", "rng", "args", "arch"}
-    assert "skipped 14 head keys" in logs["finetune"]
+    assert "skipped 14 head keys" in logs["semisup"]
+    # semisup ran every step downstream of the two encoders, each announced as it started
+    steps = [line for line in logs["semisup"].splitlines() if line.startswith("=== step")]
+    assert [s.split(" (")[0] for s in steps] == ["=== step 1/4 both", "=== step 2/4 teacher_invariant",
+                                                "=== step 3/4 teacher_distinctive", "=== step 4/4 student"]
+    assert all(s.endswith(": training") for s in steps[:3])
     results = json.load(open(out / "results.json"))
     assert set(results) == {"teacher_invariant", "teacher_distinctive", "supervised", "student"}
     assert all(0 <= v <= 100 for v in results.values())
@@ -61,18 +72,60 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     assert f"test top-1 {results['student']:.2f}%" in p.stdout
 
 
-def test_missing_inputs_name_the_stage(toy_root, tmp_path):
+def test_missing_inputs_name_the_stage(chain, toy_root, tmp_path):
     p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
-    assert p.returncode == 2 and "run --stage both first" in p.stderr
-    shutil.copy(os.path.join(toy_root, "classInd.txt"), tmp_path / "classInd.txt")
+    assert p.returncode == 2 and "invariant.pt not found: run --stage invariant first" in p.stderr
+    copy_run(chain[0], tmp_path, ["invariant.pt"])
+    p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
+    assert p.returncode == 2 and "distinctive.pt not found: run --stage distinctive first" in p.stderr
+    assert not (tmp_path / "both.pt").exists()  # nothing trained before the inputs were all there
 
 
-def test_missing_teacher(chain, toy_root, tmp_path):
+def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
+    """`both` and `finetune` by hand give what `semisup` gives on its way; a later `semisup` reuses them
+    (log lines, and the files are not rewritten) and its student is the same."""
     out, _ = chain
-    for name in ("invariant", "distinctive", "both", "teacher_invariant"):
-        shutil.copy(out / f"{name}.pt", tmp_path / f"{name}.pt")
-    p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
-    assert p.returncode == 2 and "teacher_distinctive.pt not found: run --stage finetune first" in p.stderr
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
+    train("--stage", "both", root=toy_root, out=tmp_path)
+    train("--stage", "finetune", root=toy_root, out=tmp_path)
+    names = ("both", "teacher_invariant", "teacher_distinctive")
+    mtimes = {n: os.stat(tmp_path / f"{n}.pt").st_mtime_ns for n in names}
+    p = train("--stage", "semisup", root=toy_root, out=tmp_path)
+    for i, n in enumerate(names):
+        assert f"=== step {i + 1}/4 {n} (" in p.stdout and f"reusing {tmp_path / n}.pt, finished (1 epochs)" in p.stdout
+        assert os.stat(tmp_path / f"{n}.pt").st_mtime_ns == mtimes[n]
+    for n in names + ("student",):
+        a, b = load(out / f"{n}.pt")["model"], load(tmp_path / f"{n}.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), n
+
+
+def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
+    out, _ = chain
+    args = ["--stage", "semisup", "--epochs", "3"]
+    killed = tmp_path / "killed"
+    copy_run(out, killed, ["invariant.pt", "distinctive.pt"])
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", toy_root, "--out", str(killed), *FAST, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    ckpt = killed / "teacher_invariant.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load(ckpt)["epoch"] < 3 and not (killed / "teacher_distinctive.pt").exists(), "not killed in the teachers' step"
+    p = train(*args, "--resume", root=toy_root, out=killed)
+    assert "=== step 1/4 both (" in p.stdout and "reusing" in p.stdout.split("=== step 2/4")[0]
+    assert f"=== step 2/4 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): resuming {ckpt}" in p.stdout
+    assert "resuming teacher_invariant after epoch" in p.stdout
+    assert load(killed / "student.pt")["epoch"] == 3 and "student" in json.load(open(killed / "results.json"))
+    # the resumed teacher is the one an uninterrupted run gives
+    full = tmp_path / "full"
+    copy_run(out, full, ["invariant.pt", "distinctive.pt"])
+    train("--stage", "finetune", "--epochs", "3", root=toy_root, out=full)
+    a, b = load(full / "teacher_invariant.pt")["model"], load(ckpt)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -194,3 +247,95 @@ def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
     # the 2-process evaluation (8 + 8 of 16 videos, nothing padded) agrees with a single process
     p = train("--stage", "eval", "--ckpt", str(tmp_path / "teacher_invariant.pt"), root=toy_root, out=tmp_path / "single")
     assert f"test top-1 {results['teacher_invariant']:.2f}% over 16 videos" in p.stdout
+
+
+class RunsCommand:
+    """Pickles as a call of os.system: loading it with weights_only=False runs the command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def malicious_checkpoint(path, marker, real):
+    """A real checkpoint with one extra entry whose unpickling would create `marker`."""
+    ckpt = load(real)
+    ckpt["payload"] = RunsCommand(f"touch {marker}")
+    torch.save(ckpt, path)
+
+
+def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
+    out, _ = chain
+    marker = tmp_path / "payload-ran"
+    # the file is really malicious: an unsafe load runs it
+    malicious_checkpoint(tmp_path / "probe.pt", marker, out / "student.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    cases = [  # (file to replace, real checkpoint it imitates, command)
+        ("evil.pt", "student.pt", ["--stage", "eval", "--ckpt", str(tmp_path / "case0" / "evil.pt")]),
+        ("distinctive.pt", "distinctive.pt", ["--stage", "distinctive", "--resume"]),
+        ("invariant.pt", "invariant.pt", ["--stage", "finetune"]),
+        ("teacher_invariant.pt", "teacher_invariant.pt", ["--stage", "semisup"]),
+    ]
+    for k, (name, real, flags) in enumerate(cases):
+        run = tmp_path / f"case{k}"
+        copy_run(out, run, ["invariant.pt", "distinctive.pt", "both.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
+        malicious_checkpoint(run / name, marker, out / real)
+        p = train(*flags, root=toy_root, out=run, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: {run / name}: refused"), p.stderr
+        assert "system" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert not marker.exists(), flags
+
+
+def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
+    out, _ = chain
+    student = (out / "student.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(student[: len(student) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    ckpt = load(out / "student.pt")
+    del ckpt["arch"]["width"], ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "keys.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    os.makedirs(tmp_path / "folder.pt")
+    for name, message in [("half.pt", "not a readable checkpoint, damaged or truncated?"),
+                          ("text.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
+                          ("keys.pt", "not a checkpoint of this project, missing optimizer, arch.width"),
+                          ("list.pt", "not a checkpoint of this project"),
+                          ("folder.pt", "is not a file")]:
+        p = train("--stage", "eval", "--ckpt", str(tmp_path / name), root=toy_root, out=tmp_path, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: {tmp_path / name}") and message in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    # of another kind: a classifier where an SSL encoder is needed, and the other way round
+    run = tmp_path / "kinds"
+    copy_run(out, run, ["distinctive.pt"])
+    shutil.copy(out / "supervised.pt", run / "invariant.pt")
+    p = train("--stage", "finetune", root=toy_root, out=run, check=False)
+    assert p.returncode == 2 and f"{run / 'invariant.pt'} is a classifier, not a self-supervised encoder" in p.stderr
+    p = train("--stage", "eval", "--ckpt", str(out / "both.pt"), root=toy_root, out=run, check=False)
+    assert p.returncode == 2 and "both.pt is a self-supervised encoder, not a classifier" in p.stderr
+    assert not (run / "teacher_invariant.pt").exists() and not (run / "results.json").exists()
+
+
+def test_damaged_run_files(chain, toy_root, tmp_path):
+    """scores.json is a cache: recomputed. results.json / per_class.json are set aside before training."""
+    out, _ = chain
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt", "both.pt", "teacher_invariant.pt",
+                             "teacher_distinctive.pt", "scores.json"])
+    (tmp_path / "scores.json").write_text('{"source": {"inv')  # cut short
+    (tmp_path / "results.json").write_text("\x00\x01 not json")
+    (tmp_path / "per_class.json").write_text("[1, 2]")  # JSON, but not an object
+    p = train("--stage", "semisup", root=toy_root, out=tmp_path)
+    assert f"warning: {tmp_path / 'scores.json'} is damaged" in p.stderr and "recomputing the scores" in p.stderr
+    assert json.load(open(tmp_path / "scores.json"))["raw"] == json.load(open(out / "scores.json"))["raw"]
+    assert (tmp_path / "results.json.damaged").read_text() == "\x00\x01 not json"
+    assert (tmp_path / "per_class.json.damaged").read_text() == "[1, 2]"
+    assert json.load(open(tmp_path / "results.json")) == {"student": json.load(open(out / "results.json"))["student"]}
+    assert set(json.load(open(tmp_path / "per_class.json"))) == {"student"}
+    # a second damaged file does not overwrite the first one set aside
+    (tmp_path / "results.json").write_text("{")
+    train("--stage", "eval", "--ckpt", str(tmp_path / "student.pt"), root=toy_root, out=tmp_path)
+    assert (tmp_path / "results.json.damaged.1").read_text() == "{"
