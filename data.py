@@ -3,7 +3,8 @@ a small generated toy action dataset. Runtime imports: standard library, torch, 
 
     load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
     *_indices(n, ...)                  the clip samplers of PAPER_NOTES.md "Clips that every objective uses"
-    augment(clip, size, g)             one random augmentation shared by every frame of a clip
+    augment(clip, size, g)             one random augmentation shared by every frame of a clip: the uint8
+                                       half here (crop, resize, flip), the float half by finish(x, params)
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
     python data.py toy DIR             writes the toy action dataset in the UCF101 layout
@@ -213,10 +214,19 @@ def score_indices(n, T, n_clips=4):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentations: torch ops, the same random parameters for every frame of a clip.
+# Augmentations, in two halves, so that the float work runs once per batch on the training device:
+#   per clip, in the DataLoader workers, on uint8: crop, resize, flip          `augment`, `center_crop`
+#   per batch, on the device, in float: colour jitter, greyscale, normalisation, random erase   `finish`
+# A clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it (PARAMS): 4x fewer bytes
+# through worker shared memory and the host-to-device copy than float clips.
 
 MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
+GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
+# a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
+# set's mean grey m, the erased box (top, left, height, width; height 0: nothing erased)
+PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew")
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # colours kept, nothing erased
 
 
 def _u(g, lo=0.0, hi=1.0):
@@ -224,55 +234,31 @@ def _u(g, lo=0.0, hi=1.0):
 
 
 def _resize(x, size):
-    """(T, 3, h, w) float -> (T, 3, size, size)."""
+    """(T, 3, h, w) uint8 -> (T, 3, size, size) uint8, bilinear (uint8 has a fast path on the CPU)."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def center_crop(clip, size):
-    """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float; evaluation and scoring."""
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8, the central square resized; evaluation and scoring.
+    Its parameters are IDENTITY."""
     T, H, W, _ = clip.shape
     s = min(H, W)
     top, left = (H - s) // 2, (W - s) // 2
-    x = clip[:, top : top + s, left : left + s].permute(0, 3, 1, 2).float()  # (T, 3, s, s)
+    x = clip[:, top : top + s, left : left + s].permute(0, 3, 1, 2)  # (T, 3, s, s)
     if s != size:
         x = _resize(x, size)
-    x = x.permute(1, 0, 2, 3) / 255.0  # (3, T, size, size)
-    return (x - MEAN) / STD
-
-
-def _hue_rotation(theta):
-    """3x3 rotation of RGB by `theta` about the grey axis (1, 1, 1) / sqrt(3): a hue shift that keeps
-    grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
-    c, s = math.cos(theta), math.sin(theta) / math.sqrt(3)
-    a = (1 - c) / 3
-    return torch.tensor([[c + a, a - s, a + s], [a + s, c + a, a - s], [a - s, a + s, c + a]])
-
-
-GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
-
-
-def colour_matrix(b, c, s, theta, grey, m):
-    """Colour jitter as one affine map x -> A x + o on RGB in [0, 1], applied before a single clamp:
-        brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
-        saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (if `grey`)
-    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once."""
-    I = torch.eye(3)
-    A = (s * I + (1 - s) * torch.outer(torch.ones(3), GREY)) * (b * c)
-    A = _hue_rotation(theta) @ A
-    if grey:
-        A = torch.outer(torch.ones(3), GREY) @ A
-    return A, (1 - c) * b * m
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
 
 
 def augment(clip, size, g, strong=True):
-    """(T, H, W, 3) uint8 -> (3, T, size, size) normalised float, one draw of: random resized crop
-    (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3), horizontal flip; with `strong` (self-supervised
-    clips) also colour jitter (p 0.8: brightness, contrast, saturation 0.2, hue rotated by any angle),
-    greyscale (p 0.2) and random erase (p 0.5). The full hue range is stronger than the paper's: on the
-    toy set an object's colour is the easiest fingerprint of a video, and instance discrimination must
-    not solve itself by it. Brightness, contrast and saturation are milder than SimCLR's 0.4: with 0.4,
-    L_D sat at its chance value for 12 epochs on the toy set (README "Differences"). The colour ops are
-    fused into one 3x3 map (`colour_matrix`)."""
+    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw of random
+    resized crop (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3) and horizontal flip, applied here; with
+    `strong` (self-supervised clips) also colour jitter (p 0.8: brightness, contrast, saturation 0.2, hue
+    rotated by any angle), greyscale (p 0.2) and random erase (p 0.5), drawn here and applied by `finish`.
+    The full hue range is stronger than the paper's: on the toy set an object's colour is the easiest
+    fingerprint of a video, and instance discrimination must not solve itself by it. Brightness, contrast
+    and saturation are milder than SimCLR's 0.4: with 0.4, L_D sat at its chance value for 12 epochs on
+    the toy set (README "Differences")."""
     T, H, W, _ = clip.shape
     area = H * W
     for _ in range(10):
@@ -285,25 +271,61 @@ def augment(clip, size, g, strong=True):
         h = w = min(H, W)
     top = int(_u(g) * (H - h + 1))
     left = int(_u(g) * (W - w + 1))
-    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float()  # (T, 3, h, w), 0..255
-    x = _resize(x, size)
+    x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
     if _u(g) < 0.5:
         x = x.flip(-1)
-    jitter = strong and _u(g) < 0.8
-    params = (_u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)) if jitter else (1, 1, 1, 0)
-    grey = strong and _u(g) < 0.2
-    if jitter or grey:
-        m = float(torch.einsum("c,tchw->", GREY, x)) / (255 * x[:, 0].numel())  # the clip's mean grey
-        A, o = colour_matrix(*params, grey, m)
-        x = torch.einsum("ij,tjhw->tihw", A / 255, x).add_(o).clamp_(0, 1)
-    else:
-        x = x.div_(255)
-    x = x.permute(1, 0, 2, 3).sub_(MEAN).div_(STD)  # (3, T, S, S)
-    if strong and _u(g) < 0.5:
+    x = x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+    p = list(IDENTITY)
+    if strong and _u(g) < 0.8:  # colour jitter; the contrast pivots about the clip's mean grey m
+        p[0:4] = _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)
+        p[5] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
+    p[4] = float(strong and _u(g) < 0.2)  # greyscale
+    if strong and _u(g) < 0.5:  # random erase
         eh, ew = int(size * _u(g, 0.1, 0.4)), int(size * _u(g, 0.1, 0.4))
-        et, el = int(_u(g) * (size - eh)), int(_u(g) * (size - ew))
-        x[:, :, et : et + eh, el : el + ew] = 0.0  # erased to the mean colour
-    return x
+        p[6:10] = int(_u(g) * (size - eh)), int(_u(g) * (size - ew)), eh, ew
+    return x, torch.tensor(p)
+
+
+def _hue_rotation(theta):
+    """(N, 3, 3) rotations of RGB by angles `theta` (N,) about the grey axis u = (1, 1, 1) / sqrt(3): a hue
+    shift that keeps grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
+    kw = dict(dtype=theta.dtype, device=theta.device)
+    I, ones = torch.eye(3, **kw), torch.ones(3, 3, **kw)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], **kw)  # sqrt(3) [u]_x
+    c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
+    return c * I + (1 - c) / 3 * ones + s * cross
+
+
+def colour_matrix(b, c, s, theta, grey, m):
+    """Colour jitter as one affine map per clip, x -> A x + o on RGB in [0, 1], applied before a single
+    clamp; every argument is (N,):
+        brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
+        saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (where `grey`)
+    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
+    Returns A (N, 3, 3), o (N,)."""
+    I, to_grey = torch.eye(3, dtype=b.dtype, device=b.device), torch.outer(torch.ones(3), GREY).to(b)  # 1 w^T
+    M_s = s.view(-1, 1, 1) * I + (1 - s).view(-1, 1, 1) * to_grey  # (N, 3, 3)
+    A = _hue_rotation(theta) @ M_s * (b * c).view(-1, 1, 1)
+    A = torch.where(grey.view(-1, 1, 1) > 0, to_grey @ A, A)
+    return A, (1 - c) * b * m
+
+
+def finish(x, p):
+    """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
+    uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
+        x -> clamp(A x / 255 + o, 0, 1)   (colour jitter and greyscale, `colour_matrix`)
+          -> (x - mean) / std             (normalisation)
+          -> 0 inside the erased box      (random erase, to the mean colour)"""
+    N, S = x.shape[0], x.shape[-1]
+    b, c, s, theta, grey, m, et, el, eh, ew = p.float().unbind(1)  # (N,) each
+    A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
+    y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
+    y = y.sub_(MEAN.to(y.device)).div_(STD.to(y.device))
+    pos = torch.arange(S, device=x.device)
+    rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
+    cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
+    erased = rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S)  # (N, 1, 1, S, S)
+    return y.masked_fill_(erased, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,24 +439,24 @@ def write_list(path, items):
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (relative path, label) under `root`, read in one of four modes:
-      train  one clip, T frames at `stride`, weak augmentation       -> (3, T, S, S)
-      ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S):
+    """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
+    (3, T, S, S) with its row of augmentation parameters (`finish` applies the float half on the device):
+      train  one clip, T frames at `stride`, weak augmentation       -> (3, T, S, S), (P,)
+      ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
              [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4]
-      test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S)
-      score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S)
-    Each item returns (clips, label, index, bad): `bad` lists the items that failed to decode on the
-    way. A failed train/ssl item is replaced by another random video; a failed test/score item comes
-    back as zeros with its index in `bad`, so evaluation can count it wrong.
-    Randomness comes from a generator seeded by (seed, epoch, index): the same run gives the same
-    clips whatever the number of workers."""
+      test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
+      score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
+    An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
+    (clips, params, label, index, bad): `bad` lists the items that failed to decode on the way. A failed
+    train/ssl item is replaced by another random video; a failed test/score item comes back as zeros with
+    its index in `bad`, so evaluation can count it wrong. Randomness comes from a generator seeded by
+    (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
 
     def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0):
         if mode not in ("train", "ssl", "test", "score"):
             raise ValueError(f"unknown mode {mode}")
         self.items, self.root, self.mode = items, root, mode
         self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
-        self.epoch = 0
         self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
         self._counts = {}
 
@@ -460,33 +482,61 @@ class VideoDataset(torch.utils.data.Dataset):
             frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)  # one decode, (5T, H, W, 3)
             # one augmentation draws one set of parameters for the whole clip set (sparse and its 4 dense
             # clips), so within a view the clips differ only by time; the two views are independent
-            A = augment(frames, S, g).view(3, 5, self.T, S, S)  # (3, 5, T, S, S): sparse, dense 1..4
-            B = augment(frames, S, g).view(3, 5, self.T, S, S)
+            A, p_A = augment(frames, S, g)
+            B, p_B = augment(frames, S, g)
+            A, B = A.view(3, 5, self.T, S, S), B.view(3, 5, self.T, S, S)  # (3, 5, T, S, S): sparse, dense 1..4
             views = [A[:, 0], B[:, 0]] + [A[:, 1 + j] for j in range(4)] + [B[:, 1 + j] for j in range(4)]
-            return torch.stack(views)  # (10, 3, T, S, S)
+            return torch.stack(views), torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, 3, T, S, S), (10, P)
         sets = test_indices(n, self.T, self.stride, self.K) if self.mode == "test" else score_indices(n, self.T)
         frames = load_frames(self.path(i), sum(sets, []), self.decode_size)
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
-        return torch.stack([center_crop(c, S) for c in clips])  # (K, 3, T, S, S)
+        return torch.stack([center_crop(c, S) for c in clips]), torch.tensor([IDENTITY] * len(sets))
 
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
         bad = []
         for _ in range(20):
             try:
-                return self._load(i, g), self.items[i][1], i, bad
+                return *self._load(i, g), self.items[i][1], i, bad
             except VideoError as e:
                 bad.append((i, str(e)))
                 if self.mode in ("test", "score"):
-                    shape = (self.K if self.mode == "test" else 4, 3, self.T, self.size, self.size)
-                    return torch.zeros(shape), self.items[i][1], i, bad
+                    n = self.K if self.mode == "test" else 4
+                    zeros = torch.zeros(n, 3, self.T, self.size, self.size, dtype=torch.uint8)
+                    return zeros, torch.tensor([IDENTITY] * n), self.items[i][1], i, bad
                 i = int(torch.randint(0, len(self.items), (1,), generator=g))
         raise VideoError(f"20 videos in a row failed to decode, the last: {bad[-1][1]}")
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, a permutation drawn from (seed, epoch)
+    trimmed to a multiple of `world`, and every world-th of it from `rank` on; else the items in order.
+    The epoch travels with each index, so DataLoader workers that persist across epochs still seed every
+    item by (seed, epoch, index), and a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, n, seed, shuffle=True, rank=0, world=1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.world if self.shuffle else self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return ((self.epoch, i) for i in range(self.n))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = order[: len(self) * self.world][self.rank :: self.world]  # (n // world,)
+        return ((self.epoch, i) for i in order.tolist())
+
+
 def collate(batch):
-    clips, labels, index, bad = zip(*batch)
-    return torch.stack(clips), torch.tensor(labels), torch.tensor(index), [b for bs in bad for b in bs]
+    clips, params, labels, index, bad = zip(*batch)
+    return (torch.stack(clips), torch.stack(params), torch.tensor(labels), torch.tensor(index),
+            [b for bs in bad for b in bs])
 
 
 class BadVideos:

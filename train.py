@@ -184,18 +184,43 @@ class Run:
         T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
         return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
 
-    def loader(self, ds, batch_size, epoch, shuffle=True):
-        """A fresh loader each epoch: shuffling and augmentation depend on (seed, epoch) only, so a
-        resumed run sees the same batches as an uninterrupted one."""
-        ds.epoch = epoch
-        sampler = None
-        if self.world > 1 and shuffle:  # evaluation and scoring shard their items themselves
-            sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=self.args.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+    def loader(self, ds, batch_size, shuffle=True):
+        """One loader for the whole stage; its workers persist across epochs. Shuffling and augmentation
+        depend on (seed, epoch, video) only (`data.EpochSampler`; `batches` sets the epoch), so a resumed
+        run sees the same batches as an uninterrupted one. Evaluation and scoring (no shuffle) shard their
+        items themselves and make one pass."""
+        sampler = data.EpochSampler(len(ds), self.args.seed, shuffle, *((self.rank, self.world) if shuffle else (0, 1)))
         return torch.utils.data.DataLoader(
-            ds, batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g, drop_last=shuffle,
-            num_workers=self.args.workers, collate_fn=data.collate, pin_memory=self.device.type == "cuda")
+            ds, batch_size, sampler=sampler, drop_last=shuffle, num_workers=self.args.workers,
+            collate_fn=data.collate, pin_memory=self.device.type == "cuda",
+            persistent_workers=shuffle and self.args.workers > 0)
+
+    def batches(self, loader, epoch, clip_major=False):
+        """The batches of `epoch` as (x, labels, indices, failed) with x (N, 3, T, S, S) float on the device,
+        finished there (`data.finish`: colour, normalisation, erase, on the whole batch). The uint8 clips
+        and their parameters leave pinned memory without blocking, and the next batch is taken from the
+        loader and its copy issued before this one is handed out. Several clips per video (B, n, ...) are
+        flattened video-major (B*n: evaluation, scoring) or with `clip_major` clip-major (n*B: the SSL
+        batch, clip c of every video together)."""
+        loader.sampler.set_epoch(epoch)
+        ahead = None
+        for clips, params, y, idx, failed in loader:
+            copied = (clips.to(self.device, non_blocking=True), params.to(self.device, non_blocking=True), y, idx, failed)
+            if ahead is not None:
+                yield self.finish(*ahead, clip_major)
+            ahead = copied
+        if ahead is not None:
+            yield self.finish(*ahead, clip_major)
+
+    def finish(self, clips, params, y, idx, failed, clip_major):
+        if clips.dim() == 6:  # (B, n, 3, T, S, S)
+            if clip_major:
+                clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
+            clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
+        x = data.finish(clips, params)  # (N, 3, T, S, S) float
+        if self.args.channels_last and self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x, y, idx, failed
 
     def model(self, **kw):
         a = self.args
@@ -203,12 +228,6 @@ class Run:
         if a.channels_last and self.device.type == "cuda":
             m = m.to(memory_format=torch.channels_last_3d)
         return m
-
-    def to_device(self, x):
-        x = x.to(self.device, non_blocking=True)
-        if self.args.channels_last and self.device.type == "cuda" and x.dim() == 5:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
@@ -414,16 +433,15 @@ def train_ssl(run, stage, resume):
     steps = len(ds) // (bs * run.world)
     if steps == 0:
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch")
-    bad, t0, clips = data.BadVideos(), time.time(), 0
+    loader, bad, t0, clips = run.loader(ds, bs), data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
         net.train()
         sums = {}
-        for step, (x, _, _, failed) in enumerate(run.loader(ds, bs, epoch)):
+        for step, (x, _, _, failed) in enumerate(run.batches(loader, epoch, clip_major=True)):  # x (10B, 3, T, S, S)
             bad.add(failed)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
-            B = x.shape[0]
-            x = run.to_device(x.transpose(0, 1).reshape(10 * B, *x.shape[2:]))  # (10B, 3, T, S, S), clip-major
+            B = x.shape[0] // 10
             with run.autocast():
                 g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
             g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)
@@ -467,16 +485,16 @@ def train_classifier(run, name, resume, init=None):
     ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
     bs = min(bs, len(ds) // run.world)
     steps = len(ds) // (bs * run.world)
-    bad, t0, clips = data.BadVideos(), time.time(), 0
+    loader, bad, t0, clips = run.loader(ds, bs), data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
         net.train()
         total = 0.0
-        for step, (x, y, _, failed) in enumerate(run.loader(ds, bs, epoch)):
+        for step, (x, y, _, failed) in enumerate(run.batches(loader, epoch)):  # x (B, 3, T, S, S)
             bad.add(failed)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
             with run.autocast():
-                logits = net(run.to_device(x)).float()  # (B, K)
+                logits = net(x).float()  # (B, K)
             terms = {"CE": F.cross_entropy(logits, y.to(run.device))}
             optimize(opt, terms, f"{name} epoch {epoch} step {step}")
             clips += x.shape[0] * run.world
@@ -514,10 +532,9 @@ def compute_scores(run):
     ds = run.dataset(run.train[run.rank :: run.world], "score")
     raw, bad = {}, data.BadVideos()
     with torch.no_grad():
-        for x, _, idx, failed in run.loader(ds, 8, 0, shuffle=False):
+        for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
             bad.add(failed)
-            B = x.shape[0]
-            x = run.to_device(x.flatten(0, 1))  # (4B, 3, T, S, S)
+            B = len(idx)
             with run.autocast():
                 e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
             for i, s in zip(idx.tolist(), tb.temporal_similarity(e_I, e_D).tolist()):
@@ -579,17 +596,18 @@ def train_semisup(run, name="student"):
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt, a.resume)
     net = run.wrap(model)
+    unl_loader, lab_loader = run.loader(unl_ds, bs), run.loader(lab_ds, bs_l)
     bad, t0, clips = data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
         net.train()
         sums = {}
-        batches = zip(run.loader(unl_ds, bs, epoch), run.loader(lab_ds, bs_l, epoch))
+        batches = zip(run.batches(unl_loader, epoch), run.batches(lab_loader, epoch))
         for step, ((x_u, _, i_u, failed), (x_l, y_l, i_l, failed_l)) in enumerate(batches):
             bad.add(failed + failed_l)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
             n_l = x_l.shape[0]
-            x = run.to_device(torch.cat([x_l, x_u]))  # (B_l + B_u, 3, T, S, S)
+            x = torch.cat([x_l, x_u])  # (B_l + B_u, 3, T, S, S)
             s = torch.cat([s_lab[i_l.to(run.device)], s_unl[i_u.to(run.device)]])  # (B_l + B_u,)
             with torch.no_grad(), run.autocast():
                 p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B, K) each
@@ -629,11 +647,12 @@ def evaluate(run, model):
     correct, total = torch.zeros(K), torch.zeros(K)
     bad = data.BadVideos()
     ds = run.dataset(run.test[run.rank :: run.world], "test")
-    for x, y, idx, failed in run.loader(ds, 4, 0, shuffle=False):
+    for x, y, idx, failed in run.batches(run.loader(ds, 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
         bad.add(failed)
-        B, n = x.shape[:2]
+        B = len(y)
+        n = x.shape[0] // B
         with run.autocast():
-            logits = model(run.to_device(x.flatten(0, 1))).float()  # (B*n, K)
+            logits = model(x).float()  # (B*n, K)
         p = logits.softmax(dim=-1).view(B, n, K).mean(dim=1)  # (B, K): softmax averaged over clips
         unreadable = {i for i, _ in failed}
         hit = (p.argmax(dim=1).cpu() == y).float()

@@ -1,12 +1,19 @@
 """Benchmarks that print figures (never timed tests): `python tests/bench.py` on the CPU (data path and
-training steps), `python tests/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d).
+training steps), `python tests/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d), and
+`python tests/bench.py --pipeline` for whether the data path keeps up with the training step: on UCF-like
+videos it writes itself, the step alone, the loader alone and the real stage, in clips/s (README
+"Performance"; on a GPU: `--pipeline --device cuda --width 64 --layers 2 2 2 2 --size 112 --workers 15
+--videos 480 --repeat 5`).
 
 Decoding floors: the necessary work only - seek to the keyframe before the first wanted frame, decode to
 the last wanted frame, convert each wanted frame once, single-threaded - written here as a bare PyAV loop.
 """
 import argparse
+import json
+import multiprocessing
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,7 +109,7 @@ def bench_toy_loader(root, workers_list, steps_clips):
     for w in workers_list:
         loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
         t = time.perf_counter()
-        n = sum(x.shape[0] for x, *_ in loader)
+        n = sum(data.finish(x, p).shape[0] for x, p, *_ in loader)  # the float half too, as train.py does
         print(f"- workers {w}: loader {n / (time.perf_counter() - t):.0f} clips/s vs supervised step "
               f"{steps_clips:.0f} clips/s")
 
@@ -209,14 +216,127 @@ def bench_gpu():
                     torch.cuda.empty_cache()
 
 
+def write_ucf_like(path, seed, n=175, H=240, W=320):
+    """7 s at 25 fps, 320x240, MPEG-4 part 2 in AVI with a keyframe every 12 frames (UCF101's format): a
+    texture drifting across the frame and a blob moving over it, so that every frame costs a real decode."""
+    import data
+
+    torch.set_num_threads(1)  # one process per core
+    g = torch.Generator().manual_seed(seed)
+    texture = F.interpolate(torch.rand(1, 3, H // 8, W // 8, generator=g), size=(H, W), mode="bilinear")[0]  # (3, H, W)
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    v = torch.randn(2, generator=g) * 2
+    frames = []
+    for t in range(n):
+        img = texture.roll(shifts=(t // 2, t), dims=(1, 2)).clone()  # (3, H, W)
+        cy, cx = (H / 2 + v[0] * t) % H, (W / 2 + v[1] * t) % W
+        img[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 900] = torch.tensor([0.9, 0.2, 0.1]).view(3, 1)
+        frames.append((img.permute(1, 2, 0) * 255).to(torch.uint8))
+    data.write_video(path, torch.stack(frames), gop=12)
+
+
+def bench_pipeline(args):
+    """Three rows per mode, in clips/s: the training step alone (random input on the device), the loader
+    alone (VideoDataset -> DataLoader with persistent workers -> copy and `finish` on the device, no model;
+    second epoch, workers warm), and the real stage (`train.py --stage ...`, its OUT/log.jsonl figure over
+    2 epochs, worker start-up included)."""
+    import data
+    import train
+
+    tmp = tempfile.mkdtemp()
+    K = 8  # classes
+    rels = [f"v{i:04d}.avi" for i in range(args.videos)]
+    t = time.perf_counter()
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.starmap(write_ucf_like, [(os.path.join(tmp, r), i) for i, r in enumerate(rels)])
+    print(f"\n## Pipeline: {args.videos} UCF-like videos (320x240, 7 s, MPEG-4 AVI) written in "
+          f"{time.perf_counter() - t:.0f} s; train list = them x {args.repeat}")
+    data.write_list(os.path.join(tmp, "train.txt"), [(r, i % K) for i, r in enumerate(rels)] * args.repeat)
+    data.write_list(os.path.join(tmp, "test.txt"), [(r, i % K) for i, r in enumerate(rels[:K])])
+    flags = ["--dataset", "list", "--root", tmp, "--train-list", os.path.join(tmp, "train.txt"),
+             "--test-list", os.path.join(tmp, "test.txt"), "--device", args.device, "--size", str(args.size),
+             "--width", str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers),
+             "--test-clips", "2", "--log-every", "100000"]
+    dev = torch.device(args.device)
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"width {args.width}, layers {args.layers}, 8x{args.size}x{args.size}, {args.workers} workers, "
+          f"AMP {'bf16' if dev.type == 'cuda' else 'off'}")
+
+    # 1. the step alone
+    fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", K=K)
+    step = {}
+    for mode, key in (("ssl", "ssl"), ("supervised", "supervised"), ("semisup", "semisup")):
+        fn, n = fns[key]
+        for _ in range(2):
+            fn()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            fn()
+        sync()
+        step[mode] = n * args.reps / (time.perf_counter() - t)
+    del fns
+
+    # 2. the loader alone: the stage's own Run, dataset, loader and batches, no model
+    run = train.Run(train.get_args(["--stage", "supervised", "--out", os.path.join(tmp, "loader"), *flags]))
+    loader_rate = {}
+    for mode, bs in (("ssl", 8), ("supervised", 16)):
+        ds = run.dataset(run.train, "ssl" if mode == "ssl" else "train")
+        loader = run.loader(ds, bs)
+        for epoch in range(2):
+            t, n = time.perf_counter(), 0
+            for x, *_ in run.batches(loader, epoch, clip_major=mode == "ssl"):
+                n += x.shape[0]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        loader_rate[mode] = n / (time.perf_counter() - t)
+        del loader
+
+    # 3. the stage: invariant (SSL), supervised, semisup (its student; both and the teachers run first)
+    out = os.path.join(tmp, "stages")
+    stage_rate = {}
+    for stage, key, log_name in (("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),
+                                 ("semisup", "semisup", "student")):
+        if stage == "semisup":  # the second encoder only feeds the scores and a teacher: a copy will do
+            import shutil
+            shutil.copy(os.path.join(out, "invariant.pt"), os.path.join(out, "distinctive.pt"))
+        p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage", stage,
+                            "--out", out, "--epochs", "2", *flags], capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
+        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        stage_rate[key] = [r for r in records if r["stage"] == log_name][-1]["clips_per_s"]
+    print("| clips/s | SSL (10 clips / video, 8 videos) | supervised (16 clips) | semisup (8 + 8 clips) |")
+    print("|---|---|---|---|")
+    print(f"| step alone | {step['ssl']:.0f} | {step['supervised']:.0f} | {step['semisup']:.0f} |")
+    print(f"| loader alone | {loader_rate['ssl']:.0f} | {loader_rate['supervised']:.0f} | - |")
+    print(f"| the stage | {stage_rate['ssl']:.0f} | {stage_rate['supervised']:.0f} | {stage_rate['semisup']:.0f} |")
+    for key in ("ssl", "supervised"):
+        bound = min(step[key], loader_rate[key])
+        print(f"- {key}: loader / step {loader_rate[key] / step[key]:.2f}, stage / min(loader, step) {stage_rate[key] / bound:.2f}")
+    print(f"- semisup: stage / step {stage_rate['semisup'] / step['semisup']:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="benchmark the GPU-scale model instead")
     p.add_argument("--reps", type=int, default=10, help="repetitions per figure")
     p.add_argument("--toy", type=str, default="data/toy", help="toy dataset folder (generated if missing)")
+    p.add_argument("--pipeline", action="store_true", help="step alone, loader alone and the real stage, on UCF-like videos")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="--pipeline: device")
+    p.add_argument("--width", type=int, default=16, help="--pipeline: model width (R3D-18: 64)")
+    p.add_argument("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="--pipeline: blocks per stage (R3D-18: 2 2 2 2)")
+    p.add_argument("--size", type=int, default=SIZE, help="--pipeline: crop size")
+    p.add_argument("--workers", type=int, default=2, help="--pipeline: DataLoader workers")
+    p.add_argument("--videos", type=int, default=32, help="--pipeline: UCF-like videos to write")
+    p.add_argument("--repeat", type=int, default=2, help="--pipeline: times the train list repeats them (one epoch)")
     args = p.parse_args()
     if args.gpu:
         bench_gpu()
+        return
+    if args.pipeline:
+        bench_pipeline(args)
         return
     import data
 

@@ -1,3 +1,4 @@
+import math
 import os
 import random
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import av
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 from conftest import write_audio_only
@@ -120,20 +122,88 @@ def test_augment_shares_parameters_across_frames():
     frame = (torch.rand(1, 40, 50, 3) * 255).to(torch.uint8)
     clip = frame.expand(8, -1, -1, -1)  # 8 identical frames
     for seed in range(10):
-        x = data.augment(clip, 32, torch.Generator().manual_seed(seed))
-        assert x.shape == (3, 8, 32, 32)
-        assert torch.equal(x, x[:, :1].expand_as(x))  # still identical after augmentation
+        x, p = data.augment(clip, 32, torch.Generator().manual_seed(seed))
+        assert x.shape == (3, 8, 32, 32) and x.dtype == torch.uint8 and p.shape == (len(data.PARAMS),)
+        y = data.finish(x[None], p[None])[0]
+        assert torch.equal(y, y[:, :1].expand_as(y))  # still identical after augmentation
     a = data.augment(clip, 32, torch.Generator().manual_seed(1))
     b = data.augment(clip, 32, torch.Generator().manual_seed(2))
-    assert not torch.equal(a, b)
+    assert not torch.equal(a[0], b[0])
+
+
+def _one_by_one_colour(x, b, c, s, theta, grey):
+    """Reference colour jitter on one clip (T, 3, H, W) float in [0, 1]: each op in turn, torchvision's
+    order (brightness, contrast about the clip's mean grey, saturation, hue), then greyscale."""
+    luma = lambda v: torch.einsum("c,tchw->thw", data.GREY.to(v.dtype), v)[:, None]  # noqa: E731
+    m = float(luma(x).mean())
+    x = x * b  # brightness
+    x = (x - b * m) * c + b * m  # contrast about the clip's mean grey
+    x = (x - luma(x)) * s + luma(x)  # saturation
+    u = torch.ones(3, dtype=x.dtype) / 3**0.5  # hue: rotation about the grey axis, Rodrigues' formula
+    ux = torch.tensor([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]], dtype=x.dtype)
+    R = math.cos(theta) * torch.eye(3, dtype=x.dtype) + (1 - math.cos(theta)) * torch.outer(u, u) + math.sin(theta) * ux
+    x = torch.einsum("ij,tjhw->tihw", R, x)
+    return luma(x).expand_as(x) if grey else x
+
+
+def old_augment(clip, size, g, strong=True):
+    """The augmentation as it was before the uint8 / device split (one float function per clip, in the
+    worker), with the colour ops one by one: the reference that the split path must reproduce."""
+    T, H, W, _ = clip.shape
+    for _ in range(10):
+        target = H * W * data._u(g, 0.3 if strong else 0.5, 1.0)
+        ratio = math.exp(data._u(g, math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            break
+    else:
+        h = w = min(H, W)
+    top, left = int(data._u(g) * (H - h + 1)), int(data._u(g) * (W - w + 1))
+    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).double()  # (T, 3, h, w)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) / 255
+    if data._u(g) < 0.5:
+        x = x.flip(-1)
+    jitter = strong and data._u(g) < 0.8
+    b, c, s, theta = (data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi)) if jitter else (1, 1, 1, 0)
+    grey = strong and data._u(g) < 0.2
+    x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1)
+    x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
+    if strong and data._u(g) < 0.5:
+        eh, ew = int(size * data._u(g, 0.1, 0.4)), int(size * data._u(g, 0.1, 0.4))
+        et, el = int(data._u(g) * (size - eh)), int(data._u(g) * (size - ew))
+        x[:, :, et : et + eh, el : el + ew] = 0.0
+    return x.float()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_split_augmentation_equals_the_old_path(device):
+    """uint8 crop / resize / flip in the worker + `finish` on the batch == the old float path, for the
+    same drawn parameters (same seeds): within 2 levels of 255 after normalisation (the uint8 resize
+    rounds; colour maps stretch that by at most ~1.5)."""
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(8, 60, 80, 3, generator=g) * 255).to(torch.uint8)
+    clips, params, refs = [], [], []
+    for seed in range(24):
+        strong = seed % 3 != 0
+        x, p = data.augment(video, 28, torch.Generator().manual_seed(seed), strong)
+        clips.append(x), params.append(p)
+        refs.append(old_augment(video, 28, torch.Generator().manual_seed(seed), strong))
+    got = data.finish(torch.stack(clips).to(device), torch.stack(params).to(device)).cpu()  # one batch
+    want = torch.stack(refs)
+    assert (got - want).abs().max() < 2 * 1.5 / 255 / 0.225
+    drawn = torch.stack(params)
+    assert (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()  # grey, erase, jitter seen
+    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == (drawn[:, 8] > 0).sum()  # erased where drawn
 
 
 def test_center_crop_against_hand():
     clip = torch.zeros(2, 4, 6, 3, dtype=torch.uint8)
     clip[:, :, 1:5] = 255  # the central 4x4 square is white
     x = data.center_crop(clip, 4)
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.full((3, 2, 4, 4), 255, dtype=torch.uint8))
+    y = data.finish(x[None], torch.tensor([data.IDENTITY]))[0]
     white = (1 - data.MEAN.flatten()) / data.STD.flatten()
-    assert torch.allclose(x, white.view(3, 1, 1, 1).expand(3, 2, 4, 4))
+    assert torch.allclose(y, white.view(3, 1, 1, 1).expand(3, 2, 4, 4))
 
 
 def write_ucf_like(root, classes, per_class=2):
@@ -215,20 +285,22 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
     shapes = {"train": (3, 8, 32, 32), "ssl": (10, 3, 8, 32, 32), "test": (3, 3, 8, 32, 32), "score": (4, 3, 8, 32, 32)}
     for mode, shape in shapes.items():
         ds = data.VideoDataset(train[:3], toy_root, mode, 8, 4 if mode == "ssl" else 2, 32, test_clips=3)
-        x, y, i, bad = ds[1]
-        assert x.shape == shape and y == train[1][1] and i == 1 and bad == []
-        assert torch.equal(ds[1][0], x)  # seeded by (seed, epoch, index)
-        ds.epoch = 1
+        x, p, y, i, bad = ds[1]
+        assert x.shape == shape and x.dtype == torch.uint8 and p.shape == (*shape[:-4], len(data.PARAMS))
+        assert y == train[1][1] and i == 1 and bad == []
+        assert torch.equal(ds[1][0], x) and torch.equal(ds[(0, 1)][0], x)  # seeded by (seed, epoch, index)
         if mode in ("train", "ssl"):
-            assert not torch.equal(ds[1][0], x)
+            assert not torch.equal(ds[(1, 1)][0], x)
+        if mode == "ssl":  # one parameter row per view: sparse A, sparse B, dense A x 4, dense B x 4
+            assert all(torch.equal(p[k], p[0]) for k in (2, 3, 4, 5)) and all(torch.equal(p[k], p[1]) for k in (6, 7, 8, 9))
     # a bad file in training is replaced by another video and reported; at test it comes back marked
     (tmp_path / "Bad").mkdir()
     (tmp_path / "Bad" / "zero.avi").write_bytes(b"")
     items = [("Bad/zero.avi", 0)] + [(os.path.relpath(os.path.join(toy_root, p), tmp_path), c) for p, c in train[:2]]
     ds = data.VideoDataset(items, str(tmp_path), "train", 8, 2, 32)
-    x, y, i, bad = ds[0]
+    x, p, y, i, bad = ds[0]
     assert x.shape == (3, 8, 32, 32) and i in (1, 2) and bad[0][0] == 0 and "zero.avi" in bad[0][1]
-    x, y, i, bad = data.VideoDataset(items, str(tmp_path), "test", 8, 2, 32, test_clips=2)[0]
+    x, p, y, i, bad = data.VideoDataset(items, str(tmp_path), "test", 8, 2, 32, test_clips=2)[0]
     assert i == 0 and bad and not x.any()
     counter = data.BadVideos()
     counter.add(bad)
@@ -265,15 +337,44 @@ def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp
 
 def test_colour_matrix_equals_the_ops_one_by_one():
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
-    b, c, s, theta = 1.3, 0.7, 1.2, 2.0
-    grey = lambda v: torch.einsum("c,tchw->thw", data.GREY.double(), v)[:, None]  # noqa: E731
-    m = float(grey(x).mean())
-    ref = x * b  # brightness
-    ref = (ref - b * m) * c + b * m  # contrast about the clip's mean grey
-    ref = (ref - grey(ref)) * s + grey(ref)  # saturation
-    ref = torch.einsum("ij,tjhw->tihw", data._hue_rotation(theta).double(), ref)  # hue
+    m = float(torch.einsum("c,tchw->", data.GREY.double(), x)) / x[:, 0].numel()
+    params = [(1.3, 0.7, 1.2, 2.0), (0.9, 1.1, 0.8, -2.5), (1.0, 1.0, 1.0, 0.0)]
     for to_grey in (False, True):
-        A, o = data.colour_matrix(b, c, s, theta, to_grey, m)
-        got = torch.einsum("ij,tjhw->tihw", A.double(), x) + o
-        want = grey(ref).expand_as(ref) if to_grey else ref
-        assert torch.allclose(got, want, atol=1e-6)
+        A, o = data.colour_matrix(*(torch.tensor(v, dtype=torch.float64) for v in zip(*params)),
+                                  torch.tensor([float(to_grey)] * 3, dtype=torch.float64), torch.full((3,), m, dtype=torch.float64))
+        for k, (b, c, s, theta) in enumerate(params):  # one matrix per clip of the batch
+            got = torch.einsum("ij,tjhw->tihw", A[k], x) + o[k]
+            assert torch.allclose(got, _one_by_one_colour(x, b, c, s, theta, to_grey), atol=1e-6)
+
+
+def test_epoch_sampler_against_a_naive_shuffle():
+    s = data.EpochSampler(10, seed=3, shuffle=True, rank=1, world=3)
+    for epoch in (0, 5):
+        s.set_epoch(epoch)
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 100_003 + epoch)).tolist()
+        assert list(s) == [(epoch, i) for i in perm[:9][1::3]] and len(s) == 3
+    shards = []
+    for rank in range(3):
+        r = data.EpochSampler(10, seed=3, rank=rank, world=3)
+        r.set_epoch(5)
+        shards += [i for _, i in r]
+    assert len(shards) == 9 == len(set(shards))  # disjoint, one dropped so that every rank has 3
+    assert list(data.EpochSampler(4, 0, shuffle=False)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+
+
+def test_persistent_workers_give_the_items_of_each_epoch(toy_root):
+    """Workers that persist across epochs still draw every item by (seed, epoch, index): a 2-worker loader
+    over two epochs equals the items computed one by one in this process."""
+    train, _, _ = data.read_ucf101(toy_root, toy_root, 1)
+    ds = data.VideoDataset(train[:6], toy_root, "train", 4, 2, 32)
+    sampler = data.EpochSampler(len(ds), seed=0)
+    loader = torch.utils.data.DataLoader(ds, 3, sampler=sampler, num_workers=2, collate_fn=data.collate,
+                                         persistent_workers=True)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        for k, (clips, params, y, idx, bad) in enumerate(loader):
+            want = [ds[key] for key in keys[3 * k : 3 * k + 3]]
+            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(params, torch.stack([w[1] for w in want]))
+            assert idx.tolist() == [key[1] for key in keys[3 * k : 3 * k + 3]]
+    assert not torch.equal(ds[(0, 0)][0], ds[(1, 0)][0])
