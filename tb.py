@@ -88,17 +88,19 @@ def temporal_similarity(e_I, e_D):
     return (c + 1) / 2
 
 
-def normalize_scores(s, method="minmax"):
+def normalize_scores(s, method="minmax", decimals=4):
     """Dataset-level normalisation of raw scores (B,) over the training videos, a reading of the paper
     that the notes allow: "none" keeps s, "minmax" maps min -> 0 and max -> 1, "rank" maps each score to
     its rank / (B - 1), tied scores sharing the mean of their ranks (so no video's weight depends on
-    where it sits in the list)."""
+    where it sits in the list). For "rank" the scores are first rounded to `decimals`: scores that differ
+    only by compression noise (1.0 against 0.999993 for two repetitive videos) are ties, not an order."""
     if method == "none" or s.numel() < 2:
         return s
     if method == "minmax":
         lo, hi = s.min(), s.max()
         return (s - lo) / (hi - lo) if hi > lo else torch.full_like(s, 0.5)
     if method == "rank":
+        s = s.round(decimals=decimals)
         rank = s.argsort().argsort().to(s.dtype)  # (B,) 0 .. B-1, ties in list order
         value, group = torch.unique(s, return_inverse=True)  # group: index of each score's distinct value
         mean_rank = torch.zeros(len(value), dtype=s.dtype).index_add_(0, group, rank) / torch.bincount(group)

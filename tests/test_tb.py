@@ -152,6 +152,9 @@ def test_normalize_scores():
     assert torch.equal(tb.normalize_scores(s, "none"), s)
     tied = torch.tensor([1.0, 0.5, 1.0, 0.7, 1.0])  # ranks 2, 3, 4 shared by the three 1.0s -> 3 each
     assert tb.normalize_scores(tied, "rank").tolist() == pytest.approx([3 / 4, 0.0, 3 / 4, 1 / 4, 3 / 4])
+    noisy = torch.tensor([1.0, 0.5, 0.999993, 0.7, 0.99998])  # the same three ties, up to compression noise
+    assert tb.normalize_scores(noisy, "rank").tolist() == pytest.approx([3 / 4, 0.0, 3 / 4, 1 / 4, 3 / 4])
+    assert tb.normalize_scores(noisy, "rank", decimals=6).tolist() == pytest.approx([1.0, 0.0, 3 / 4, 1 / 4, 2 / 4])
     with pytest.raises(ValueError, match="unknown method"):
         tb.normalize_scores(s, "zscore")
 
