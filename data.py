@@ -286,12 +286,23 @@ def augment(clip, size, g, strong=True):
     return x, torch.tensor(p)
 
 
+_CONSTANTS = {}
+
+
+def _constant(name, value, like):
+    """A constant tensor on `like`'s device and dtype, copied there once: a copy from pageable host memory
+    in every batch would make the host wait for the GPU each time."""
+    key = (name, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = value.to(like)
+    return _CONSTANTS[key]
+
+
 def _hue_rotation(theta):
     """(N, 3, 3) rotations of RGB by angles `theta` (N,) about the grey axis u = (1, 1, 1) / sqrt(3): a hue
     shift that keeps grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
-    kw = dict(dtype=theta.dtype, device=theta.device)
-    I, ones = torch.eye(3, **kw), torch.ones(3, 3, **kw)
-    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], **kw)  # sqrt(3) [u]_x
+    I, ones = torch.eye(3, dtype=theta.dtype, device=theta.device), torch.ones(3, 3, dtype=theta.dtype, device=theta.device)
+    cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), theta)  # sqrt(3) [u]_x
     c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
     return c * I + (1 - c) / 3 * ones + s * cross
 
@@ -303,7 +314,7 @@ def colour_matrix(b, c, s, theta, grey, m):
         saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (where `grey`)
     Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
     Returns A (N, 3, 3), o (N,)."""
-    I, to_grey = torch.eye(3, dtype=b.dtype, device=b.device), torch.outer(torch.ones(3), GREY).to(b)  # 1 w^T
+    I, to_grey = torch.eye(3, dtype=b.dtype, device=b.device), _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
     M_s = s.view(-1, 1, 1) * I + (1 - s).view(-1, 1, 1) * to_grey  # (N, 3, 3)
     A = _hue_rotation(theta) @ M_s * (b * c).view(-1, 1, 1)
     A = torch.where(grey.view(-1, 1, 1) > 0, to_grey @ A, A)
@@ -320,7 +331,7 @@ def finish(x, p):
     b, c, s, theta, grey, m, et, el, eh, ew = p.float().unbind(1)  # (N,) each
     A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
-    y = y.sub_(MEAN.to(y.device)).div_(STD.to(y.device))
+    y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
     pos = torch.arange(S, device=x.device)
     rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
     cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
@@ -631,14 +642,55 @@ def write_video(path, frames, fps=25, codec=None, gop=12):
         else:
             stream.codec_context.bit_rate = 2_000_000
         stream.options = options
-        alpha = torch.full((H, W, 1), 255, dtype=torch.uint8)
         for f in frames:
-            rgba = torch.cat([f, alpha], dim=-1).contiguous()  # (H, W, 4): from_bytes takes RGBA
-            data = ctypes.string_at(rgba.data_ptr(), rgba.numel())  # tensor bytes without NumPy
-            for packet in stream.encode(av.VideoFrame.from_bytes(data, W, H, format="rgba")):
+            for packet in stream.encode(_video_frame(f)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _video_frame(img):
+    """(H, W, 3) uint8 tensor -> av.VideoFrame, without NumPy (from_bytes takes RGBA)."""
+    H, W, _ = img.shape
+    rgba = torch.cat([img, torch.full((H, W, 1), 255, dtype=torch.uint8)], dim=-1).contiguous()  # (H, W, 4)
+    return av.VideoFrame.from_bytes(ctypes.string_at(rgba.data_ptr(), rgba.numel()), W, H, format="rgba")
+
+
+def write_png(path, img):
+    """(H, W, 3) uint8 tensor -> a lossless PNG file, with PyAV's png encoder (no imaging library)."""
+    H, W, _ = img.shape
+    with av.open(path, "w", format="image2", options={"update": "1"}) as container:
+        stream = container.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = W, H, "rgb24"
+        for packet in list(stream.encode(_video_frame(img))) + list(stream.encode()):
+            container.mux(packet)
+
+
+RAW_BAR, NORM_BAR = (70, 130, 255), (255, 150, 30)  # colours of the raw and normalised score bars
+
+
+def score_picture(rows, P=64, gap=4):
+    """The temporal similarity score, drawn without fonts: one row per video, rows = [(frames (4, P, P, 3)
+    uint8, C (4, 4), raw s, normalised s)]. Each row shows the middle frame of each of the 4 score clips,
+    then C as a 4x4 heat map (grey level 255 * clamp(C_ij, 0, 1): white = the same, black = orthogonal or
+    opposite), then the raw s as a blue bar and the normalised s as an orange bar (full height = 1).
+    Returns (H, W, 3) uint8. P must be a multiple of 4."""
+    bar = P // 5
+    W = gap + 5 * (P + gap) + 2 * (bar + gap)
+    img = torch.full((gap + len(rows) * (P + gap), W, 3), 255, dtype=torch.uint8)
+    for r, (frames, C, s_raw, s_norm) in enumerate(rows):
+        y = gap + r * (P + gap)
+        for k in range(4):
+            img[y : y + P, gap + k * (P + gap) : gap + k * (P + gap) + P] = frames[k]
+        x = gap + 4 * (P + gap)
+        cells = (torch.as_tensor(C).float().clamp(0, 1) * 255).round().to(torch.uint8)  # (4, 4)
+        img[y : y + P, x : x + P] = cells.repeat_interleave(P // 4, 0).repeat_interleave(P // 4, 1)[..., None]
+        for j, (s, colour) in enumerate(((s_raw, RAW_BAR), (s_norm, NORM_BAR))):
+            x = gap + 5 * (P + gap) + j * (bar + gap)
+            img[y : y + P, x : x + bar] = 40  # the bar's empty part
+            h = round(P * min(max(s, 0.0), 1.0))
+            img[y + P - h : y + P, x : x + bar] = torch.tensor(colour, dtype=torch.uint8)
+    return img
 
 
 def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, seed=0):

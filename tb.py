@@ -73,6 +73,12 @@ def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1):
     return local_local_loss(G_a, G_b, tau) + L_GL
 
 
+def similarity_matrix(e_I, e_D):
+    """C = (C_I + C_D) / 2 with C_X = e_X e_X^T: the 4x4 cosine similarities between a video's 4 consecutive
+    clips, averaged over both SSL encoders (PAPER_NOTES "Temporal similarity score"). (B, 4, D) -> (B, 4, 4)."""
+    return (e_I @ e_I.transpose(1, 2) + e_D @ e_D.transpose(1, 2)) / 2
+
+
 def temporal_similarity(e_I, e_D):
     """Temporal similarity score s in [0, 1] (PAPER_NOTES "Temporal similarity score"). e_I, e_D
     (B, 4, D): the invariant and distinctive SSL encoders' projected, L2-normalised embeddings of 4
@@ -81,7 +87,7 @@ def temporal_similarity(e_I, e_D):
         c = mean of the 12 off-diagonal entries of C,   s = (c + 1) / 2
     Identical clips give s = 1; clips that differ over time give lower s. The raw score sits in a
     narrow band on small data: `normalize_scores` spreads it over the training videos."""
-    C = (e_I @ e_I.transpose(1, 2) + e_D @ e_D.transpose(1, 2)) / 2  # (B, 4, 4)
+    C = similarity_matrix(e_I, e_D)  # (B, 4, 4)
     n = C.shape[-1]
     off = ~torch.eye(n, dtype=torch.bool, device=C.device)
     c = C[:, off].mean(dim=1)  # (B,): mean off-diagonal cosine

@@ -196,16 +196,16 @@ class Run:
             persistent_workers=shuffle and self.args.workers > 0)
 
     def batches(self, loader, epoch, clip_major=False):
-        """The batches of `epoch` as (x, labels, indices, failed) with x (N, 3, T, S, S) float on the device,
-        finished there (`data.finish`: colour, normalisation, erase, on the whole batch). The uint8 clips
-        and their parameters leave pinned memory without blocking, and the next batch is taken from the
-        loader and its copy issued before this one is handed out. Several clips per video (B, n, ...) are
-        flattened video-major (B*n: evaluation, scoring) or with `clip_major` clip-major (n*B: the SSL
-        batch, clip c of every video together)."""
+        """The batches of `epoch` as (x, labels, indices, failed), x (N, 3, T, S, S) float, all on the device;
+        x finished there (`data.finish`: colour, normalisation, erase, on the whole batch). The uint8 clips,
+        their parameters, labels and indices leave pinned memory without blocking (a blocking copy would wait
+        for the GPU to drain), and the next batch is taken from the loader and its copy issued before this
+        one is handed out. Several clips per video (B, n, ...) are flattened video-major (B*n: evaluation,
+        scoring) or with `clip_major` clip-major (n*B: the SSL batch, clip c of every video together)."""
         loader.sampler.set_epoch(epoch)
         ahead = None
         for clips, params, y, idx, failed in loader:
-            copied = (clips.to(self.device, non_blocking=True), params.to(self.device, non_blocking=True), y, idx, failed)
+            copied = [t.to(self.device, non_blocking=True) for t in (clips, params, y, idx)] + [failed]
             if ahead is not None:
                 yield self.finish(*ahead, clip_major)
             ahead = copied
@@ -213,6 +213,7 @@ class Run:
             yield self.finish(*ahead, clip_major)
 
     def finish(self, clips, params, y, idx, failed, clip_major):
+        """One batch already on the device: reordered, then the float half of its augmentation."""
         if clips.dim() == 6:  # (B, n, 3, T, S, S)
             if clip_major:
                 clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
@@ -495,7 +496,7 @@ def train_classifier(run, name, resume, init=None):
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
             with run.autocast():
                 logits = net(x).float()  # (B, K)
-            terms = {"CE": F.cross_entropy(logits, y.to(run.device))}
+            terms = {"CE": F.cross_entropy(logits, y)}
             optimize(opt, terms, f"{name} epoch {epoch} step {step}")
             clips += x.shape[0] * run.world
             total += terms["CE"].item()
@@ -510,7 +511,8 @@ def train_classifier(run, name, resume, init=None):
 
 def compute_scores(run):
     """s for every training video, once, cached in OUT/scores.json keyed by video path (PAPER_NOTES
-    "Temporal similarity score"): 4 consecutive clips embedded by both SSL encoders' projection heads."""
+    "Temporal similarity score"): 4 consecutive clips embedded by both SSL encoders' projection heads.
+    Returns ({path: raw s}, {path: C as 4x4 lists}); the cache keeps both."""
     path = os.path.join(run.args.out, "scores.json")
     inv, dis = run.need("invariant", "invariant", "ssl"), run.need("distinctive", "distinctive", "ssl")
     source = {k: os.path.getmtime(run.path(k)) for k in ("invariant", "distinctive")}
@@ -520,9 +522,10 @@ def compute_scores(run):
         if run.rank == 0:
             print(f"warning: {e}: recomputing the scores", file=sys.stderr, flush=True)
         cached = {}
-    raw = cached.get("raw")
-    if cached.get("source") == source and isinstance(raw, dict) and all(isinstance(raw.get(p), float) for p, _ in run.train):
-        return raw
+    raw, C = cached.get("raw"), cached.get("C")
+    if (cached.get("source") == source and isinstance(raw, dict) and isinstance(C, dict)
+            and all(isinstance(raw.get(p), float) and p in C for p, _ in run.train)):
+        return raw, C
     encoders = []
     with torch.random.fork_rng():  # building the encoders must not move the global RNG: the student's
         for ckpt in (inv, dis):  # initialisation would then depend on whether the scores were cached
@@ -530,25 +533,50 @@ def compute_scores(run):
             m.load_state_dict(ckpt["model"], strict=True)
             encoders.append(m.eval())
     ds = run.dataset(run.train[run.rank :: run.world], "score")
-    raw, bad = {}, data.BadVideos()
+    raw, C, bad = {}, {}, data.BadVideos()
     with torch.no_grad():
         for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
             bad.add(failed)
             B = len(idx)
             with run.autocast():
                 e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
-            for i, s in zip(idx.tolist(), tb.temporal_similarity(e_I, e_D).tolist()):
-                raw[ds.items[i][0]] = s
+            for i, s, c in zip(idx.tolist(), tb.temporal_similarity(e_I, e_D).tolist(), tb.similarity_matrix(e_I, e_D).tolist()):
+                raw[ds.items[i][0]], C[ds.items[i][0]] = s, [[round(v, 5) for v in row] for row in c]
     if run.world > 1:
         parts = [None] * run.world
-        dist.all_gather_object(parts, raw)
-        raw = {k: v for part in parts for k, v in part.items()}
+        dist.all_gather_object(parts, (raw, C))
+        raw = {k: v for part in parts for k, v in part[0].items()}
+        C = {k: v for part in parts for k, v in part[1].items()}
     if run.rank == 0:
-        write_json(path, {"source": source, "raw": raw})
+        write_json(path, {"source": source, "raw": raw, "C": C})
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if len(bad) else ""))
     run.barrier()
-    return raw
+    return raw, C
+
+
+def draw_scores(run, raw, C, norm, P=64):
+    """OUT/scores.png (`data.score_picture`): per class, its median-score training video: the middle frame
+    of each of its 4 score clips, the 4x4 cosine matrix C, raw and normalised s. Returns the rows' paths."""
+    a, rows, chosen = run.args, [], []
+    for c in range(len(run.classes)):
+        videos = sorted((raw[p], p) for p, y in run.train if y == c)
+        if not videos:
+            continue
+        p = videos[len(videos) // 2][1]  # the median score of the class
+        try:
+            n = data.count_frames(os.path.join(a.root, p))
+            middles = [clip[len(clip) // 2] for clip in data.score_indices(n, a.frames)]
+            frames = data.load_frames(os.path.join(a.root, p), middles, P)  # (4, h, w, 3), short side P
+            h, w = frames.shape[1:3]
+            frames = frames[:, (h - P) // 2 : (h - P) // 2 + P, (w - P) // 2 : (w - P) // 2 + P]  # (4, P, P, 3)
+        except data.VideoError:  # unreadable now: grey frames, the scores still show
+            frames = torch.full((4, P, P, 3), 128, dtype=torch.uint8)
+        rows.append((frames, C[p], raw[p], norm[p]))
+        chosen.append(p)
+    data.write_png(os.path.join(a.out, "scores.png"), data.score_picture(rows, P))
+    run.log(f"wrote {os.path.join(a.out, 'scores.png')}: per class, the median-score video's 4 score clips, C, raw and normalised s")
+    return chosen
 
 
 def normalized_scores(raw, paths, method):
@@ -576,9 +604,12 @@ def train_semisup(run, name="student"):
     teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
                 for k in ("invariant", "distinctive")]
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
-    raw = compute_scores(run)
+    raw, C = compute_scores(run)
     paths = [p for p, _ in run.train]
-    s_of = normalized_scores(raw, paths, a.score_norm) if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
+    norm = normalized_scores(raw, paths, a.score_norm)
+    if run.rank == 0:
+        draw_scores(run, raw, C, norm)
+    s_of = norm if a.mix == "similarity" else dict.fromkeys(paths, 0.5)
     unl_ds = run.dataset(run.unlabeled, "train")
     steps = len(unl_ds) // (bs * run.world)
     if steps == 0:
@@ -608,13 +639,13 @@ def train_semisup(run, name="student"):
                 group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
             n_l = x_l.shape[0]
             x = torch.cat([x_l, x_u])  # (B_l + B_u, 3, T, S, S)
-            s = torch.cat([s_lab[i_l.to(run.device)], s_unl[i_u.to(run.device)]])  # (B_l + B_u,)
+            s = torch.cat([s_lab[i_l], s_unl[i_u]])  # (B_l + B_u,)
             with torch.no_grad(), run.autocast():
                 p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B, K) each
             p_T = tb.mix_teachers(p_I, p_D, s)
             with run.autocast():
                 logits = net(x).float()  # (B_l + B_u, K)
-            terms = {"CE": F.cross_entropy(logits[:n_l], y_l.to(run.device)),
+            terms = {"CE": F.cross_entropy(logits[:n_l], y_l),
                      "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
                      "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
             optimize(opt, terms, f"{name} epoch {epoch} step {step}")
@@ -649,6 +680,7 @@ def evaluate(run, model):
     ds = run.dataset(run.test[run.rank :: run.world], "test")
     for x, y, idx, failed in run.batches(run.loader(ds, 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
         bad.add(failed)
+        y, idx = y.cpu(), idx.cpu()
         B = len(y)
         n = x.shape[0] // B
         with run.autocast():
@@ -723,7 +755,8 @@ def semisup(run):
         run.log(f"=== step {i + 1}/4 {name} ({what}): {how}")
         train(ckpt is not None)
     name = "student" if run.args.mix == "similarity" else "student_fixed"
-    run.log(f"=== step 4/4 {name} (temporal similarity scores, then the student distilled from both teachers)")
+    mix = "the per-video mix" if run.args.mix == "similarity" else "the fixed 0.5 mix"
+    run.log(f"=== step 4/4 {name} (temporal similarity scores, then the student distilled from {mix} of both teachers)")
     train_semisup(run, name)
 
 

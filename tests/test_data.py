@@ -378,3 +378,33 @@ def test_persistent_workers_give_the_items_of_each_epoch(toy_root):
             assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(params, torch.stack([w[1] for w in want]))
             assert idx.tolist() == [key[1] for key in keys[3 * k : 3 * k + 3]]
     assert not torch.equal(ds[(0, 0)][0], ds[(1, 0)][0])
+
+
+def read_png(path):
+    """(H, W, 3) uint8 of a PNG file, decoded by PyAV."""
+    with av.open(path) as c:
+        frame = next(c.decode(video=0)).reformat(format="rgb24")
+    plane = frame.planes[0]
+    rows = torch.frombuffer(bytearray(bytes(plane)), dtype=torch.uint8).view(frame.height, plane.line_size)
+    return rows[:, : frame.width * 3].reshape(frame.height, frame.width, 3)
+
+
+def test_score_picture_against_hand(tmp_path):
+    P, gap = 8, 4
+    frames = torch.arange(4 * P * P * 3).remainder(256).to(torch.uint8).view(4, P, P, 3)
+    C = torch.tensor([[1.0, 0.5, 0.25, -0.5], [0.5, 1.0, 0.75, 0.0], [0.25, 0.75, 1.0, 0.1], [-0.5, 0.0, 0.1, 1.0]])
+    img = data.score_picture([(frames, C, 0.75, 0.25), (frames, C.tolist(), 1.0, 0.0)], P, gap)
+    bar = P // 5
+    assert img.shape == (gap + 2 * (P + gap), gap + 5 * (P + gap) + 2 * (bar + gap), 3)
+    assert torch.equal(img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2])  # third clip
+    x0 = gap + 4 * (P + gap)
+    for i in range(4):
+        for j in range(4):  # cell (i, j): P/4 x P/4 pixels of grey round(255 * clamp(C_ij, 0, 1))
+            cell = img[gap + i * 2 : gap + i * 2 + 2, x0 + j * 2 : x0 + j * 2 + 2]
+            assert (cell == round(255 * min(max(float(C[i, j]), 0), 1))).all()
+    blue = img[gap : gap + P, gap + 5 * (P + gap) + bar // 2]  # raw s 0.75 of row 0: the lower 6 of 8 pixels
+    assert [tuple(p) for p in blue.tolist()] == [(40, 40, 40)] * 2 + [data.RAW_BAR] * 6
+    orange = img[gap : gap + P, gap + 5 * (P + gap) + bar + gap + bar // 2]  # normalised 0.25: 2 of 8
+    assert [tuple(p) for p in orange.tolist()] == [(40, 40, 40)] * 6 + [data.NORM_BAR] * 2
+    data.write_png(str(tmp_path / "s.png"), img)
+    assert torch.equal(read_png(str(tmp_path / "s.png")), img)  # lossless through PyAV's png encoder

@@ -143,6 +143,12 @@ def test_temporal_similarity():
     assert tb.temporal_similarity(alt, alt).item() == pytest.approx((-1 / 3 + 1) / 2)
     e_I, e_D = unit(5, 4, 8, seed=4), unit(5, 4, 8, seed=5)
     assert tb.temporal_similarity(e_I, e_D).tolist() == pytest.approx(naive_similarity(e_I, e_D), rel=1e-9)
+    C = tb.similarity_matrix(e_I, e_D)
+    for b in range(5):  # each entry: the mean of the two encoders' cosines of clips i and j
+        for i in range(4):
+            for j in range(4):
+                want = (float(e_I[b, i] @ e_I[b, j]) + float(e_D[b, i] @ e_D[b, j])) / 2
+                assert float(C[b, i, j]) == pytest.approx(want, abs=1e-6)
 
 
 def test_normalize_scores():

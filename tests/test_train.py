@@ -40,6 +40,19 @@ def chain(toy_root, tmp_path_factory):
     return out, logs
 
 
+def kill_after_an_epoch(args, root, out, ckpt):
+    """Starts train.py with `args` and SIGKILLs it as soon as checkpoint `ckpt` holds a finished epoch."""
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", root, "--out", str(out), *FAST, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def copy_run(src, dst, names):
     os.makedirs(dst, exist_ok=True)
     for name in names:
@@ -67,6 +80,19 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     assert sorted(scores) == sorted(train_paths) and all(0 <= s <= 1 for s in scores.values())
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {r["stage"] for r in log} >= {"invariant", "both", "student"} and all("bad_videos" in r for r in log)
+    # scores.png: per class the median-score video; its heat map cells are its C (cached in scores.json)
+    from test_data import read_png
+
+    cache = json.load(open(out / "scores.json"))
+    img, P, gap = read_png(str(out / "scores.png")), 64, 4
+    assert img.shape == (gap + 8 * (P + gap), gap + 5 * (P + gap) + 2 * (P // 5 + gap), 3)
+    for c in range(8):
+        videos = sorted((s, p) for p, s in cache["raw"].items() if data.TOY_CLASSES.index(p.split("/")[0]) == c)
+        C = cache["C"][videos[len(videos) // 2][1]]
+        for i in range(4):
+            for j in range(4):
+                y, x = gap + c * (P + gap) + i * 16 + 8, gap + 4 * (P + gap) + j * 16 + 8
+                assert abs(int(img[y, x, 0]) - 255 * min(max(C[i][j], 0), 1)) <= 0.5
     # eval of the saved student reproduces the recorded accuracy
     p = train("--stage", "eval", "--ckpt", str(out / "student.pt"), root=toy_root, out=out)
     assert f"test top-1 {results['student']:.2f}%" in p.stdout
@@ -104,16 +130,8 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     args = ["--stage", "semisup", "--epochs", "3"]
     killed = tmp_path / "killed"
     copy_run(out, killed, ["invariant.pt", "distinctive.pt"])
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", toy_root, "--out", str(killed), *FAST, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpt = killed / "teacher_invariant.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and load(ckpt)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_an_epoch(args, toy_root, killed, ckpt)
     assert load(ckpt)["epoch"] < 3 and not (killed / "teacher_distinctive.pt").exists(), "not killed in the teachers' step"
     p = train(*args, "--resume", root=toy_root, out=killed)
     assert "=== step 1/4 both (" in p.stdout and "reusing" in p.stdout.split("=== step 2/4")[0]
@@ -194,16 +212,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(toy_root, tmp_path):
     train(*args, root=toy_root, out=tmp_path / "full")
     killed = tmp_path / "killed"
     os.makedirs(killed)
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", toy_root, "--out", str(killed), *FAST, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpt = killed / "distinctive.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and load(ckpt)["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_an_epoch(args, toy_root, killed, ckpt)
     assert load(ckpt)["epoch"] < 3, "the run finished before it could be killed"
     # a kill during a save leaves the temporary file half-written, never the checkpoint itself
     (killed / "distinctive.pt.tmp").write_bytes(b"half a checkpoint")
