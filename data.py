@@ -314,7 +314,8 @@ def colour_matrix(b, c, s, theta, grey, m):
         saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (where `grey`)
     Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
     Returns A (N, 3, 3), o (N,)."""
-    I, to_grey = torch.eye(3, dtype=b.dtype, device=b.device), _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
+    I = torch.eye(3, dtype=b.dtype, device=b.device)
+    to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
     M_s = s.view(-1, 1, 1) * I + (1 - s).view(-1, 1, 1) * to_grey  # (N, 3, 3)
     A = _hue_rotation(theta) @ M_s * (b * c).view(-1, 1, 1)
     A = torch.where(grey.view(-1, 1, 1) > 0, to_grey @ A, A)
@@ -672,8 +673,9 @@ RAW_BAR, NORM_BAR = (70, 130, 255), (255, 150, 30)  # colours of the raw and nor
 def score_picture(rows, P=64, gap=4):
     """The temporal similarity score, drawn without fonts: one row per video, rows = [(frames (4, P, P, 3)
     uint8, C (4, 4), raw s, normalised s)]. Each row shows the middle frame of each of the 4 score clips,
-    then C as a 4x4 heat map (grey level 255 * clamp(C_ij, 0, 1): white = the same, black = orthogonal or
-    opposite), then the raw s as a blue bar and the normalised s as an orange bar (full height = 1).
+    then C as a 4x4 heat map in a black frame (grey level 255 * clamp(C_ij, 0, 1): white = the same,
+    black = orthogonal or opposite), then the raw s as a blue bar and the normalised s as an orange bar
+    (full height = 1).
     Returns (H, W, 3) uint8. P must be a multiple of 4."""
     bar = P // 5
     W = gap + 5 * (P + gap) + 2 * (bar + gap)
@@ -683,6 +685,7 @@ def score_picture(rows, P=64, gap=4):
         for k in range(4):
             img[y : y + P, gap + k * (P + gap) : gap + k * (P + gap) + P] = frames[k]
         x = gap + 4 * (P + gap)
+        img[y - 1 : y + P + 1, x - 1 : x + P + 1] = 0  # a black frame: a white matrix on the white page
         cells = (torch.as_tensor(C).float().clamp(0, 1) * 255).round().to(torch.uint8)  # (4, 4)
         img[y : y + P, x : x + P] = cells.repeat_interleave(P // 4, 0).repeat_interleave(P // 4, 1)[..., None]
         for j, (s, colour) in enumerate(((s_raw, RAW_BAR), (s_norm, NORM_BAR))):

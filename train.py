@@ -330,7 +330,8 @@ def load_checkpoint(path, kind=None):
             raise StageError(f"{path}: refused: it holds Python objects beyond weights, which could run code "
                              f"when loaded ({code[0]})") from None
         why = next((line for line in lines if "unsupported" in line.lower()), lines[0])
-        raise StageError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: {why[:120]})") from None
+        raise StageError(f"{path}: not a readable checkpoint, damaged or truncated? "
+                         f"({type(e).__name__}: {why[:120]})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("arch"), dict):
         raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
     missing = [k for k in CKPT_KEYS if k not in ckpt] + [f"arch.{k}" for k in ("width", "layers", "num_classes", "proj_dim")
@@ -540,8 +541,9 @@ def compute_scores(run):
             B = len(idx)
             with run.autocast():
                 e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
-            for i, s, c in zip(idx.tolist(), tb.temporal_similarity(e_I, e_D).tolist(), tb.similarity_matrix(e_I, e_D).tolist()):
-                raw[ds.items[i][0]], C[ds.items[i][0]] = s, [[round(v, 5) for v in row] for row in c]
+            s, C_b = tb.temporal_similarity(e_I, e_D).tolist(), tb.similarity_matrix(e_I, e_D).tolist()  # (B,), (B, 4, 4)
+            for i, s_i, C_i in zip(idx.tolist(), s, C_b):
+                raw[ds.items[i][0]], C[ds.items[i][0]] = s_i, [[round(v, 5) for v in row] for row in C_i]
     if run.world > 1:
         parts = [None] * run.world
         dist.all_gather_object(parts, (raw, C))
@@ -575,7 +577,8 @@ def draw_scores(run, raw, C, norm, P=64):
         rows.append((frames, C[p], raw[p], norm[p]))
         chosen.append(p)
     data.write_png(os.path.join(a.out, "scores.png"), data.score_picture(rows, P))
-    run.log(f"wrote {os.path.join(a.out, 'scores.png')}: per class, the median-score video's 4 score clips, C, raw and normalised s")
+    run.log(f"wrote {os.path.join(a.out, 'scores.png')}: per class, the median-score video's 4 score clips, "
+            "C, raw and normalised s")
     return chosen
 
 

@@ -398,6 +398,7 @@ def test_score_picture_against_hand(tmp_path):
     assert img.shape == (gap + 2 * (P + gap), gap + 5 * (P + gap) + 2 * (bar + gap), 3)
     assert torch.equal(img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2])  # third clip
     x0 = gap + 4 * (P + gap)
+    assert (img[gap - 1, x0 - 1 : x0 + P + 1] == 0).all() and (img[gap + P, x0 - 1 : x0 + P + 1] == 0).all()  # frame
     for i in range(4):
         for j in range(4):  # cell (i, j): P/4 x P/4 pixels of grey round(255 * clamp(C_ij, 0, 1))
             cell = img[gap + i * 2 : gap + i * 2 + 2, x0 + j * 2 : x0 + j * 2 + 2]
