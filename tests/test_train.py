@@ -27,6 +27,11 @@ def train(*args, root, out, check=True, extra=()):
     return p
 
 
+def last_line(p):
+    """The last line a process wrote to stderr (torch may warn on import before it, e.g. without NumPy)."""
+    return p.stderr.strip().splitlines()[-1]
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)  # what every checkpoint here must allow
 
@@ -295,8 +300,8 @@ def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
         copy_run(out, run, ["invariant.pt", "distinctive.pt", "both.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
         malicious_checkpoint(run / name, marker, out / real)
         p = train(*flags, root=toy_root, out=run, check=False)
-        assert p.returncode == 2 and p.stderr.startswith(f"error: {run / name}: refused"), p.stderr
-        assert "system" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert p.returncode == 2 and last_line(p).startswith(f"error: {run / name}: refused"), p.stderr
+        assert "system" in last_line(p) and "Traceback" not in p.stderr
         assert not marker.exists(), flags
 
 
@@ -317,8 +322,8 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
                           ("list.pt", "not a checkpoint of this project"),
                           ("folder.pt", "is not a file")]:
         p = train("--stage", "eval", "--ckpt", str(tmp_path / name), root=toy_root, out=tmp_path, check=False)
-        assert p.returncode == 2 and p.stderr.startswith(f"error: {tmp_path / name}") and message in p.stderr, p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1
+        assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path / name}") and message in last_line(p), p.stderr
+        assert "Traceback" not in p.stderr
     # of another kind: a classifier where an SSL encoder is needed, and the other way round
     run = tmp_path / "kinds"
     copy_run(out, run, ["distinctive.pt"])
