@@ -301,7 +301,8 @@ def _constant(name, value, like):
 def _hue_rotation(theta):
     """(N, 3, 3) rotations of RGB by angles `theta` (N,) about the grey axis u = (1, 1, 1) / sqrt(3): a hue
     shift that keeps grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
-    I, ones = torch.eye(3, dtype=theta.dtype, device=theta.device), torch.ones(3, 3, dtype=theta.dtype, device=theta.device)
+    I = torch.eye(3, dtype=theta.dtype, device=theta.device)
+    ones = torch.ones(3, 3, dtype=theta.dtype, device=theta.device)
     cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), theta)  # sqrt(3) [u]_x
     c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
     return c * I + (1 - c) / 3 * ones + s * cross
