@@ -519,7 +519,7 @@ def compute_scores(run):
     Returns ({path: raw s}, {path: C as 4x4 lists}); the cache keeps both."""
     path = os.path.join(run.args.out, "scores.json")
     inv, dis = run.need("invariant", "invariant", "ssl"), run.need("distinctive", "distinctive", "ssl")
-    source = {k: os.path.getmtime(run.path(k)) for k in ("invariant", "distinctive")}
+    source = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}
     try:
         cached = read_json(path)
     except ValueError as e:  # a cache: recomputed, never fatal
@@ -562,8 +562,8 @@ def compute_scores(run):
 
 def draw_scores(run, raw, C, norm, P=64):
     """OUT/scores.png (`data.score_picture`): per class, its median-score training video: the middle frame
-    of each of its 4 score clips, the 4x4 cosine matrix C, raw and normalised s. Returns the rows' paths."""
-    a, rows, chosen = run.args, [], []
+    of each of its 4 score clips, the 4x4 cosine matrix C, raw and normalised s."""
+    a, rows = run.args, []
     for c in range(len(run.classes)):
         videos = sorted((raw[p], p) for p, y in run.train if y == c)
         if not videos:
@@ -573,16 +573,13 @@ def draw_scores(run, raw, C, norm, P=64):
             n = data.count_frames(os.path.join(a.root, p))
             middles = [clip[len(clip) // 2] for clip in data.score_indices(n, a.frames)]
             frames = data.load_frames(os.path.join(a.root, p), middles, P)  # (4, h, w, 3), short side P
-            h, w = frames.shape[1:3]
-            frames = frames[:, (h - P) // 2 : (h - P) // 2 + P, (w - P) // 2 : (w - P) // 2 + P]  # (4, P, P, 3)
+            frames = data.center_crop(frames, P).permute(1, 2, 3, 0)  # (4, P, P, 3)
         except data.VideoError:  # unreadable now: grey frames, the scores still show
             frames = torch.full((4, P, P, 3), 128, dtype=torch.uint8)
         rows.append((frames, C[p], raw[p], norm[p]))
-        chosen.append(p)
     data.write_png(os.path.join(a.out, "scores.png"), data.score_picture(rows, P))
     run.log(f"wrote {os.path.join(a.out, 'scores.png')}: per class, the median-score video's 4 score clips, "
             "C, raw and normalised s")
-    return chosen
 
 
 def normalized_scores(raw, paths, method):
@@ -608,7 +605,7 @@ def train_semisup(run, name="student"):
     epochs, lr, bs = hparams(a, "semisup")
     both = run.need("both", "both", "ssl")
     teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
-                for k in ("invariant", "distinctive")]
+                for k in ENCODERS]
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
     raw, C = compute_scores(run)
     paths = [p for p, _ in run.train]
@@ -818,7 +815,7 @@ def ablation(args):
     paths = [p for p, _ in run.train]
     norm = normalized_scores(raw, paths, args.score_norm)
     for c, name in enumerate(run.classes):
-        acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ("invariant", "distinctive")]
+        acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ENCODERS]
         r = [raw[p] for p, y in run.train if y == c]
         n = [norm[p] for p, y in run.train if y == c]
         print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.3f} ({min(r):.3f}-{max(r):.3f}) "

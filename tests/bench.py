@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,11 +29,14 @@ from models import R3D, count_flops  # noqa: E402
 SIZE = 32  # train.py's --size default
 
 
-def timed(fn, reps):
+def timed(fn, reps, sync=lambda: None):
+    """Seconds per call of fn, after one warm-up call; `sync` waits for queued GPU work."""
     fn()
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
+    sync()
     return (time.perf_counter() - t) / reps
 
 
@@ -264,18 +268,8 @@ def bench_pipeline(args):
 
     # 1. the step alone
     fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", K=K)
-    step = {}
-    for mode, key in (("ssl", "ssl"), ("supervised", "supervised"), ("semisup", "semisup")):
-        fn, n = fns[key]
-        for _ in range(2):
-            fn()
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.reps):
-            fn()
-        sync()
-        step[mode] = n * args.reps / (time.perf_counter() - t)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step = {mode: fns[mode][1] / timed(fns[mode][0], args.reps, sync) for mode in ("ssl", "supervised", "semisup")}
     del fns
 
     # 2. the loader alone: the stage's own Run, dataset, loader and batches, no model
@@ -299,7 +293,6 @@ def bench_pipeline(args):
     for stage, key, log_name in (("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),
                                  ("semisup", "semisup", "student")):
         if stage == "semisup":  # the second encoder only feeds the scores and a teacher: a copy will do
-            import shutil
             shutil.copy(os.path.join(out, "invariant.pt"), os.path.join(out, "distinctive.pt"))
         p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage", stage,
                             "--out", out, "--epochs", "2", *flags], capture_output=True, text=True)
