@@ -569,28 +569,36 @@ class BadVideos:
 
 
 # ----------------------------------------------------------------------------------------------
-# Toy action dataset: appearance classes (shape, texture; repetitive motion) and temporal-order
-# classes (up vs down, growing vs shrinking; shape random). Never left/right: flips are augmentation.
+# Toy action dataset, built on the paper's premise (PAPER_NOTES "The idea in one paragraph"):
+#   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
+#     a video looks alike); what tells them apart is the shape, which no time of the video lacks;
+#   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
+#     grow then shrink, shrink then grow; shape random). The two classes of a pair hold the same positions,
+#     sizes and directions of motion over the video: only their order tells them apart, and the clips of a
+#     video differ over time.
+# Never left/right: flips are augmentation.
 
-TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "MoveUp", "MoveDown", "Grow", "Shrink"]
+TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "UpDown", "DownUp", "GrowShrink", "ShrinkGrow"]
 
 
 def _render(cls, n, H, W, g):
-    """(n, H, W, 3) uint8 frames of one toy video of class `cls`."""
+    """(n, H, W, 3) uint8 frames of one toy video of class `cls`; sizes and motions scale with H."""
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
-    # one mid-grey background for all (a per-video brightness would let instance discrimination tell
-    # videos apart by it, not by what is in them), lightly tinted
-    bg = 0.5 + 0.1 * (torch.rand(3, generator=g) - 0.5)
+    # No per-video fingerprint: instance discrimination would tell videos apart by it instead of by what
+    # is in them. One mid-grey background for all; the object's colour is random but its brightness is
+    # always the background's - 0.3 (a random brightness survives colour jitter and greyscale).
+    bg = torch.full((3,), 0.5)
     sky = (0.5 - yy / (H - 1)).unsqueeze(-1) * 0.4  # (H, W, 1): light above, dark below, in every video,
     # so that where an object is shows in what surrounds it, even after spatial pooling
-    fg = torch.rand(3, generator=g)
-    while abs(fg.mean() - bg.mean()) < 0.2:  # keep the object visible against the background
-        fg = torch.rand(3, generator=g)
+    tint = torch.rand(3, generator=g)
+    tint = tint - tint.mean()
+    fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
     name = TOY_CLASSES[cls]
     shape = name if name in TOY_CLASSES[:4] else ("Disk", "Square")[int(torch.randint(0, 2, (1,), generator=g))]
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
-    cy0 = H * (0.35 + 0.3 * float(torch.rand((), generator=g)))
+    cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
+    turn = 0.4 + 0.2 * float(torch.rand((), generator=g))  # when the second sub-action starts (fraction)
     period = 4  # frames: every clip of 8 consecutive frames, or at stride 4, sees the same cycle, so a
     # repetitive action looks the same all video long (high temporal similarity)
     # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
@@ -599,16 +607,17 @@ def _render(cls, n, H, W, g):
     frames = []
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
-        r, cx, cy = 0.22 * H, cx0, cy0
+        there = a / turn if a < turn else (1 - a) / (1 - turn)  # 0 -> 1 (first sub-action) -> 0 (second)
+        r, cx, cy = 0.2 * H, cx0, cy0
         wobble = 0.06 * H * math.sin(phase + 6.283 * t / period)
-        if name == "MoveUp":
-            cy = H * (0.8 - 0.6 * a)
-        elif name == "MoveDown":
-            cy = H * (0.2 + 0.6 * a)
-        elif name == "Grow":
-            r = H * (0.08 + 0.24 * a)
-        elif name == "Shrink":
-            r = H * (0.32 - 0.24 * a)
+        if name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
+            cy = cy0 + H * (0.25 - 0.5 * there)
+        elif name == "DownUp":
+            cy = cy0 + H * (-0.25 + 0.5 * there)
+        elif name == "GrowShrink":  # radius 0.08 H -> 0.32 H -> 0.08 H, ShrinkGrow the other way
+            r = H * (0.08 + 0.24 * there)
+        elif name == "ShrinkGrow":
+            r = H * (0.32 - 0.24 * there)
         else:  # appearance classes bob in place (a repetitive action), the same over the whole video
             cy = cy0 + wobble
             cx = cx0 + 0.5 * wobble
@@ -698,11 +707,12 @@ def score_picture(rows, P=64, gap=4):
 
 
 def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, seed=0):
-    """Writes the toy action dataset in the UCF101 layout: root/<Class>/v_<Class>_gNN_c01.{avi,mp4},
+    """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout: root/<Class>/v_<Class>_gNN_c01.{avi,mp4},
     root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate videos are MPEG-4 part 2 in AVI (no
     B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here changed from one process to the next
     under CPU load (measured: 111 of 160 files differed), the MPEG-4 encoder's never did, so a toy set
     written anew is byte-identical and the README's figures reproduce."""
+    H, W = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(seed)
     os.makedirs(root, exist_ok=True)
     train, test = [], []
@@ -710,7 +720,7 @@ def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, se
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for k in range(train_per_class + test_per_class):
             rel = f"{name}/v_{name}_g{k:02d}_c01.{'mp4' if k % 2 else 'avi'}"
-            write_video(os.path.join(root, rel), _render(c, frames, size, size, g), codec="mpeg4")
+            write_video(os.path.join(root, rel), _render(c, frames, H, W, g), codec="mpeg4")
             (train if k < train_per_class else test).append(rel)
     with open(os.path.join(root, "classInd.txt"), "w") as f:
         f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(TOY_CLASSES))
@@ -718,6 +728,17 @@ def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, se
         f.writelines(f"{rel} {TOY_CLASSES.index(rel.split('/')[0]) + 1}\n" for rel in train)
     with open(os.path.join(root, "testlist01.txt"), "w") as f:
         f.writelines(f"{rel}\n" for rel in test)
+
+
+def _frame_size(text):
+    """--size: "80" -> 80, "96x128" -> (96, 128)."""
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 16:
+        raise argparse.ArgumentTypeError(f"expected S or HxW in pixels, each >= 16, got {text!r}")
+    return size[0] if len(size) == 1 else size
 
 
 def main():
@@ -729,7 +750,7 @@ def main():
     t.add_argument("--train-per-class", type=int, default=30, help="training videos per class")
     t.add_argument("--test-per-class", type=int, default=10, help="test videos per class")
     t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
-    t.add_argument("--size", type=int, default=80, help="frame height and width in pixels")
+    t.add_argument("--size", type=_frame_size, default=80, help="frame size in pixels: S (square) or HxW, e.g. 96x128")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args()
     make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed)

@@ -40,7 +40,7 @@ SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 24, "distinctive": 30, "both": 12, "finetune": 15, "supervised": 15, "semisup": 20}
+EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 15}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
@@ -77,6 +77,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each); applies like --epochs (default per step {BATCH})")
     a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4); applies like --epochs (default per step {LR})")
     a("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+    a("--finetune-backbone-lr", type=float, default=0.3, help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the paper's full fine-tuning, lower keeps more of what each SSL objective learned")
     # clips and model
     a("--frames", type=int, default=8, help="frames per train/test clip (paper 8)")
     a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
@@ -92,7 +93,7 @@ def get_args(argv=None):
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight on unlabeled clips (paper 100 with MSE)")
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation loss: MSE of softmaxes (paper) or KL")
     a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video score s, or s = 0.5")
-    a("--score-norm", choices=["none", "minmax", "rank"], default="rank",
+    a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     # running
     a("--ckpt", type=str, default=None, help="eval: checkpoint to evaluate")
@@ -113,6 +114,8 @@ def get_args(argv=None):
     for flag in ("epochs", "batch_size", "lr"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.finetune_backbone_lr < 0:
+        p.error(f"--finetune-backbone-lr must be >= 0, got {args.finetune_backbone_lr}")
     if args.labeled <= 0:
         p.error(f"--labeled must be > 0, got {args.labeled}")
     if args.holdout < 0:
@@ -482,7 +485,12 @@ def train_classifier(run, name, resume, init=None):
     if init is not None:
         skipped = load_backbone(model, init["model"], source=f"{name} init")
         run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
-    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    # the teachers' backbones learn at --finetune-backbone-lr times the rate of the new classifier
+    backbone = [p for k, p in model.named_parameters() if k.startswith(("stem.", "stages."))]
+    head = [p for k, p in model.named_parameters() if not k.startswith(("stem.", "stages."))]
+    scale = a.finetune_backbone_lr if init is not None else 1.0
+    opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
+                           weight_decay=a.weight_decay)
     start = run.resume(name, model, opt, resume)
     net = run.wrap(model)
     # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
@@ -497,7 +505,7 @@ def train_classifier(run, name, resume, init=None):
         for step, (x, y, _, failed) in enumerate(run.batches(loader, epoch)):  # x (B, 3, T, S, S)
             bad.add(failed)
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
+                group["lr"] = group["scale"] * lr_at(epoch * steps + step, epochs * steps, lr, steps)
             with run.autocast():
                 logits = net(x).float()  # (B, K)
             terms = {"CE": F.cross_entropy(logits, y)}

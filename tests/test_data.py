@@ -311,13 +311,39 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
         all_bad[0]
 
 
-def test_toy_dataset_classes_differ_as_designed():
-    g = torch.Generator().manual_seed(0)
-    up = data._render(data.TOY_CLASSES.index("MoveUp"), 20, 48, 48, g).float()
-    grow = data._render(data.TOY_CLASSES.index("Grow"), 20, 48, 48, g).float()
-    circle = data._render(data.TOY_CLASSES.index("Disk"), 20, 48, 48, g).float()
-    change = lambda v: (v[-1] - v[0]).abs().mean()  # noqa: E731
-    assert change(up) > 2 * change(circle) and change(grow) > 2 * change(circle)
+def _object(v):
+    """(n, H, W, 3) toy frames -> per frame the object's area (pixels) and centre row. The background
+    is the same along a row and the object never reaches column 0."""
+    mask = (v.int() - v[:, :, :1].int()).abs().sum(-1) > 0  # (n, H, W)
+    rows = torch.arange(v.shape[1]).float().view(1, -1, 1)
+    area = mask.sum((1, 2)).float()
+    return area, (mask * rows).sum((1, 2)) / area
+
+
+def test_toy_classes_are_what_the_premise_needs():
+    """Appearance classes repeat: the same area and place all video long. Each temporal class is two
+    sub-actions in order, and a pair (UpDown / DownUp, GrowShrink / ShrinkGrow) visits the same rows or
+    sizes, the other way round: only the order tells the two apart."""
+    g, n, H = torch.Generator().manual_seed(0), 41, 64
+    video = {name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)}
+    for name in data.TOY_CLASSES[:4]:
+        for v in video[name]:
+            area, row = _object(v)
+            assert (area.max() - area.min()) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
+            assert (area[:4] - area[4:8]).abs().max() < 0.1 * area.mean()  # the 4-frame cycle repeats
+    for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
+        for up, down in zip(video[first], video[second]):
+            a, b = (_object(v)[0 if what == "area" else 1] for v in (up, down))
+            if what == "row":  # rows grow downwards: UpDown's row falls to its least at the turn
+                a, b = -a, -b
+            k, m = int(a.argmax()), int(b.argmin())  # the turn: 40 % to 60 % of the video
+            assert 0.35 * n <= k <= 0.65 * n and 0.35 * n <= m <= 0.65 * n
+            for v in (a, b):  # both sweep the same span, there and back
+                span = v.max() - v.min()
+                assert abs(v[0] - v[-1]) < 0.1 * span
+            assert a[k] - a[0] > 0.3 * (a.max() - a.min()) and b[0] - b[m] > 0.3 * (b.max() - b.min())
+            spans = [float(v.max() - v.min()) for v in (a, b)]
+            assert abs(spans[0] - spans[1]) < 0.15 * max(spans)
 
 
 def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp_path):
