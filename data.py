@@ -706,20 +706,24 @@ def score_picture(rows, P=64, gap=4):
     return img
 
 
-def make_toy(root, train_per_class=30, test_per_class=10, frames=48, size=80, seed=0):
+def make_toy(root, train_per_class=20, test_per_class=10, frames=48, size=80, seed=0):
     """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout: root/<Class>/v_<Class>_gNN_c01.{avi,mp4},
     root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate videos are MPEG-4 part 2 in AVI (no
     B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here changed from one process to the next
     under CPU load (measured: 111 of 160 files differed), the MPEG-4 encoder's never did, so a toy set
     written anew is byte-identical and the README's figures reproduce."""
     H, W = (size, size) if isinstance(size, int) else size
-    g = torch.Generator().manual_seed(seed)
     os.makedirs(root, exist_ok=True)
     train, test = [], []
     for c, name in enumerate(TOY_CLASSES):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for k in range(train_per_class + test_per_class):
             rel = f"{name}/v_{name}_g{k:02d}_c01.{'mp4' if k % 2 else 'avi'}"
+            # each video draws from its own generator, keyed by (seed, class, split, index in the split): a
+            # test video is never a training video of a set written with other counts, and the training
+            # videos of two sets with the same seed are the same
+            split, j = (0, k) if k < train_per_class else (1, k - train_per_class)
+            g = torch.Generator().manual_seed(((seed * 64 + c) * 2 + split) * 100_000 + j)
             write_video(os.path.join(root, rel), _render(c, frames, H, W, g), codec="mpeg4")
             (train if k < train_per_class else test).append(rel)
     with open(os.path.join(root, "classInd.txt"), "w") as f:
@@ -747,7 +751,7 @@ def main():
     t = sub.add_parser("toy", help="write the toy action dataset (UCF101 layout)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("dir", type=str, help="output folder")
-    t.add_argument("--train-per-class", type=int, default=30, help="training videos per class")
+    t.add_argument("--train-per-class", type=int, default=20, help="training videos per class")
     t.add_argument("--test-per-class", type=int, default=10, help="test videos per class")
     t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
     t.add_argument("--size", type=_frame_size, default=80, help="frame size in pixels: S (square) or HxW, e.g. 96x128")

@@ -130,6 +130,20 @@ def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), n
 
 
+def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
+    """--finetune-backbone-lr 0 leaves every learned backbone weight of the SSL encoder as it was (only the
+    new classifier and the BatchNorm statistics move); the default (0.3) moves them."""
+    out, _ = chain
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
+    train("--stage", "finetune", "--finetune-backbone-lr", "0", root=toy_root, out=tmp_path)
+    for k in ("invariant", "distinctive"):
+        ssl, frozen, default = (load(p)["model"] for p in (out / f"{k}.pt", tmp_path / f"teacher_{k}.pt", out / f"teacher_{k}.pt"))
+        learned = [n for n in frozen if n.startswith(("stem.", "stages.")) and not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert len(learned) > 20 and all(torch.equal(frozen[n], ssl[n]) for n in learned)
+        assert not any(torch.equal(default[n], ssl[n]) for n in learned)
+        assert not torch.equal(frozen["fc.1.weight"], default["fc.1.weight"])
+
+
 def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     out, _ = chain
     args = ["--stage", "semisup", "--epochs", "3"]
@@ -155,6 +169,7 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     (["--stage", "nope"], "invalid choice"),
     (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
     (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
+    (["--stage", "finetune", "--finetune-backbone-lr", "-1"], "--finetune-backbone-lr must be >= 0"),
     (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
     (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
     (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
