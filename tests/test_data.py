@@ -346,6 +346,32 @@ def test_toy_classes_are_what_the_premise_needs():
             assert abs(spans[0] - spans[1]) < 0.15 * max(spans)
 
 
+def test_toy_videos_depend_on_seed_class_split_and_index_only(tmp_path):
+    """A set written with more training videos holds the smaller set's training videos, byte for byte, and
+    its test videos are new videos, not training videos of the other set (tuning sets and report sets share
+    nothing unless asked to)."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    data.make_toy(str(small), train_per_class=1, test_per_class=1, frames=8, size=32, seed=3)
+    data.make_toy(str(large), train_per_class=2, test_per_class=1, frames=8, size=32, seed=3)
+    for name in data.TOY_CLASSES:
+        g00, g01 = f"{name}/v_{name}_g00_c01.avi", f"{name}/v_{name}_g01_c01.mp4"
+        assert (small / g00).read_bytes() == (large / g00).read_bytes()
+        # small's test video is g01 (test index 0), large's g01 is training index 1: different videos
+        assert (small / g01).read_bytes() != (large / g01).read_bytes()
+
+
+def test_toy_cli_frame_size(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "t"), "--train-per-class",
+                        "1", "--test-per-class", "0", "--frames", "8", "--size", "48x64"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    with av.open(str(tmp_path / "t" / "Disk" / "v_Disk_g00_c01.avi")) as c:
+        frame = next(c.decode(video=0))
+    assert (frame.height, frame.width) == (48, 64)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "u"), "--size", "48x"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--size" in p.stderr and "48x" in p.stderr and not (tmp_path / "u").exists()
+
+
 def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp_path):
     """README figures must reproduce from a fresh clone, which writes its own toy set."""
     again = tmp_path / "again"
