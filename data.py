@@ -707,11 +707,11 @@ def score_picture(rows, P=64, gap=4):
 
 
 def make_toy(root, train_per_class=20, test_per_class=10, frames=48, size=80, seed=0):
-    """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout: root/<Class>/v_<Class>_gNN_c01.{avi,mp4},
-    root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate videos are MPEG-4 part 2 in AVI (no
-    B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here changed from one process to the next
-    under CPU load (measured: 111 of 160 files differed), the MPEG-4 encoder's never did, so a toy set
-    written anew is byte-identical and the README's figures reproduce."""
+    """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout:
+    root/<Class>/v_<Class>_gNN_c01.{avi,mp4}, root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate
+    videos are MPEG-4 part 2 in AVI (no B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here
+    changed from one process to the next under CPU load (measured: 111 of 160 files differed), the MPEG-4
+    encoder's never did, so a toy set written anew is byte-identical and the README's figures reproduce."""
     H, W = (size, size) if isinstance(size, int) else size
     os.makedirs(root, exist_ok=True)
     train, test = [], []
