@@ -9,7 +9,7 @@
                                           the student, distilled from the per-video mix    -> OUT/student.pt
 
 Finer stages: `both` and `finetune` run one step of semisup by hand; `supervised` is the baseline (labeled
-subset only, from scratch); `eval --ckpt F` tests a classifier; `ablation` makes the 3-seed table of README
+subset only, from scratch); `eval --ckpt F` tests a classifier; `ablation` makes the seed tables of README
 "Results"; `--demo` runs the three commands, the baseline and the fixed-mix student on the toy set.
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
@@ -814,10 +814,13 @@ def ablation(args):
     rows = [("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
             ("distinctive teacher", "teacher_distinctive"), ("student, fixed mix s = 0.5", "student_fixed"),
             ("TimeBalance student (similarity mix)", "student")]
-    print(f"\n| model | top-1 % (mean +- std over seeds {args.seeds}) |\n|---|---|")
+    print(f"\n| model | top-1 % (mean +- std over seeds {args.seeds}) | per seed | the similarity student minus this, "
+          "per seed |\n|---|---|---|---|")
     for label, key in rows:
         v = table[key]
-        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} |")
+        diff = " / ".join(f"{s - x:+.1f}" for s, x in zip(table["student"], v)) if key != "student" else ""
+        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} | {' / '.join(f'{x:.1f}' for x in v)} "
+              f"| {diff} |")
     print("\n| class | invariant teacher | distinctive teacher | raw s (mean, min-max) | normalised s (mean) |\n|---|---|---|---|---|")
     raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
     paths = [p for p, _ in run.train]
