@@ -80,12 +80,15 @@ class R3D(nn.Module):
         return z[:B], z[B:].view(B, 4, -1)  # (B, D), (B, 4, D)
 
 
+BACKBONE = ("stem.", "stages.")  # parameter-name prefixes of the backbone (what SSL pretraining hands on)
+
+
 def load_backbone(model, state, source="checkpoint"):
     """Loads the backbone (stem + stages) of `state` into `model` strictly; returns the keys it skipped
     (head / classifier), which the caller reports. A width or depth mismatch raises with `source` named."""
-    backbone = {k: v for k, v in state.items() if k.startswith(("stem.", "stages."))}
+    backbone = {k: v for k, v in state.items() if k.startswith(BACKBONE)}
     skipped = sorted(k for k in state if k not in backbone)
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(("stem.", "stages."))}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(BACKBONE)}
     if set(own) != set(backbone) or any(own[k].shape != backbone[k].shape for k in own):
         raise ValueError(f"{source}: backbone does not match this model (different --width or --layers?)")
     missing, unexpected = model.load_state_dict(backbone, strict=False)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import data
 import tb
-from models import R3D, load_backbone
+from models import BACKBONE, R3D, load_backbone
 
 DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
@@ -486,8 +486,8 @@ def train_classifier(run, name, resume, init=None):
         skipped = load_backbone(model, init["model"], source=f"{name} init")
         run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
     # the teachers' backbones learn at --finetune-backbone-lr times the rate of the new classifier
-    backbone = [p for k, p in model.named_parameters() if k.startswith(("stem.", "stages."))]
-    head = [p for k, p in model.named_parameters() if not k.startswith(("stem.", "stages."))]
+    backbone = [p for k, p in model.named_parameters() if k.startswith(BACKBONE)]
+    head = [p for k, p in model.named_parameters() if not k.startswith(BACKBONE)]
     scale = a.finetune_backbone_lr if init is not None else 1.0
     opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
                            weight_decay=a.weight_decay)
