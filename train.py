@@ -284,7 +284,11 @@ class Run:
         if ckpt["arch"] != m.arch:
             raise StageError(f"{self.path(name)}: saved model {ckpt['arch']} differs from this run's {m.arch}")
         m.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. a teacher saved before the backbone got its own learning rate
+            raise StageError(f"{self.path(name)}: its optimizer state does not fit this version ({e}); "
+                             "train the stage anew without --resume") from None
         torch.set_rng_state(ckpt["rng"])
         self.log(f"resuming {name} after epoch {ckpt['epoch']}")
         return ckpt["epoch"]

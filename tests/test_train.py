@@ -144,6 +144,18 @@ def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
         assert not torch.equal(frozen["fc.1.weight"], default["fc.1.weight"])
 
 
+def test_resume_of_a_teacher_with_one_optimizer_group_fails_clearly(chain, toy_root, tmp_path):
+    """A teacher saved before the backbone had its own learning rate (one Adam parameter group)."""
+    out, _ = chain
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
+    ckpt = load(out / "teacher_invariant.pt")
+    groups = ckpt["optimizer"]["param_groups"]
+    ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
+    torch.save(ckpt, tmp_path / "teacher_invariant.pt")
+    p = train("--stage", "finetune", "--resume", root=toy_root, out=tmp_path, check=False)
+    assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path / 'teacher_invariant.pt'}: its optimizer state")
+
+
 def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     out, _ = chain
     args = ["--stage", "semisup", "--epochs", "3"]
