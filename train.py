@@ -556,8 +556,9 @@ def compute_scores(run):
             B = len(idx)
             with run.autocast():
                 e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
-            s, C_b = tb.temporal_similarity(e_I, e_D).tolist(), tb.similarity_matrix(e_I, e_D).tolist()  # (B,), (B, 4, 4)
-            for i, s_i, C_i in zip(idx.tolist(), s, C_b):
+            C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
+            s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
+            for i, s_i, C_i in zip(idx.tolist(), s.tolist(), C_b.tolist()):
                 raw[ds.items[i][0]], C[ds.items[i][0]] = s_i, [[round(v, 5) for v in row] for row in C_i]
     if run.world > 1:
         parts = [None] * run.world
