@@ -573,7 +573,7 @@ class BadVideos:
 #   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
 #     a video looks alike); what tells them apart is the shape, which no time of the video lacks;
 #   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
-#     grow then shrink, shrink then grow; shape random). The two classes of a pair hold the same positions,
+#     grow then shrink, shrink then grow), all with a plain square. The two classes of a pair hold the same positions,
 #     sizes and directions of motion over the video: only their order tells them apart, and the clips of a
 #     video differ over time.
 # Never left/right: flips are augmentation.
@@ -594,7 +594,9 @@ def _render(cls, n, H, W, g):
     tint = tint - tint.mean()
     fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
     name = TOY_CLASSES[cls]
-    shape = name if name in TOY_CLASSES[:4] else ("Disk", "Square")[int(torch.randint(0, 2, (1,), generator=g))]
+    # the temporal classes move a plain square, a shape no appearance class has: a disk moving up would, at
+    # every instant, be a Disk-class frame, and a time-invariant representation would have to call it Disk
+    shape = name if name in TOY_CLASSES[:4] else "Square"
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
