@@ -573,7 +573,7 @@ class BadVideos:
 #   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
 #     a video looks alike); what tells them apart is the shape, which no time of the video lacks;
 #   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
-#     grow then shrink, shrink then grow), all with a plain square. The two classes of a pair hold the same positions,
+#     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same positions,
 #     sizes and directions of motion over the video: only their order tells them apart, and the clips of a
 #     video differ over time.
 # Never left/right: flips are augmentation.
@@ -594,9 +594,10 @@ def _render(cls, n, H, W, g):
     tint = tint - tint.mean()
     fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
     name = TOY_CLASSES[cls]
-    # the temporal classes move a plain square, a shape no appearance class has: a disk moving up would, at
-    # every instant, be a Disk-class frame, and a time-invariant representation would have to call it Disk
-    shape = name if name in TOY_CLASSES[:4] else "Square"
+    # the temporal classes move a flat bar, a shape no appearance class has, nor anything like one at 32 px: a
+    # disk (or a square, which a 3-labeled teacher took for one) moving up would, at every instant, look like
+    # a Disk-class frame, and a time-invariant representation would have to call it Disk
+    shape = name if name in TOY_CLASSES[:4] else "Bar"
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
@@ -630,10 +631,10 @@ def _render(cls, n, H, W, g):
             mask = (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.55 * r) ** 2)
         elif shape == "Cross":
             mask = (torch.minimum(dx.abs(), dy.abs()) < 0.3 * r) & (torch.maximum(dx.abs(), dy.abs()) < r)
-        else:  # squares, plain or with horizontal stripes 6 % of the frame high
-            mask = torch.maximum(dx.abs(), dy.abs()) < r * 0.9
-            if shape == "StripedSquare":
-                mask &= (yy // (0.06 * H)) % 2 == 0
+        elif shape == "Bar":  # 2r wide, r/2 high
+            mask = (dx.abs() < r) & (dy.abs() < 0.25 * r)
+        else:  # a square with horizontal stripes 6 % of the frame high
+            mask = (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & ((yy // (0.06 * H)) % 2 == 0)
         img = background.clone()
         img[mask] = fg
         frames.append((img * 255).round().to(torch.uint8))

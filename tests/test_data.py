@@ -312,14 +312,15 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
 
 
 def _object(v):
-    """(n, H, W, 3) toy frames -> per frame the object's area (pixels), centre row, and the share of its
-    bounding box it fills. The background is the same along a row and the object never reaches column 0."""
+    """(n, H, W, 3) toy frames -> per frame the object's area (pixels), centre row, the share of its bounding
+    box it fills, and the box's width / height. The background is the same along a row and the object never
+    reaches column 0."""
     mask = (v.int() - v[:, :, :1].int()).abs().sum(-1) > 0  # (n, H, W)
     rows = torch.arange(v.shape[1]).float().view(1, -1, 1)
     area = mask.sum((1, 2)).float()
     box = [m.nonzero() for m in mask]  # per frame (k, 2) pixels
-    fill = torch.stack([area[i] / ((b.max(0).values - b.min(0).values + 1).prod()) for i, b in enumerate(box)])
-    return area, (mask * rows).sum((1, 2)) / area, fill
+    hw = torch.stack([(b.max(0).values - b.min(0).values + 1).float() for b in box])  # (n, 2) box height, width
+    return area, (mask * rows).sum((1, 2)) / area, area / hw.prod(1), hw[:, 1] / hw[:, 0]
 
 
 def test_toy_classes_are_what_the_premise_needs():
@@ -330,14 +331,14 @@ def test_toy_classes_are_what_the_premise_needs():
     video = {name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)}
     for name in data.TOY_CLASSES[:4]:
         for v in video[name]:
-            area, row, fill = _object(v)
-            assert fill.max() < 0.85  # disk pi/4, ring, cross, stripes: never a filled square
+            area, row, fill, aspect = _object(v)
+            assert fill.max() < 0.85 and aspect.max() < 1.3  # disk, ring, cross, stripes: round or square, never filled
             assert (area.max() - area.min()) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
             assert (area[:4] - area[4:8]).abs().max() < 0.1 * area.mean()  # the 4-frame cycle repeats
     for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
         for up, down in zip(video[first], video[second]):
-            # a plain square, the shape of no appearance class: at no instant is a temporal video one of theirs
-            assert min(_object(v)[2].min() for v in (up, down)) > 0.95
+            # a flat bar, like no appearance class: at no instant does a temporal video look like one of theirs
+            assert all(_object(v)[2].min() > 0.95 and _object(v)[3].min() >= 3 for v in (up, down))
             a, b = (_object(v)[0 if what == "area" else 1] for v in (up, down))
             if what == "row":  # rows grow downwards: UpDown's row falls to its least at the turn
                 a, b = -a, -b
