@@ -3,7 +3,7 @@
   python train.py --stage invariant     self-supervised pretraining with L_I               -> OUT/invariant.pt
   python train.py --stage distinctive   self-supervised pretraining with L_D = L_LL + L_GL -> OUT/distinctive.pt
   python train.py --stage semisup       every step not done yet, in order:
-                                          both: L_I + L_LL + L_GL, the student's init      -> OUT/both.pt
+                                          (with --student-init both: L_I + L_LL + L_GL     -> OUT/both.pt)
                                           finetune: both encoders on the labeled subset    -> OUT/teacher_*.pt
                                           temporal similarity scores                       -> OUT/scores.json
                                           the student, distilled from the per-video mix    -> OUT/student.pt
@@ -93,6 +93,8 @@ def get_args(argv=None):
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight on unlabeled clips (paper 100 with MSE)")
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation loss: MSE of softmaxes (paper) or KL")
     a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video score s, or s = 0.5")
+    a("--student-init", choices=["distinctive", "both"], default="distinctive",
+      help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the paper's; semisup trains it first)")
     a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     # running
@@ -616,7 +618,7 @@ def train_semisup(run, name="student"):
         loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on unlabeled."""
     a = run.args
     epochs, lr, bs = hparams(a, "semisup")
-    both = run.need("both", "both", "ssl")
+    init = run.need(a.student_init, a.student_init, "ssl")
     teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
                 for k in ENCODERS]
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
@@ -639,7 +641,7 @@ def train_semisup(run, name="student"):
 
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --demo
     model = run.model(num_classes=len(run.classes), dropout=0.5)
-    load_backbone(model, both["model"], source=run.path("both"))  # the student starts from L_I + L_LL + L_GL
+    load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt, a.resume)
     net = run.wrap(model)
@@ -755,24 +757,26 @@ def run_stage(args, stage):
 
 def semisup(run):
     """`--stage semisup`: the whole method downstream of the two self-supervised encoders, each step that is
-    not done yet, in order: the student's initial encoder (L_I + L_LL + L_GL), both teachers, then the
-    scores and the student. A finished step is reused, an unfinished one resumed from its last epoch."""
+    not done yet, in order: with `--student-init both` the student's initial encoder (L_I + L_LL + L_GL),
+    both teachers, then the scores and the student. A finished step is reused, an unfinished one resumed
+    from its last epoch."""
     inits = {k: run.need(k, k, "ssl") for k in ENCODERS}  # both present before any work
     steps = [("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
-              lambda resume: train_ssl(run, "both", resume))]
+              lambda resume: train_ssl(run, "both", resume))] if run.args.student_init == "both" else []
     steps += [(f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
                lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])) for k in ENCODERS]
+    n = len(steps) + 1
     for i, (name, kind, what, train) in enumerate(steps):
         ckpt = run.checkpoint(name, kind)
         if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
-            run.log(f"=== step {i + 1}/4 {name} ({what}): reusing {run.path(name)}, finished ({ckpt['epochs']} epochs)")
+            run.log(f"=== step {i + 1}/{n} {name} ({what}): reusing {run.path(name)}, finished ({ckpt['epochs']} epochs)")
             continue
         how = "training" if ckpt is None else f"resuming {run.path(name)} ({ckpt['epoch']}/{ckpt['epochs']} epochs)"
-        run.log(f"=== step {i + 1}/4 {name} ({what}): {how}")
+        run.log(f"=== step {i + 1}/{n} {name} ({what}): {how}")
         train(ckpt is not None)
     name = "student" if run.args.mix == "similarity" else "student_fixed"
     mix = "the per-video mix" if run.args.mix == "similarity" else "the fixed 0.5 mix"
-    run.log(f"=== step 4/4 {name} (temporal similarity scores, then the student distilled from {mix} of both teachers)")
+    run.log(f"=== step {n}/{n} {name} (temporal similarity scores, then the student distilled from {mix} of both teachers)")
     train_semisup(run, name)
 
 
@@ -795,7 +799,8 @@ def ablation(args):
     labeled split: both teachers, supervised-only, the student with a fixed 0.5 mix and the TimeBalance
     student. Prints mean +- std top-1, per-class teacher accuracy and the score spread per class."""
     t0 = time.time()
-    for stage in SSL_STAGES:
+    shared = ENCODERS + (("both",) if args.student_init == "both" else ())
+    for stage in shared:
         done = os.path.exists(os.path.join(args.out, f"{stage}.pt"))
         if not done or load_checkpoint(os.path.join(args.out, f"{stage}.pt"))["epoch"] < (args.epochs or EPOCHS[stage]):
             print(f"=== {stage}", flush=True)
@@ -804,7 +809,7 @@ def ablation(args):
     for seed in args.seeds:
         sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}")})
         os.makedirs(sub.out, exist_ok=True)
-        for stage in SSL_STAGES:  # the shared encoders, linked into the seed's folder
+        for stage in shared:  # the shared encoders, linked into the seed's folder
             dst = os.path.join(sub.out, f"{stage}.pt")
             if not os.path.exists(dst):
                 os.link(os.path.join(args.out, f"{stage}.pt"), dst)
