@@ -8,9 +8,10 @@
                                           temporal similarity scores                       -> OUT/scores.json
                                           the student, distilled from the per-video mix    -> OUT/student.pt
 
-Finer stages: `both` and `finetune` run one step of semisup by hand; `supervised` is the baseline (labeled
-subset only, from scratch); `eval --ckpt F` tests a classifier; `ablation` makes the seed tables of README
-"Results"; `--demo` runs the three commands, the baseline and the fixed-mix student on the toy set.
+Finer stages: `finetune` runs semisup's teacher steps by hand, `both` the extra first step of
+`--student-init both`; `supervised` is the baseline (labeled subset only, from scratch); `eval --ckpt F` tests
+a classifier; `ablation` makes the seed tables of README "Results"; `--demo` runs the three commands, the
+baseline and the fixed-mix student on the toy set.
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
 """
@@ -642,6 +643,7 @@ def train_semisup(run, name="student"):
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --demo
     model = run.model(num_classes=len(run.classes), dropout=0.5)
     load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
+    run.log(f"{name}: starts from the backbone of {run.path(a.student_init)}")
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt, a.resume)
     net = run.wrap(model)

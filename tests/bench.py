@@ -287,7 +287,7 @@ def bench_pipeline(args):
         loader_rate[mode] = n / (time.perf_counter() - t)
         del loader
 
-    # 3. the stage: invariant (SSL), supervised, semisup (its student; both and the teachers run first)
+    # 3. the stage: invariant (SSL), supervised, semisup (its student; the teachers run first)
     out = os.path.join(tmp, "stages")
     stage_rate = {}
     for stage, key, log_name in (("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),

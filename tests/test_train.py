@@ -66,15 +66,18 @@ def copy_run(src, dst, names):
 
 def test_checkpoint_chain_and_results(chain, toy_root):
     out, logs = chain
-    for name in ("invariant", "distinctive", "both", "teacher_invariant", "teacher_distinctive", "supervised", "student"):
+    for name in ("invariant", "distinctive", "teacher_invariant", "teacher_distinctive", "supervised", "student"):
         ckpt = load(out / f"{name}.pt")
         assert ckpt["epoch"] == ckpt["epochs"] == 1 and set(ckpt) >= {"model", "optimizer", "rng", "args", "arch"}
     assert "skipped 14 head keys" in logs["semisup"]
-    # semisup ran every step downstream of the two encoders, each announced as it started
+    # semisup ran every step downstream of the two encoders, each announced as it started; the student
+    # starts from the distinctive encoder, so no L_I + L_D encoder is trained (that is --student-init both)
     steps = [line for line in logs["semisup"].splitlines() if line.startswith("=== step")]
-    assert [s.split(" (")[0] for s in steps] == ["=== step 1/4 both", "=== step 2/4 teacher_invariant",
-                                                "=== step 3/4 teacher_distinctive", "=== step 4/4 student"]
-    assert all(s.endswith(": training") for s in steps[:3])
+    assert [s.split(" (")[0] for s in steps] == ["=== step 1/3 teacher_invariant", "=== step 2/3 teacher_distinctive",
+                                                "=== step 3/3 student"]
+    assert all(s.endswith(": training") for s in steps[:2])
+    assert f"student: starts from the backbone of {out / 'distinctive.pt'}" in logs["semisup"]
+    assert not (out / "both.pt").exists()
     results = json.load(open(out / "results.json"))
     assert set(results) == {"teacher_invariant", "teacher_distinctive", "supervised", "student"}
     assert all(0 <= v <= 100 for v in results.values())
@@ -84,7 +87,7 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     train_paths = [line.split()[0] for line in open(os.path.join(toy_root, "trainlist01.txt"))]
     assert sorted(scores) == sorted(train_paths) and all(0 <= s <= 1 for s in scores.values())
     log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert {r["stage"] for r in log} >= {"invariant", "both", "student"} and all("bad_videos" in r for r in log)
+    assert {r["stage"] for r in log} >= {"invariant", "distinctive", "student"} and all("bad_videos" in r for r in log)
     # scores.png: per class the median-score video; its heat map cells are its C (cached in scores.json)
     from test_data import read_png
 
@@ -109,25 +112,50 @@ def test_missing_inputs_name_the_stage(chain, toy_root, tmp_path):
     copy_run(chain[0], tmp_path, ["invariant.pt"])
     p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "distinctive.pt not found: run --stage distinctive first" in p.stderr
-    assert not (tmp_path / "both.pt").exists()  # nothing trained before the inputs were all there
+    assert not (tmp_path / "teacher_invariant.pt").exists()  # nothing trained before the inputs were all there
 
 
 def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
-    """`both` and `finetune` by hand give what `semisup` gives on its way; a later `semisup` reuses them
-    (log lines, and the files are not rewritten) and its student is the same."""
+    """`finetune` by hand gives what `semisup` gives on its way; a later `semisup` reuses it (log lines, and
+    the files are not rewritten) and its student is the same."""
     out, _ = chain
     copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
-    train("--stage", "both", root=toy_root, out=tmp_path)
     train("--stage", "finetune", root=toy_root, out=tmp_path)
-    names = ("both", "teacher_invariant", "teacher_distinctive")
+    names = ("teacher_invariant", "teacher_distinctive")
     mtimes = {n: os.stat(tmp_path / f"{n}.pt").st_mtime_ns for n in names}
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
     for i, n in enumerate(names):
-        assert f"=== step {i + 1}/4 {n} (" in p.stdout and f"reusing {tmp_path / n}.pt, finished (1 epochs)" in p.stdout
+        assert f"=== step {i + 1}/3 {n} (" in p.stdout and f"reusing {tmp_path / n}.pt, finished (1 epochs)" in p.stdout
         assert os.stat(tmp_path / f"{n}.pt").st_mtime_ns == mtimes[n]
     for n in names + ("student",):
         a, b = load(out / f"{n}.pt")["model"], load(tmp_path / f"{n}.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), n
+
+
+def test_student_init_both(chain, toy_root, tmp_path):
+    """--student-init both (the paper's): semisup first trains the L_I + L_LL + L_GL encoder and the student
+    starts from it; `both` by hand is reused by a later semisup and gives the same student; a student from
+    it differs from the default one (from the distinctive encoder)."""
+    out, _ = chain
+    teachers = ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
+    inside, by_hand = tmp_path / "inside", tmp_path / "by_hand"
+    copy_run(out, inside, teachers)
+    p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=inside)
+    steps = [line.split(" (")[0] for line in p.stdout.splitlines() if line.startswith("=== step")]
+    assert steps == ["=== step 1/4 both", "=== step 2/4 teacher_invariant", "=== step 3/4 teacher_distinctive",
+                     "=== step 4/4 student"]
+    assert f"student: starts from the backbone of {inside / 'both.pt'}" in p.stdout
+    copy_run(out, by_hand, teachers)
+    train("--stage", "both", root=toy_root, out=by_hand)
+    mtime = os.stat(by_hand / "both.pt").st_mtime_ns
+    p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=by_hand)
+    assert f"=== step 1/4 both (" in p.stdout and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
+    assert os.stat(by_hand / "both.pt").st_mtime_ns == mtime
+    for n in ("both", "student"):
+        a, b = load(inside / f"{n}.pt")["model"], load(by_hand / f"{n}.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), n
+    a, b = load(inside / "student.pt")["model"], load(out / "student.pt")["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
@@ -165,8 +193,7 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     kill_after_an_epoch(args, toy_root, killed, ckpt)
     assert load(ckpt)["epoch"] < 3 and not (killed / "teacher_distinctive.pt").exists(), "not killed in the teachers' step"
     p = train(*args, "--resume", root=toy_root, out=killed)
-    assert "=== step 1/4 both (" in p.stdout and "reusing" in p.stdout.split("=== step 2/4")[0]
-    assert f"=== step 2/4 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): resuming {ckpt}" in p.stdout
+    assert f"=== step 1/3 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): resuming {ckpt}" in p.stdout
     assert "resuming teacher_invariant after epoch" in p.stdout
     assert load(killed / "student.pt")["epoch"] == 3 and "student" in json.load(open(killed / "results.json"))
     # the resumed teacher is the one an uninterrupted run gives
@@ -182,6 +209,7 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
     (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
     (["--stage", "finetune", "--finetune-backbone-lr", "-1"], "--finetune-backbone-lr must be >= 0"),
+    (["--stage", "semisup", "--student-init", "invariant"], "argument --student-init: invalid choice: 'invariant'"),
     (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
     (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
     (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
@@ -226,7 +254,7 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(tmp_path / "results.json"))["supervised"] == json.load(open(out / "results.json"))["supervised"]
     # scores recomputed from fresh copies of the SSL encoders are the same
-    for name in ("invariant", "distinctive", "both", "teacher_invariant", "teacher_distinctive"):
+    for name in ("invariant", "distinctive", "teacher_invariant", "teacher_distinctive"):
         shutil.copy(out / f"{name}.pt", tmp_path / f"{name}.pt")
     train("--stage", "semisup", root=toy_root, out=tmp_path)
     assert json.load(open(tmp_path / "scores.json"))["raw"] == json.load(open(out / "scores.json"))["raw"]
@@ -324,7 +352,7 @@ def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
     ]
     for k, (name, real, flags) in enumerate(cases):
         run = tmp_path / f"case{k}"
-        copy_run(out, run, ["invariant.pt", "distinctive.pt", "both.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
+        copy_run(out, run, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
         malicious_checkpoint(run / name, marker, out / real)
         p = train(*flags, root=toy_root, out=run, check=False)
         assert p.returncode == 2 and last_line(p).startswith(f"error: {run / name}: refused"), p.stderr
@@ -357,16 +385,16 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
     shutil.copy(out / "supervised.pt", run / "invariant.pt")
     p = train("--stage", "finetune", root=toy_root, out=run, check=False)
     assert p.returncode == 2 and f"{run / 'invariant.pt'} is a classifier, not a self-supervised encoder" in p.stderr
-    p = train("--stage", "eval", "--ckpt", str(out / "both.pt"), root=toy_root, out=run, check=False)
-    assert p.returncode == 2 and "both.pt is a self-supervised encoder, not a classifier" in p.stderr
+    p = train("--stage", "eval", "--ckpt", str(out / "distinctive.pt"), root=toy_root, out=run, check=False)
+    assert p.returncode == 2 and "distinctive.pt is a self-supervised encoder, not a classifier" in p.stderr
     assert not (run / "teacher_invariant.pt").exists() and not (run / "results.json").exists()
 
 
 def test_damaged_run_files(chain, toy_root, tmp_path):
     """scores.json is a cache: recomputed. results.json / per_class.json are set aside before training."""
     out, _ = chain
-    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt", "both.pt", "teacher_invariant.pt",
-                             "teacher_distinctive.pt", "scores.json"])
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt",
+                             "scores.json"])
     (tmp_path / "scores.json").write_text('{"source": {"inv')  # cut short
     (tmp_path / "results.json").write_text("\x00\x01 not json")
     (tmp_path / "per_class.json").write_text("[1, 2]")  # JSON, but not an object
