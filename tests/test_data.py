@@ -325,8 +325,8 @@ def _object(v):
 
 def test_toy_classes_are_what_the_premise_needs():
     """Appearance classes repeat: the same area and place all video long. Each temporal class is two
-    sub-actions in order of a shape no appearance class has, and a pair (UpDown / DownUp, GrowShrink / ShrinkGrow) visits the same rows or
-    sizes, the other way round: only the order tells the two apart."""
+    sub-actions in order, of a shape no appearance class has, and a pair (UpDown / DownUp, GrowShrink /
+    ShrinkGrow) visits the same rows or sizes, the other way round: only the order tells the two apart."""
     g, n, H = torch.Generator().manual_seed(0), 41, 64
     video = {name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)}
     for name in data.TOY_CLASSES[:4]:
@@ -337,9 +337,10 @@ def test_toy_classes_are_what_the_premise_needs():
             assert (area[:4] - area[4:8]).abs().max() < 0.1 * area.mean()  # the 4-frame cycle repeats
     for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
         for up, down in zip(video[first], video[second]):
+            objects = [_object(v) for v in (up, down)]  # (area, row, fill, aspect) each
             # a flat bar, like no appearance class: at no instant does a temporal video look like one of theirs
-            assert all(_object(v)[2].min() > 0.95 and _object(v)[3].min() >= 3 for v in (up, down))
-            a, b = (_object(v)[0 if what == "area" else 1] for v in (up, down))
+            assert all(fill.min() > 0.95 and aspect.min() >= 3 for _, _, fill, aspect in objects)
+            a, b = (o[0 if what == "area" else 1] for o in objects)
             if what == "row":  # rows grow downwards: UpDown's row falls to its least at the turn
                 a, b = -a, -b
             k, m = int(a.argmax()), int(b.argmin())  # the turn: 40 % to 60 % of the video

@@ -149,7 +149,7 @@ def test_student_init_both(chain, toy_root, tmp_path):
     train("--stage", "both", root=toy_root, out=by_hand)
     mtime = os.stat(by_hand / "both.pt").st_mtime_ns
     p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=by_hand)
-    assert f"=== step 1/4 both (" in p.stdout and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
+    assert "=== step 1/4 both (" in p.stdout and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
     assert os.stat(by_hand / "both.pt").st_mtime_ns == mtime
     for n in ("both", "student"):
         a, b = load(inside / f"{n}.pt")["model"], load(by_hand / f"{n}.pt")["model"]
