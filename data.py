@@ -451,12 +451,17 @@ def write_list(path, items):
 # Datasets
 
 
+# The 10 clips of one video in "ssl" mode, in order: the sparse clip under augmentations A and B, then the
+# 4 dense clips under A, then under B (each augmentation is one draw shared by its sparse and dense clips).
+SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 10))
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
     (3, T, S, S) with its row of augmentation parameters (`finish` applies the float half on the device):
       train  one clip, T frames at `stride`, weak augmentation       -> (3, T, S, S), (P,)
       ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
-             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4]
+             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS)
       test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
     An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
@@ -528,27 +533,41 @@ class EpochSampler(torch.utils.data.Sampler):
     The epoch travels with each index, so DataLoader workers that persist across epochs still seed every
     item by (seed, epoch, index), and a resumed run sees the same batches as an uninterrupted one."""
 
-    def __init__(self, n, seed, shuffle=True, rank=0, world=1):
+    def __init__(self, n, seed, shuffle=True, rank=0, world=1, length=None):
+        """`length`: items per rank and epoch when fewer are needed than n // world (the first of the
+        permutation, so the items drawn are those a longer epoch would draw first)."""
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.length = min(length, n // world) if length is not None else n // world
         self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return self.n // self.world if self.shuffle else self.n
+        return self.length if self.shuffle else self.n
 
     def __iter__(self):
         if not self.shuffle:
             return ((self.epoch, i) for i in range(self.n))
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        order = order[: len(self) * self.world][self.rank :: self.world]  # (n // world,)
+        order = order[: len(self) * self.world][self.rank :: self.world]  # (length,)
         return ((self.epoch, i) for i in order.tolist())
+
+
+def _stack(tensors):
+    """torch.stack; inside a DataLoader worker into shared memory, as torch's default collate does: the
+    worker queue hands a batch in shared memory over as it is, and copies any other batch into it first."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        t = tensors[0]
+        storage = t.untyped_storage()._new_shared(len(tensors) * t.numel() * t.element_size())
+        out = t.new_empty(0).set_(storage).view(len(tensors), *t.shape)  # (n, *t.shape)
+    return torch.stack(tensors, out=out)
 
 
 def collate(batch):
     clips, params, labels, index, bad = zip(*batch)
-    return (torch.stack(clips), torch.stack(params), torch.tensor(labels), torch.tensor(index),
+    return (_stack(clips), _stack(params), torch.tensor(labels), torch.tensor(index),
             [b for bs in bad for b in bs])
 
 

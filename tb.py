@@ -5,8 +5,6 @@ Notation: every embedding is already L2-normalised, h(u, v) = exp(u . v / tau), 
   L_a, L_b   (B, 4, D)  the sparse clip's 4 temporal slices ("local slices" L_1..L_4)
   G_a, G_b   (B, 4, D)  the 4 dense (local) clips G_1..G_4 tiling the sparse clip's span
 """
-import itertools
-
 import torch
 import torch.nn.functional as F
 
@@ -14,14 +12,16 @@ import torch.nn.functional as F
 def _nt_xent_rows(z1, z2, tau):
     """NT-Xent per anchor over the second-to-last dim: z1, z2 (..., N, D) -> (..., 2N) losses.
     Anchor i's positive is its partner in the other view; every other one of the 2N is a negative:
-        l_i = -log( h(z_i, z~_i) / sum_{k != i} h(z_i, z_k) )"""
+        l_i = -log( h(z_i, z~_i) / sum_{k != i} h(z_i, z_k) )
+    Every index is made on z's device: an index built on the CPU would be copied to the GPU, waiting for it."""
     N = z1.shape[-2]
     z = torch.cat([z1, z2], dim=-2)  # (..., 2N, D)
     sim = z @ z.transpose(-1, -2) / tau  # (..., 2N, 2N): log h(z_i, z_k)
     eye = torch.eye(2 * N, dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(eye, float("-inf"))  # k != i
-    pos = torch.arange(2 * N, device=z.device).add(N).remainder(2 * N)  # partner of i: i + N mod 2N
-    return torch.logsumexp(sim, dim=-1) - sim[..., torch.arange(2 * N), pos]
+    # the partner of i is i + N mod 2N: entries (i, i + N) and (i + N, i), the diagonals at offsets +N and -N
+    pos = torch.cat([sim.diagonal(N, -2, -1), sim.diagonal(-N, -2, -1)], dim=-1)  # (..., 2N)
+    return torch.logsumexp(sim, dim=-1) - pos
 
 
 def nt_xent(z1, z2, tau=0.1):
@@ -36,13 +36,16 @@ def nt_xent(z1, z2, tau=0.1):
 
 
 def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1):
-    """Temporally-invariant objective (PAPER_NOTES "Temporally-invariant objective"):
+    """Temporally-invariant objective (docs/method.md "Temporally-invariant objective"):
         L_I = NTXent(g, g~) + 1/4 * sum over unordered pairs of distinct dense clips
               (a, p) != (b, q) of NTXent(G_{a,p}, G_{b,q})
     Dense clips at different times of one video are positives: the features become time-invariant.
-    With 2 augmentations x 4 times there are 28 pairs."""
-    dense = [G[:, p] for G in (G_a, G_b) for p in range(G.shape[1])]  # 8 x (B, D)
-    L_dense = sum(nt_xent(u, v, tau) for u, v in itertools.combinations(dense, 2))
+    With 2 augmentations x 4 times there are 28 pairs, computed in one batched call."""
+    if G_a.shape != G_b.shape or G_a.dim() != 3:
+        raise ValueError(f"invariant_loss: dense clips must both be (B, 4, D), got {tuple(G_a.shape)} and {tuple(G_b.shape)}")
+    dense = torch.cat([G_a, G_b], dim=1).transpose(0, 1)  # (8, B, D): slots A1..A4, B1..B4
+    i, j = torch.triu_indices(8, 8, offset=1, device=dense.device)  # (28,) each: the pairs i < j in order
+    L_dense = _nt_xent_rows(dense[i], dense[j], tau).mean(dim=-1).sum()  # (28, B, D) x 2 -> (28, 2B) -> ()
     return nt_xent(g_a, g_b, tau) + L_dense / 4
 
 
@@ -68,9 +71,12 @@ def global_local_loss(L, G, tau=0.1):
 
 def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1):
     """Temporally-distinctive objective L_D = L_LL + L_GL, L_GL summed over the 4 combinations of
-    sparse / dense augmentations (PAPER_NOTES; released teacher config: both temporal weights 1)."""
-    L_GL = sum(global_local_loss(L, G, tau) for L in (L_a, L_b) for G in (G_a, G_b))
-    return local_local_loss(G_a, G_b, tau) + L_GL
+    sparse / dense augmentations (docs/method.md; released teacher config: both temporal weights 1).
+    The 4 combinations go through `global_local_loss` as one batch of 4B videos: the mean over it, times 4,
+    is the sum of the 4 means."""
+    L = torch.cat([L_a, L_a, L_b, L_b])  # (4B, 4, D)
+    G = torch.cat([G_a, G_b, G_a, G_b])  # (4B, 4, D): pairs (L_a, G_a), (L_a, G_b), (L_b, G_a), (L_b, G_b)
+    return local_local_loss(G_a, G_b, tau) + 4 * global_local_loss(L, G, tau)
 
 
 def similarity_matrix(e_I, e_D):

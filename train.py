@@ -16,7 +16,7 @@ baseline and the fixed-mix student on the toy set.
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
 """
 import argparse
-import copy
+import contextlib
 import json
 import math
 import os
@@ -145,11 +145,15 @@ class Run:
         dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if self.world > 1 and dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(dev)
         self.device = torch.device(dev)
+        if self.device.type == "cuda":
+            # the current device is where the DataLoader's pin-memory thread and every bare "cuda" tensor go
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # every training shape is fixed: pick each conv's fastest kernel
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group(backend(self.device))
         self.amp = self.device.type == "cuda" and not args.no_amp
+        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart in log.jsonl
         os.makedirs(args.out, exist_ok=True)
         generate = args.demo or args.root == DEFAULT_TOY  # never into a folder the user named
         if args.dataset == "toy" and generate and not os.path.exists(os.path.join(args.root, "classInd.txt")):
@@ -193,36 +197,56 @@ class Run:
         T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
         return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
 
-    def loader(self, ds, batch_size, shuffle=True):
-        """One loader for the whole stage; its workers persist across epochs. Shuffling and augmentation
-        depend on (seed, epoch, video) only (`data.EpochSampler`; `batches` sets the epoch), so a resumed
-        run sees the same batches as an uninterrupted one. Evaluation and scoring (no shuffle) shard their
-        items themselves and make one pass."""
-        sampler = data.EpochSampler(len(ds), self.args.seed, shuffle, *((self.rank, self.world) if shuffle else (0, 1)))
+    def loader(self, ds, batch_size, shuffle=True, workers=None, length=None):
+        """One loader for the whole stage; its workers (`workers`, default --workers) persist across epochs.
+        Shuffling and augmentation depend on (seed, epoch, video) only (`data.EpochSampler`; `batches` sets
+        the epoch), so a resumed run sees the same batches as an uninterrupted one. The loader draws its
+        workers' base seed from a generator of its own, not from the global one, which would otherwise move
+        once more in a resumed run (a persistent loader draws on its first pass only) and change every
+        dropout mask after it. `length`: items per rank and epoch, if fewer than the dataset's. Evaluation
+        and scoring (no shuffle) shard their items themselves and make one pass."""
+        workers = self.args.workers if workers is None else workers
+        sampler = data.EpochSampler(len(ds), self.args.seed, shuffle, *((self.rank, self.world) if shuffle else (0, 1)),
+                                    length=length)
         return torch.utils.data.DataLoader(
-            ds, batch_size, sampler=sampler, drop_last=shuffle, num_workers=self.args.workers,
-            collate_fn=data.collate, pin_memory=self.device.type == "cuda",
-            persistent_workers=shuffle and self.args.workers > 0)
+            ds, batch_size, sampler=sampler, drop_last=shuffle, num_workers=workers, collate_fn=data.collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=shuffle and workers > 0,
+            generator=torch.Generator().manual_seed(self.args.seed))
 
     def batches(self, loader, epoch, clip_major=False):
         """The batches of `epoch` as (x, labels, indices, failed), x (N, 3, T, S, S) float, all on the device;
         x finished there (`data.finish`: colour, normalisation, erase, on the whole batch). The uint8 clips,
         their parameters, labels and indices leave pinned memory without blocking (a blocking copy would wait
         for the GPU to drain), and the next batch is taken from the loader and its copy issued before this
-        one is handed out. Several clips per video (B, n, ...) are flattened video-major (B*n: evaluation,
-        scoring) or with `clip_major` clip-major (n*B: the SSL batch, clip c of every video together)."""
+        one is handed out. On CUDA the copies run on a stream of their own, so batch k+1's copy overlaps
+        step k; the compute stream waits for a batch's copy only when it takes the batch. Several clips per
+        video (B, n, ...) are flattened video-major (B*n: evaluation, scoring) or with `clip_major`
+        clip-major (n*B: the SSL batch, clip c of every video together)."""
         loader.sampler.set_epoch(epoch)
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
         ahead = None
         for clips, params, y, idx, failed in loader:
-            copied = [t.to(self.device, non_blocking=True) for t in (clips, params, y, idx)] + [failed]
+            with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
+                copied = [t.to(self.device, non_blocking=True) for t in (clips, params, y, idx)]
+                done = torch.cuda.Event() if cuda else None
+                if cuda:
+                    done.record()
             if ahead is not None:
                 yield self.finish(*ahead, clip_major)
-            ahead = copied
+            ahead = copied, done, failed
         if ahead is not None:
             yield self.finish(*ahead, clip_major)
 
-    def finish(self, clips, params, y, idx, failed, clip_major):
-        """One batch already on the device: reordered, then the float half of its augmentation."""
+    def finish(self, copied, done, failed, clip_major):
+        """One batch copied to the device: the compute stream waits for its copy (CUDA), then the batch is
+        reordered and the float half of its augmentation applied."""
+        clips, params, y, idx = copied
+        if done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            for t in copied:  # made on the copy stream, used on this one: not to be reused before it is done
+                t.record_stream(compute)
         if clips.dim() == 6:  # (B, n, 3, T, S, S)
             if clip_major:
                 clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
@@ -272,7 +296,8 @@ class Run:
         if self.rank == 0:
             m = model.module if hasattr(model, "module") else model
             state = dict(model=m.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs,
-                         arch=m.arch, args=vars(self.args), classes=self.classes, rng=torch.get_rng_state())
+                         arch=m.arch, args=vars(self.args), classes=self.classes, rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
             tmp = self.path(name) + ".tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.path(name))
@@ -293,6 +318,8 @@ class Run:
             raise StageError(f"{self.path(name)}: its optimizer state does not fit this version ({e}); "
                              "train the stage anew without --resume") from None
         torch.set_rng_state(ckpt["rng"])
+        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         self.log(f"resuming {name} after epoch {ckpt['epoch']}")
         return ckpt["epoch"]
 
@@ -312,6 +339,12 @@ class Run:
             results = read_json(path)
             results[name] = round(top1, 2)
             write_json(path, results)
+
+
+def backend(device):
+    """The process group's backend: NCCL for CUDA tensors, gloo for the CPU ones (collectives of Python
+    objects, a CPU tensor that slipped through). NCCL alone takes CUDA tensors only."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def read_splits(args):
@@ -401,35 +434,84 @@ def lr_at(step, total, base, warmup):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def optimize(opt, terms, where):
-    """Backward and step on the sum of the loss terms; a non-finite term stops the run, named."""
-    for name, value in terms.items():
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {name}={value.item()} at {where}")
+def optimize(opt, terms):
+    """Backward and step on the sum of the loss terms. Nothing here reads a value back from the device:
+    `Meter` checks the terms for non-finite values when it reads their sums."""
     opt.zero_grad(set_to_none=True)
     sum(terms.values()).backward()
     opt.step()
-
-
-def end_epoch(run, name, model, opt, epoch, epochs, sums, steps, bad, clips, t0, echo=True):
-    """Checkpoint after every epoch, then one JSON line in OUT/log.jsonl with the mean loss terms."""
-    run.save(name, model, opt, epoch + 1, epochs)
-    record = dict(stage=name, epoch=epoch + 1, **{k: v / steps for k, v in sums.items()},
-                  bad_videos=len(bad), clips_per_s=round(clips / (time.time() - t0), 1))
-    run.log_epoch(record)
-    if echo:
-        run.log(json.dumps(record))
 
 
 def hparams(args, stage):
     return (args.epochs or EPOCHS[stage], args.lr or LR[stage], args.batch_size or BATCH[stage])
 
 
-def progress(run, stage, epoch, step, steps, terms, clips, t0, done, total):
-    elapsed = time.time() - t0
-    eta = elapsed / max(1, done) * (total - done)
-    loss = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-    run.log(f"{stage} ep {epoch} step {step + 1}/{steps} {loss} | {clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
+class Meter:
+    """The per-step plumbing of a stage's loop, out of the loop's body: each step's learning rate, the loss
+    terms summed on the device, read back once every --log-every steps and at the epoch's end (reading a
+    GPU value makes the host wait for the GPU to drain, so never inside a step), the progress lines, and
+    each epoch's checkpoint and log record. A non-finite sum stops the run at that read, naming the stage,
+    epoch, steps and term; under DDP the sums are all-reduced first, so every rank stops together instead
+    of leaving the others waiting in the next gradient all-reduce. `steps_lines`: a progress line at each
+    read (else only the epoch records, every --log-every epochs)."""
+
+    def __init__(self, run, name, opt, lr, epochs, steps, start, steps_lines=True):
+        self.run, self.name, self.opt, self.lr, self.epochs, self.steps, self.start = run, name, opt, lr, epochs, steps, start
+        self.steps_lines = steps_lines
+        self.bad, self.t0, self.clips = data.BadVideos(), time.time(), 0
+        self.sums, self.epoch, self.step, self.checked = {}, start, -1, 0
+
+    def begin(self, epoch, step, failed):
+        """Before step `step` of `epoch`: its learning rate, warm-up over the first epoch then cosine decay
+        (`lr_at`), times the parameter group's "scale" where it has one; the batch's unreadable videos."""
+        if step == 0:
+            self.sums, self.checked = {}, 0
+        self.epoch, self.step = epoch, step
+        self.bad.add(failed)
+        for group in self.opt.param_groups:
+            group["lr"] = group.get("scale", 1.0) * lr_at(epoch * self.steps + step, self.epochs * self.steps, self.lr,
+                                                          self.steps)
+
+    def add(self, terms, clips):
+        """After the step: its loss terms added to the sums on the device, `clips` counted on every rank."""
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
+        self.clips += clips * self.run.world
+        if (self.step + 1) % self.run.args.log_every == 0:
+            means = self.read()
+            if self.steps_lines:
+                done = (self.epoch - self.start) * self.steps + self.step + 1
+                elapsed = time.time() - self.t0
+                eta = elapsed / done * ((self.epochs - self.start) * self.steps - done)
+                loss = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                self.run.log(f"{self.name} ep {self.epoch} step {self.step + 1}/{self.steps} {loss} | "
+                             f"{self.clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
+
+    def read(self):
+        """The mean of each term over the epoch's steps so far (over every rank), read from the device at once."""
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names])  # (terms,)
+        if self.run.world > 1:
+            dist.all_reduce(values)
+            values = values / self.run.world
+        values = values.tolist()
+        for k, v in zip(names, values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"non-finite loss {k} in {self.name} epoch {self.epoch}, "
+                                         f"steps {self.checked + 1}-{self.step + 1}")
+        self.checked = self.step + 1
+        return {k: v / (self.step + 1) for k, v in zip(names, values)}
+
+    def end_epoch(self, model):
+        """After the epoch's last step: the sums read and checked, a checkpoint, one JSON line in OUT/log.jsonl."""
+        means = self.read()
+        self.run.save(self.name, model, self.opt, self.epoch + 1, self.epochs)
+        record = dict(stage=self.name, epoch=self.epoch + 1, **means, lr=self.opt.param_groups[-1]["lr"],
+                      bad_videos=len(self.bad), clips_per_s=round(self.clips / (time.time() - self.t0), 1),
+                      wall_s=round(time.time() - self.t0, 1), run=self.run.id)
+        self.run.log_epoch(record)
+        if self.steps_lines or (self.epoch + 1) % self.run.args.log_every == 0 or self.epoch + 1 == self.epochs:
+            self.run.log(json.dumps(record))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,33 +530,34 @@ def train_ssl(run, stage, resume):
     steps = len(ds) // (bs * run.world)
     if steps == 0:
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch")
-    loader, bad, t0, clips = run.loader(ds, bs), data.BadVideos(), time.time(), 0
+    loader, meter = run.loader(ds, bs), Meter(run, stage, opt, lr, epochs, steps, start)
     for epoch in range(start, epochs):
         net.train()
-        sums = {}
         for step, (x, _, _, failed) in enumerate(run.batches(loader, epoch, clip_major=True)):  # x (10B, 3, T, S, S)
-            bad.add(failed)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
-            B = x.shape[0] // 10
-            with run.autocast():
-                g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
-            g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)
-            g_a, g_b, L_a, L_b = g[0], g[1], L[0], L[1]  # sparse clips: (B, D), slices (B, 4, D)
-            G_a, G_b = g[2:6].transpose(0, 1), g[6:10].transpose(0, 1)  # dense clips: (B, 4, D)
-            terms = {}
-            if stage in ("invariant", "both"):
-                terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, a.tau)
-            if stage in ("distinctive", "both"):
-                terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, a.tau)
-            optimize(opt, terms, f"{stage} epoch {epoch} step {step}")
-            clips += 10 * B * run.world
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            if (step + 1) % a.log_every == 0:
-                progress(run, stage, epoch, step, steps, terms, clips, t0,
-                         (epoch - start) * steps + step + 1, (epochs - start) * steps)
-        end_epoch(run, stage, model, opt, epoch, epochs, sums, steps, bad, clips, t0)
+            meter.begin(epoch, step, failed)
+            terms = ssl_terms(net, x, stage, a.tau, run.autocast)
+            optimize(opt, terms)
+            meter.add(terms, x.shape[0])
+        meter.end_epoch(model)
+
+
+def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
+    """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each,
+    clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`."""
+    B = x.shape[0] // 10
+    with autocast():
+        g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
+    g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
+    c = data.SSL_CLIPS
+    g_a, g_b = g[c["sparse_A"]], g[c["sparse_B"]]  # the sparse clip under augmentations A and B: (B, D)
+    L_a, L_b = L[c["sparse_A"]], L[c["sparse_B"]]  # its 4 temporal slices L_1..L_4: (B, 4, D)
+    G_a, G_b = g[c["dense_A"]].transpose(0, 1), g[c["dense_B"]].transpose(0, 1)  # dense clips G_1..G_4: (B, 4, D)
+    terms = {}
+    if stage in ("invariant", "both"):
+        terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, tau)
+    if stage in ("distinctive", "both"):
+        terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, tau)
+    return terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,23 +588,23 @@ def train_classifier(run, name, resume, init=None):
     ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
     bs = min(bs, len(ds) // run.world)
     steps = len(ds) // (bs * run.world)
-    loader, bad, t0, clips = run.loader(ds, bs), data.BadVideos(), time.time(), 0
+    loader, meter = run.loader(ds, bs), Meter(run, name, opt, lr, epochs, steps, start, steps_lines=False)
     for epoch in range(start, epochs):
         net.train()
-        total = 0.0
         for step, (x, y, _, failed) in enumerate(run.batches(loader, epoch)):  # x (B, 3, T, S, S)
-            bad.add(failed)
-            for group in opt.param_groups:
-                group["lr"] = group["scale"] * lr_at(epoch * steps + step, epochs * steps, lr, steps)
-            with run.autocast():
-                logits = net(x).float()  # (B, K)
-            terms = {"CE": F.cross_entropy(logits, y)}
-            optimize(opt, terms, f"{name} epoch {epoch} step {step}")
-            clips += x.shape[0] * run.world
-            total += terms["CE"].item()
-        end_epoch(run, name, model, opt, epoch, epochs, {"CE": total}, steps, bad, clips, t0,
-                  echo=(epoch + 1) % a.log_every == 0 or epoch + 1 == epochs)
+            meter.begin(epoch, step, failed)
+            terms = classifier_terms(net, x, y, run.autocast)
+            optimize(opt, terms)
+            meter.add(terms, x.shape[0])
+        meter.end_epoch(model)
     evaluate_and_record(run, name, model)
+
+
+def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
+    """Cross-entropy of the classifier on one labeled batch, x (B, 3, T, S, S), y (B,)."""
+    with autocast():
+        logits = net(x).float()  # (B, K)
+    return {"CE": F.cross_entropy(logits, y)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,8 +640,9 @@ def compute_scores(run):
         for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
             bad.add(failed)
             B = len(idx)
-            with run.autocast():
-                e_I, e_D = (enc(x, out="ssl")[0].float().view(B, 4, -1) for enc in encoders)  # (B, 4, D)
+            # float32 on every device, never under autocast: bf16 scores would differ from the CPU's and
+            # break the ties that --score-norm rank relies on
+            e_I, e_D = (enc(x, out="ssl")[0].view(B, 4, -1) for enc in encoders)  # (B, 4, D)
             C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
             s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
             for i, s_i, C_i in zip(idx.tolist(), s.tolist(), C_b.tolist()):
@@ -647,38 +731,42 @@ def train_semisup(run, name="student"):
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     start = run.resume(name, model, opt, a.resume)
     net = run.wrap(model)
-    unl_loader, lab_loader = run.loader(unl_ds, bs), run.loader(lab_ds, bs_l)
-    bad, t0, clips = data.BadVideos(), time.time(), 0
+    # --workers split between the two loaders in proportion to the clips each gives per step; the labeled
+    # sampler draws exactly the batches the steps take
+    w_l = min(a.workers - 1, max(1, round(a.workers * bs_l / (bs + bs_l)))) if a.workers > 1 else 0
+    unl_loader = run.loader(unl_ds, bs, workers=a.workers - w_l)
+    lab_loader = run.loader(lab_ds, bs_l, workers=w_l, length=steps * bs_l)
+    meter = Meter(run, name, opt, lr, epochs, steps, start)
     for epoch in range(start, epochs):
         net.train()
-        sums = {}
         batches = zip(run.batches(unl_loader, epoch), run.batches(lab_loader, epoch))
         for step, ((x_u, _, i_u, failed), (x_l, y_l, i_l, failed_l)) in enumerate(batches):
-            bad.add(failed + failed_l)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, epochs * steps, lr, steps)
-            n_l = x_l.shape[0]
-            x = torch.cat([x_l, x_u])  # (B_l + B_u, 3, T, S, S)
-            s = torch.cat([s_lab[i_l], s_unl[i_u]])  # (B_l + B_u,)
-            with torch.no_grad(), run.autocast():
-                p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B, K) each
-            p_T = tb.mix_teachers(p_I, p_D, s)
-            with run.autocast():
-                logits = net(x).float()  # (B_l + B_u, K)
-            terms = {"CE": F.cross_entropy(logits[:n_l], y_l),
-                     "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
-                     "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
-            optimize(opt, terms, f"{name} epoch {epoch} step {step}")
-            clips += x.shape[0] * run.world
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            if (step + 1) % a.log_every == 0:
-                progress(run, name, epoch, step, steps, terms, clips, t0,
-                         (epoch - start) * steps + step + 1, (epochs - start) * steps)
-        end_epoch(run, name, model, opt, epoch, epochs, sums, steps, bad, clips, t0)
+            meter.begin(epoch, step, failed + failed_l)
+            s = torch.cat([s_lab[i_l], s_unl[i_u]])  # (B_l + B_u,): each video's temporal similarity score
+            terms = student_terms(net, teachers, x_l, y_l, x_u, s, a, run.autocast)
+            optimize(opt, terms)
+            meter.add(terms, x_l.shape[0] + x_u.shape[0])
+        meter.end_epoch(model)
     # the teachers are frozen: their weights must not have moved
     assert frozen == [sum(p.double().sum().item() for p in t.parameters()) for t in teachers], "teacher changed"
     evaluate_and_record(run, name, model)
+
+
+def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullcontext):
+    """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled batch x_u
+    (B_u, 3, T, S, S), both through the student in one forward; s (B_l + B_u,) the videos' scores. The
+    frozen teachers see the same clips: p_T = s p_I + (1 - s) p_D (`tb.mix_teachers`), and
+        loss = CE(student, y) + w_l D(p_S, p_T) on labeled + w_u D(p_S, p_T) on unlabeled, D = --distill."""
+    n_l = x_l.shape[0]
+    x = torch.cat([x_l, x_u])  # (B_l + B_u, 3, T, S, S)
+    with torch.no_grad(), autocast():
+        p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B_l + B_u, K) each
+    p_T = tb.mix_teachers(p_I, p_D, s)
+    with autocast():
+        logits = net(x).float()  # (B_l + B_u, K)
+    return {"CE": F.cross_entropy(logits[:n_l], y_l),
+            "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
+            "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,23 +783,25 @@ def evaluate(run, model):
         for b in model.buffers():  # step they differ by one update: evaluate every rank with rank 0's (the saved)
             dist.broadcast(b, 0)
     K = len(run.classes)
-    correct, total = torch.zeros(K), torch.zeros(K)
+    # every count lives on the device: nothing waits for the GPU per batch, and the all-reduce runs on the
+    # device's own backend
+    correct, total = torch.zeros(K, device=run.device), torch.zeros(K, device=run.device)
     bad = data.BadVideos()
     ds = run.dataset(run.test[run.rank :: run.world], "test")
     for x, y, idx, failed in run.batches(run.loader(ds, 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
         bad.add(failed)
-        y, idx = y.cpu(), idx.cpu()
-        B = len(y)
+        B = y.shape[0]
         n = x.shape[0] // B
         with run.autocast():
             logits = model(x).float()  # (B*n, K)
         p = logits.softmax(dim=-1).view(B, n, K).mean(dim=1)  # (B, K): softmax averaged over clips
-        unreadable = {i for i, _ in failed}
-        hit = (p.argmax(dim=1).cpu() == y).float()
-        hit *= torch.tensor([float(i not in unreadable) for i in idx.tolist()])  # unreadable = wrong
+        hit = (p.argmax(dim=1) == y).float()  # (B,)
+        if failed:  # an unreadable video counts as wrong
+            unreadable = {i for i, _ in failed}
+            hit *= torch.tensor([float(i not in unreadable) for i in idx.tolist()], device=run.device)
         correct.index_add_(0, y, hit)
-        total.index_add_(0, y, torch.ones(B))
-    n_bad = torch.tensor(float(len(bad)))
+        total.index_add_(0, y, torch.ones_like(hit))
+    n_bad = torch.tensor(float(len(bad)), device=run.device)
     if run.world > 1:
         for t in (correct, total, n_bad):
             dist.all_reduce(t)
@@ -856,7 +946,7 @@ def main(argv=None):
             ablation(args)
         else:
             run_stage(args, args.stage)
-    except (data.DataError, StageError) as e:
+    except (data.DataError, StageError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

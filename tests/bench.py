@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tb  # noqa: E402
 from models import R3D, count_flops  # noqa: E402
 
 SIZE = 32  # train.py's --size default
@@ -119,7 +118,12 @@ def bench_toy_loader(root, workers_list, steps_clips):
 
 
 def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
-    """The three training steps of train.py on random input: supervised, SSL (10 clips per video), semisup."""
+    """The training steps of train.py on random input, each the body of its stage's loop as the loop runs
+    it (`Meter.begin`, the stage's terms, `optimize`, `Meter.add`; the Meter never reads back here, as in
+    all steps but every --log-every-th): the invariant stage (10 clips per video, L_I), supervised and the
+    semisup student (B/2 labeled + B/2 unlabeled clips, both teachers)."""
+    import train
+
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def model(**kw):
@@ -128,48 +132,40 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     def clips(n):
         return torch.randn(n, 3, 8, size, size, device=device).contiguous(memory_format=fmt)
 
-    ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     clf, ssl = model(num_classes=K), model(proj_dim=128)
     teachers = [model(num_classes=K).eval().requires_grad_(False) for _ in range(2)]
     opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
     B = 16 if size <= 112 else 8
     x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
-    x_ssl, x_semi = clips(10 * (B // 2)), clips(B)
+    x_ssl, x_semi, s = clips(10 * (B // 2)), clips(B), torch.rand(B, device=device)
+    args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse")
+    run = argparse.Namespace(world=1, args=argparse.Namespace(log_every=10**9))  # what Meter asks of a run
 
-    def sup():
-        with ctx():
-            loss = F.cross_entropy(clf(x_sup).float(), y)
-        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
+    def loop_step(opt, terms_of, n):
+        meter = train.Meter(run, "bench", opt, 1e-3, 1, 10**9, 0)
+        step = iter(range(10**9))
 
-    def ssl_step():
-        b = B // 2
-        with ctx():
-            g, L = ssl(x_ssl, out="ssl")
-        g, L = g.float().view(10, b, -1), L.float().view(10, b, 4, -1)
-        G_a, G_b = g[2:6].transpose(0, 1), g[6:10].transpose(0, 1)
-        loss = tb.invariant_loss(g[0], g[1], G_a, G_b) + tb.distinctive_loss(L[0], L[1], G_a, G_b)
-        opt_s.zero_grad(); loss.backward(); opt_s.step()  # noqa: E702
+        def fn():
+            meter.begin(0, next(step), [])
+            terms = terms_of()
+            train.optimize(opt, terms)
+            meter.add(terms, n)
+        return fn, n
 
     def teacher_fwd():
-        with torch.no_grad(), ctx():
+        with torch.no_grad(), autocast():
             return [t(x_semi).float().softmax(-1) for t in teachers]
 
-    def semi():
-        p_I, p_D = teacher_fwd()
-        p_T = tb.mix_teachers(p_I, p_D, torch.rand(B, device=device))
-        with ctx():
-            logits = clf(x_semi).float()
-        loss = F.cross_entropy(logits[: B // 2], y[: B // 2]) + 50 * tb.distillation_loss(logits[: B // 2], p_T[: B // 2]) \
-            + 100 * tb.distillation_loss(logits[B // 2:], p_T[B // 2:])
-        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
-
     def student_only():
-        with ctx():
-            loss = F.cross_entropy(clf(x_semi).float(), y)
-        opt_c.zero_grad(); loss.backward(); opt_c.step()  # noqa: E702
+        return train.classifier_terms(clf, x_semi, y, autocast)
 
-    return {"supervised": (sup, B), "ssl": (ssl_step, 10 * (B // 2)), "semisup": (semi, B),
-            "_student": (student_only, B), "_teachers": (teacher_fwd, B)}
+    h = B // 2
+    return {"ssl": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "invariant", 0.1, autocast), 10 * h),
+            "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y, autocast), B),
+            "semisup": loop_step(opt_c, lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s,
+                                                                    args, autocast), B),
+            "_student": loop_step(opt_c, student_only, B), "_teachers": (teacher_fwd, B)}
 
 
 def bench_steps_cpu(reps, size=SIZE):
@@ -181,7 +177,7 @@ def bench_steps_cpu(reps, size=SIZE):
     fns = step_fns(16, (1, 1, 1, 1), size, dev)
     times = {k: timed(fn, reps) for k, (fn, _) in fns.items()}
     print("| step | clips/s (forward + backward) |\n|---|---|")
-    for k in ("supervised", "ssl", "semisup"):
+    for k in ("supervised", "ssl", "semisup"):  # ssl: the invariant stage's step (L_I)
         print(f"| {k} | {fns[k][1] / times[k]:.0f} |")
     parts = times["_student"] + times["_teachers"]
     print(f"- semisup step {1000 * times['semisup']:.0f} ms vs its parts (student fwd+bwd "
@@ -300,7 +296,7 @@ def bench_pipeline(args):
             sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         stage_rate[key] = [r for r in records if r["stage"] == log_name][-1]["clips_per_s"]
-    print("| clips/s | SSL (10 clips / video, 8 videos) | supervised (16 clips) | semisup (8 + 8 clips) |")
+    print("| clips/s | invariant SSL (10 clips / video, 8 videos) | supervised (16 clips) | semisup (8 + 8 clips) |")
     print("|---|---|---|---|")
     print(f"| step alone | {step['ssl']:.0f} | {step['supervised']:.0f} | {step['semisup']:.0f} |")
     print(f"| loader alone | {loader_rate['ssl']:.0f} | {loader_rate['supervised']:.0f} | - |")

@@ -419,6 +419,29 @@ def test_epoch_sampler_against_a_naive_shuffle():
         shards += [i for _, i in r]
     assert len(shards) == 9 == len(set(shards))  # disjoint, one dropped so that every rank has 3
     assert list(data.EpochSampler(4, 0, shuffle=False)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    # a sampler of `length` items per rank draws the first items of the same permutation
+    for rank in range(3):
+        full, short = data.EpochSampler(10, 3, rank=rank, world=3), data.EpochSampler(10, 3, rank=rank, world=3, length=2)
+        full.set_epoch(5)
+        short.set_epoch(5)
+        assert len(short) == 2 and list(short) == list(full)[:2]
+
+
+def _collate_in_worker(batch):
+    """data.collate, reporting whether it stacked the batch into shared memory where it ran."""
+    out = data.collate(batch)
+    return out, out[0].is_shared() and out[1].is_shared()
+
+
+def test_collate_stacks_into_shared_memory_in_workers(toy_root):
+    train, _, _ = data.read_ucf101(toy_root, toy_root, 1)
+    ds = data.VideoDataset(train[:4], toy_root, "train", 4, 2, 32)
+    for workers, shared in ((0, False), (1, True)):
+        loader = torch.utils.data.DataLoader(ds, 2, num_workers=workers, collate_fn=_collate_in_worker)
+        for k, ((clips, params, y, idx, bad), in_shm) in enumerate(loader):
+            assert in_shm == shared
+            want = [ds[i] for i in (2 * k, 2 * k + 1)]  # against a plain stack of the items
+            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(params, torch.stack([w[1] for w in want]))
 
 
 def test_persistent_workers_give_the_items_of_each_epoch(toy_root):

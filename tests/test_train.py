@@ -9,6 +9,8 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data
 from conftest import write_audio_only
@@ -267,21 +269,33 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(toy_root, tmp_path):
-    args = ["--stage", "distinctive", "--epochs", "3"]
-    train(*args, root=toy_root, out=tmp_path / "full")
-    killed = tmp_path / "killed"
-    os.makedirs(killed)
-    ckpt = killed / "distinctive.pt"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("stage, name, device", [("distinctive", "distinctive", "cpu"), ("supervised", "supervised", "cpu"),
+                                                 ("semisup", "student", "cpu"),
+                                                 pytest.param("semisup", "student", "cuda", marks=CUDA)])
+def test_resume_after_sigkill_matches_uninterrupted_run(chain, toy_root, tmp_path, stage, name, device):
+    """With the default 2 workers (persistent loaders) and dropout in the classifiers: a run killed after an
+    epoch and resumed ends with the weights, optimizer and RNG state of an uninterrupted one (on CUDA, the
+    CUDA generator's state too: dropout draws from it there)."""
+    args = ["--stage", stage, "--epochs", "3", "--workers", "2", "--device", device]
+    inputs = ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"] if stage == "semisup" else []
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    copy_run(chain[0], full, inputs)
+    copy_run(chain[0], killed, inputs)
+    train(*args, root=toy_root, out=full)
+    ckpt = killed / f"{name}.pt"
     kill_after_an_epoch(args, toy_root, killed, ckpt)
     assert load(ckpt)["epoch"] < 3, "the run finished before it could be killed"
     # a kill during a save leaves the temporary file half-written, never the checkpoint itself
-    (killed / "distinctive.pt.tmp").write_bytes(b"half a checkpoint")
+    (killed / f"{name}.pt.tmp").write_bytes(b"half a checkpoint")
     p = train(*args, "--resume", root=toy_root, out=killed)
-    assert "resuming distinctive after epoch" in p.stdout
-    a, b = load(tmp_path / "full" / "distinctive.pt"), load(ckpt)
+    assert f"resuming {name} after epoch" in p.stdout
+    a, b = load(full / f"{name}.pt"), load(ckpt)
     assert b["epoch"] == 3 and a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng"], b["rng"]) and (device == "cpu" or torch.equal(a["cuda_rng"], b["cuda_rng"]))
 
 
 def test_training_survives_bad_videos(toy_root, tmp_path):
@@ -317,6 +331,20 @@ def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
     # the 2-process evaluation (8 + 8 of 16 videos, nothing padded) agrees with a single process
     p = train("--stage", "eval", "--ckpt", str(tmp_path / "teacher_invariant.pt"), root=toy_root, out=tmp_path / "single")
     assert f"test top-1 {results['teacher_invariant']:.2f}% over 16 videos" in p.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_torchrun_two_gpus_nccl(chain, toy_root, tmp_path):
+    """NCCL reduces CUDA tensors only: evaluation, its counts and every other collective must work there."""
+    out, _ = chain
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+           os.path.join(HERE, "train.py"), "--stage", "semisup", "--device", "cuda", "--root", toy_root,
+           "--out", str(tmp_path), *FAST]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert set(json.load(open(tmp_path / "results.json"))) == {"teacher_invariant", "teacher_distinctive", "student"}
+    assert "over 16 videos" in p.stdout
 
 
 class RunsCommand:
@@ -409,3 +437,95 @@ def test_damaged_run_files(chain, toy_root, tmp_path):
     (tmp_path / "results.json").write_text("{")
     train("--stage", "eval", "--ckpt", str(tmp_path / "student.pt"), root=toy_root, out=tmp_path)
     assert (tmp_path / "results.json.damaged.1").read_text() == "{"
+
+
+class HostValues(TorchDispatchMode):
+    """Records every op on a device tensor that also takes a host tensor of one or more dimensions (an index
+    made on the CPU: on a GPU, a copy that waits for it). 0-dim host tensors pass as numbers and are fine."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.found = device, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == self.device for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def step_of_each_stage(run, device, B=2, K=8):
+    """One step of each stage's loop, as the loops run it (begin, terms, optimize, add), on random batches
+    finished on `device`. Yields the stage's name before its step runs."""
+    import train as train_py
+    from models import R3D
+
+    def clips(n):
+        x = torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8).to(device)
+        p = torch.tensor([data.IDENTITY] * n).to(device)
+        return data.finish(x, p)  # (n, 3, 4, 32, 32)
+
+    y = torch.randint(0, K, (B,)).to(device)
+    ssl = R3D(8, (1, 1, 1, 1), proj_dim=128).to(device)
+    clf = R3D(8, (1, 1, 1, 1), num_classes=K, dropout=0.5).to(device)
+    teachers = [R3D(8, (1, 1, 1, 1), num_classes=K).to(device).eval().requires_grad_(False) for _ in range(2)]
+    s = torch.rand(2 * B).to(device)
+    steps = {"both": (ssl, lambda net: train_py.ssl_terms(net, clips(10 * B), "both", 0.1), 10 * B),
+             "supervised": (clf, lambda net: train_py.classifier_terms(net, clips(B), y), B),
+             "student": (clf, lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args), 2 * B)}
+    for name, (net, terms_of, n) in steps.items():
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        meter = train_py.Meter(run, name, opt, 1e-3, 1, 10, 0)
+        for step in range(2):  # the first makes Adam's state; the second is like every later one
+            yield name, step
+            meter.begin(0, step, [])
+            terms = terms_of(net)
+            train_py.optimize(opt, terms)
+            meter.add(terms, n)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
+    """Every stage's step on the meta device, whose tensors have no values: a read inside the step
+    (.item(), a non-finite test in Python, a boolean-mask index) raises there, and a host tensor entering
+    an op on the device (an index built on the CPU) is recorded. The sums are read every --log-every steps."""
+    import train as train_py
+
+    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)]))
+    with HostValues("meta") as mode:
+        names = {name for name, _ in step_of_each_stage(run, "meta")}
+    assert names == {"both", "supervised", "student"} and mode.found == []
+
+
+@CUDA
+def test_a_cuda_step_does_not_synchronise(toy_root, tmp_path):
+    import train as train_py
+
+    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)]))
+    for name, step in step_of_each_stage(run, "cuda"):
+        torch.cuda.set_sync_debug_mode("error" if step == 1 else "default")  # the first step copies constants
+    torch.cuda.set_sync_debug_mode("default")
+
+
+def test_meter_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root, tmp_path):
+    import train as train_py
+    from models import R3D
+
+    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path),
+                                          "--log-every", "4"]))
+    opt = torch.optim.Adam(R3D(8, (1, 1, 1, 1), num_classes=8).parameters(), 1e-3)
+    meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
+    values = [0.5, 1.5, 2.0, 4.0, 1.0, float("nan"), 1.0, 1.0]
+    for step, v in enumerate(values):
+        meter.begin(1, step, [])
+        assert opt.param_groups[0]["lr"] == train_py.lr_at(10 + step, 20, 1e-3, 10)
+        if step < 7:
+            meter.add({"CE": torch.tensor(v)}, 4)
+            assert meter.checked == (4 if step >= 3 else 0)  # read once, after step 4
+        else:
+            with pytest.raises(FloatingPointError, match=r"^non-finite loss CE in supervised epoch 1, steps 5-8$"):
+                meter.add({"CE": torch.tensor(v)}, 4)
+    meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
+    for step, v in enumerate(values[:3]):
+        meter.begin(0, step, [])
+        meter.add({"CE": torch.tensor(v)}, 4)
+    assert meter.read() == {"CE": pytest.approx(4.0 / 3)}  # the mean of the steps so far
