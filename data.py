@@ -351,9 +351,14 @@ def _need(path, what):
     return path
 
 
-def _lines(path):
+def _numbered_lines(path):
+    """(line number, words) of each non-empty line; CRLF line ends are fine."""
     with open(_need(path, "split file")) as f:
-        return [line.split() for line in f if line.strip()]
+        return [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _lines(path):
+    return [words for _, words in _numbered_lines(path)]
 
 
 def _check_classes(root, classes):
@@ -361,12 +366,37 @@ def _check_classes(root, classes):
         _need(os.path.join(root, name), "class folder")
 
 
+def _label(path, n, text, num_classes=None):
+    """A 0-based class label read from line n of `path`: a non-negative integer, below num_classes if given."""
+    if not text.isdigit():
+        raise DataError(f"{path}:{n}: the label must be a non-negative integer, got {text!r}")
+    if num_classes is not None and int(text) >= num_classes:
+        raise DataError(f"{path}:{n}: label {text} is out of range: there are {num_classes} classes (0..{num_classes - 1})")
+    return int(text)
+
+
+def _class_index(path):
+    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
+    names = {}
+    rows = _numbered_lines(path)
+    for n, words in rows:
+        if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
+            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, got {' '.join(words)!r}")
+        i = int(words[0])
+        if i in names:
+            raise DataError(f"{path}:{n}: class index {i} given twice")
+        if i > len(rows):
+            raise DataError(f"{path}:{n}: class index {i} leaves a gap: {len(rows)} classes must be numbered 1..{len(rows)}")
+        names[i] = words[1]
+    return [names[i] for i in sorted(names)]
+
+
 def read_ucf101(root, splits, fold):
-    """UCF101 train/test lists of `fold`. Labels are classInd.txt index - 1 (PAPER_NOTES: sorting the
-    folder names swaps HammerThrow/Hammering and JumpRope/JumpingJack)."""
+    """UCF101 train/test lists of `fold`. Labels are classInd.txt index - 1 (sorting the folder names instead
+    would swap HammerThrow/Hammering and JumpRope/JumpingJack)."""
     _need(root, "dataset root")
-    index = {name: int(i) - 1 for i, name in _lines(os.path.join(splits, "classInd.txt"))}
-    classes = sorted(index, key=index.get)
+    classes = _class_index(os.path.join(splits, "classInd.txt"))
+    index = {name: i for i, name in enumerate(classes)}
     _check_classes(root, classes)
 
     def parse(name):
@@ -403,19 +433,55 @@ def read_hmdb51(root, splits, fold, use_unused=False):
     return train, test, classes
 
 
-def read_list(root, train_list, test_list):
-    """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this."""
+def read_list(root, train_list, test_list, class_names=None):
+    """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this. `class_names`: an
+    optional file with one class name a line, line k naming label k (else the classes are "0".."K-1")."""
     _need(root, "dataset root")
+    classes = None
+    if class_names:
+        classes = [" ".join(words) for words in _lines(class_names)]
 
     def parse(path):
-        try:
-            return [(w[0], int(w[1])) for w in _lines(path)]
-        except (IndexError, ValueError):
-            raise DataError(f"{path}: lines must read 'relative/path label'") from None
+        items = []
+        for n, words in _numbered_lines(path):
+            if len(words) != 2:
+                raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
+            items.append((words[0], _label(path, n, words[1], len(classes) if classes else None)))
+        return items
 
     train, test = parse(train_list), parse(test_list)
-    num_classes = 1 + max(label for _, label in train + test)
-    return train, test, [str(c) for c in range(num_classes)]
+    return train, test, classes or [str(c) for c in range(1 + max(label for _, label in train + test))]
+
+
+def take_subset(train, test, classes, which=None, per_class=None, test_per_class=None, seed=0):
+    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N in the
+    dataset's own order; a list of names), then at most `per_class` training and `test_per_class` test
+    videos of each, drawn per class with `seed` and kept in list order. Labels are renumbered 0..N-1 in the
+    order the classes are kept; their names stay. Returns (train, test, classes)."""
+    if which is None:
+        keep = list(range(len(classes)))
+    elif isinstance(which, int):
+        if not 1 <= which <= len(classes):
+            raise DataError(f"--classes {which}: the dataset has {len(classes)} classes")
+        keep = list(range(which))
+    else:
+        unknown = [name for name in which if name not in classes]
+        if unknown:
+            raise DataError(f"--classes: no class named {unknown[0]!r} in the dataset (its first: {', '.join(classes[:5])})")
+        keep = [classes.index(name) for name in which]
+    new = {old: k for k, old in enumerate(keep)}
+
+    def take(items, per, salt):
+        items = [(p, new[y]) for p, y in items if y in new]
+        if per is None:
+            return items
+        rng, chosen = random.Random(seed * 2 + salt), set()
+        for c in range(len(keep)):
+            videos = [it for it in items if it[1] == c]
+            chosen.update(rng.sample(videos, min(per, len(videos))))
+        return [it for it in items if it in chosen]
+
+    return take(train, per_class, 0), take(test, test_per_class, 1), [classes[c] for c in keep]
 
 
 def split_labeled(items, labeled, seed, classes):

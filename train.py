@@ -39,7 +39,7 @@ from models import BACKBONE, R3D, load_backbone
 DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
-STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "ablation")
+STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
 EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 25}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
@@ -56,30 +56,36 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    a = p.add_argument
-    a("--stage", choices=STAGES, help="the stage to run (see above)")
-    a("--demo", action="store_true", help="generate the toy set if missing and run every stage at CPU scale")
-    a("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results.json")
-    # data (data.py)
+    p.add_argument("--stage", choices=STAGES, help="the stage to run (see above)")
+    p.add_argument("--demo", action="store_true", help="generate the toy set if missing and run every stage at CPU scale")
+    p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results.json")
+    p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
+    a = p.add_argument_group("data (data.py)").add_argument
     a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
     a("--root", type=str, default=None, help=f"video folder (default for toy: {DEFAULT_TOY}, generated there if missing, as with --demo)")
     a("--splits", type=str, default=None, help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits")
     a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
-    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
+    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label' (0-based)")
     a("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
+    a("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
+    a("--classes", type=_classes, default=None,
+      help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'; renumbered 0..N-1")
+    a("--per-class", type=int, default=None, help="at most this many training videos per class, drawn with --seed")
+    a("--test-per-class", type=int, default=None, help="at most this many test videos per class, drawn with --seed")
+    a("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
     a("--holdout", type=int, default=0, help="for tuning: the last N training videos of each class replace the test split")
     a("--labeled", type=float, default=3, help="labeled subset: fraction (<1) or videos per class (>=1)")
     a("--labeled-list", type=str, default=None, help="reuse a saved or published labeled list")
-    a("--seed", type=int, default=0, help="seed of the labeled split, initialisation and augmentation")
+    a("--seed", type=int, default=0, help="seed of the labeled split, the subset, initialisation and augmentation")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: seeds of the labeled split")
-    # schedule
+    a = p.add_argument_group("schedule").add_argument
     a("--epochs", type=int, default=None, help=f"epochs; with --stage semisup, --demo or --stage ablation, of every step they run (left out: each step's own default, {EPOCHS})")
     a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each); applies like --epochs (default per step {BATCH})")
     a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4); applies like --epochs (default per step {LR})")
     a("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
     a("--finetune-backbone-lr", type=float, default=0.3, help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the paper's full fine-tuning, lower keeps more of what each SSL objective learned")
-    # clips and model
+    a = p.add_argument_group("model and clips").add_argument
     a("--frames", type=int, default=8, help="frames per train/test clip (paper 8)")
     a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
     a("--ssl-frames", type=int, default=8, help="frames per sparse and dense SSL clip (paper 16)")
@@ -88,7 +94,7 @@ def get_args(argv=None):
     a("--test-clips", type=int, default=10, help="clips per test video, softmax averaged (paper 10)")
     a("--width", type=int, default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
     a("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
-    # method (PAPER_NOTES.md)
+    a = p.add_argument_group("method (docs/method.md)").add_argument
     a("--tau", type=float, default=0.1, help="temperature of h(u, v) = exp(u.v / tau)")
     a("--w-labeled", type=float, default=50.0, help="distillation weight on labeled clips (paper 50 with MSE)")
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight on unlabeled clips (paper 100 with MSE)")
@@ -98,14 +104,14 @@ def get_args(argv=None):
       help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the paper's; semisup trains it first)")
     a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
-    # running
-    a("--ckpt", type=str, default=None, help="eval: checkpoint to evaluate")
+    a = p.add_argument_group("running").add_argument
+    a("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
     a("--resume", action="store_true", help="continue the stage from its last saved epoch (semisup resumes its unfinished earlier steps anyway)")
     a("--workers", type=int, default=2, help="DataLoader worker processes")
     a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
-    a("--log-every", type=int, default=10, help="print a progress line every N steps")
+    a("--log-every", type=int, default=10, help="print a progress line (and read the loss sums) every N steps")
     args = p.parse_args(argv)
     if not args.stage and not args.demo:
         p.error("give --stage NAME or --demo")
@@ -123,12 +129,29 @@ def get_args(argv=None):
         p.error(f"--labeled must be > 0, got {args.labeled}")
     if args.holdout < 0:
         p.error(f"--holdout must be >= 0, got {args.holdout}")
-    if args.stage == "eval" and not args.ckpt:
-        p.error("--stage eval needs --ckpt")
+    for flag in ("per_class", "test_per_class"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.stage in ("eval", "predict") and not args.ckpt:
+        p.error(f"--stage {args.stage} needs --ckpt")
+    if args.stage == "predict" and not args.videos:
+        p.error("--stage predict needs one or more video files")
+    if args.videos and args.stage != "predict":
+        p.error(f"unrecognized arguments: {' '.join(args.videos)} (video files are for --stage predict)")
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
-    if args.root is None:
+    if args.root is None and args.stage != "predict":
         p.error(f"--dataset {args.dataset} needs --root")
     return args
+
+
+def _classes(text):
+    """--classes: "5" -> 5 (the first five), "A,B" -> ["A", "B"]."""
+    if text.isdigit():
+        return int(text)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected N or comma-separated class names, got {text!r}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,16 +159,15 @@ def get_args(argv=None):
 
 
 class Run:
-    """What every stage needs: device, rank, the splits, and the run folder."""
+    """What every stage needs: device, rank, the splits, and the run folder. `stage` (default --stage) decides
+    which flags must agree with the run folder's record (`run_record`) and whether the labeled lists are
+    written."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, stage=None):
+        self.args, self.stage = args, stage or args.stage
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
-        dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.world > 1 and dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        self.device = torch.device(dev)
+        self.device = pick_device(args, self.world)
         if self.device.type == "cuda":
             # the current device is where the DataLoader's pin-memory thread and every bare "cuda" tensor go
             torch.cuda.set_device(self.device)
@@ -162,6 +184,12 @@ class Run:
                 data.make_toy(args.root)
             self.barrier()
         self.train, self.test, self.classes = read_splits(args)
+        subset = args.classes is not None or args.per_class or args.test_per_class
+        if subset:
+            self.train, self.test, self.classes = data.take_subset(
+                self.train, self.test, self.classes, args.classes, args.per_class, args.test_per_class,
+                args.seed if args.subset_seed is None else args.subset_seed)
+        taken = self.train, self.test
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             by_class = [[j for j, (_, y) in enumerate(self.train) if y == c] for c in range(len(self.classes))]
             fewest = min(range(len(by_class)), key=lambda c: len(by_class[c]))
@@ -177,11 +205,19 @@ class Run:
             self.unlabeled = [it for it in self.train if it not in lab]
         else:
             self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed, self.classes)
+        record = run_record(args, self.stage)  # every rank: a refusal stops them all
         if self.rank == 0:
+            write_json(os.path.join(args.out, "run.json"), record)
             for summary in ("results.json", "per_class.json"):  # before any training, not when recording
                 set_aside_if_damaged(os.path.join(args.out, summary))
-            data.write_list(os.path.join(args.out, "labeled.txt"), self.labeled)
-            data.write_list(os.path.join(args.out, "unlabeled.txt"), self.unlabeled)
+            if subset:  # the videos taken, as a list dataset: `--dataset list --train-list OUT/train.txt ...`
+                data.write_list(os.path.join(args.out, "train.txt"), taken[0])
+                data.write_list(os.path.join(args.out, "test.txt"), taken[1])
+                with open(os.path.join(args.out, "classes.txt"), "w") as f:
+                    f.writelines(f"{name}\n" for name in self.classes)
+            if self.stage in LABELED_STAGES:
+                data.write_list(os.path.join(args.out, "labeled.txt"), self.labeled)
+                data.write_list(os.path.join(args.out, "unlabeled.txt"), self.unlabeled)
 
     def barrier(self):
         if self.world > 1:
@@ -279,6 +315,14 @@ class Run:
         if (ckpt["arch"]["width"], ckpt["arch"]["layers"]) != (a.width, a.layers):
             raise StageError(f"{path}: saved model {ckpt['arch']} differs from this run's --width {a.width} "
                              f"--layers {' '.join(map(str, a.layers))}")
+        # an encoder depends on the videos it saw; a classifier on its labeled split and clips too
+        flags = "encoder" if kind == "ssl" else "labeled"
+        saved = {k: v for k, v in defining(ckpt["args"], flags).items() if k in ckpt["args"] or k == "subset_seed"}
+        diff = differing(saved, defining(a, flags))
+        if diff:
+            flag, old, new = diff
+            raise StageError(f"{path} was trained with --{flag.replace('_', '-')} {old}, this run has {new}: "
+                             "use another --out for a new run (or retrain it)")
         return ckpt
 
     def need(self, name, stage, kind):
@@ -341,6 +385,71 @@ class Run:
             write_json(path, results)
 
 
+# The flags that define what a stage computes: a later stage in the same --out, or a checkpoint reused,
+# must agree with them (`run_record`, `Run.checkpoint`). Paths compare as absolute paths.
+DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names", "classes",
+              "per_class", "test_per_class", "subset_seed", "holdout")
+MODEL_FLAGS = ("width", "layers")
+SPLIT_FLAGS = ("labeled", "labeled_list", "seed")
+DEFINING = {"data": DATA_FLAGS,
+            "encoder": DATA_FLAGS + MODEL_FLAGS,
+            "ssl": DATA_FLAGS + MODEL_FLAGS + ("ssl_frames", "ssl_stride", "size"),
+            "labeled": DATA_FLAGS + MODEL_FLAGS + ("frames", "stride", "size") + SPLIT_FLAGS}
+LABELED_STAGES = ("finetune", "supervised", "semisup")
+CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
+PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
+
+
+def defining(args, kind):
+    """{flag: value} of the flags that define a stage or checkpoint of `kind` (a key of DEFINING)."""
+    args = args if isinstance(args, dict) else vars(args)
+    out = {}
+    for flag in DEFINING[kind]:
+        value = args.get(flag)
+        if flag == "subset_seed" and (args.get("per_class") or args.get("test_per_class")):
+            value = args.get("seed") if value is None else value  # the seed the subset was drawn with
+        elif flag == "subset_seed":
+            value = None
+        if flag in PATH_FLAGS and value is not None:
+            value = os.path.abspath(value)
+        out[flag] = value
+    return out
+
+
+def differing(recorded, current):
+    """The first flag recorded in both with different values, as (flag, recorded, current), or None."""
+    for flag, value in current.items():
+        if flag in recorded and recorded[flag] != value:
+            return flag, recorded[flag], value
+    return None
+
+
+def run_record(args, stage):
+    """OUT/run.json: the defining flags of the stages run in this folder, each recorded when a stage that
+    depends on it first runs. A stage whose flags differ from the record on one that matters to it stops
+    here, before anything is written. Returns the record to write."""
+    path = os.path.join(args.out, "run.json")
+    try:
+        recorded = read_json(path)
+    except ValueError as e:
+        raise StageError(f"{e}: remove it, or use another --out") from None
+    kind = "ssl" if stage in SSL_STAGES else "labeled" if stage in LABELED_STAGES else "data"
+    current = defining(args, kind)
+    diff = differing(recorded, current)
+    if diff:
+        flag, old, new = diff
+        raise StageError(f"--{flag.replace('_', '-')} {new} differs from {old}, recorded in {path} by this run's "
+                         f"earlier stages: use another --out for a new run (or give {old})")
+    return {**recorded, **current}
+
+
+def pick_device(args, world=1):
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and dev.startswith("cuda"):
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return torch.device(dev)
+
+
 def backend(device):
     """The process group's backend: NCCL for CUDA tensors, gloo for the CPU ones (collectives of Python
     objects, a CPU tensor that slipped through). NCCL alone takes CUDA tensors only."""
@@ -354,7 +463,7 @@ def read_splits(args):
         return data.read_hmdb51(args.root, args.splits or args.root, args.fold, args.hmdb_unused)
     if not (args.train_list and args.test_list):
         raise data.DataError("--dataset list needs --train-list and --test-list")
-    return data.read_list(args.root, args.train_list, args.test_list)
+    return data.read_list(args.root, args.train_list, args.test_list, args.class_names)
 
 
 CKPT_KEYS = ("model", "optimizer", "epoch", "epochs", "arch", "args", "classes", "rng")
@@ -539,6 +648,7 @@ def train_ssl(run, stage, resume):
             optimize(opt, terms)
             meter.add(terms, x.shape[0])
         meter.end_epoch(model)
+    knn_check(run, stage, model)
 
 
 def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
@@ -770,7 +880,7 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: K clips per test video, centre crop, softmax averaged
+# Evaluation: K clips per test video, centre crop, softmax averaged; a kNN check of an encoder; predict
 
 
 @torch.no_grad()
@@ -809,6 +919,83 @@ def evaluate(run, model):
     return 100 * correct.sum().item() / total.sum().item(), per_class, int(n_bad), int(total.sum())
 
 
+@torch.no_grad()
+def features(run, model, items):
+    """Pooled backbone features of `items` (N, C) on the device, in item order: each video's test clips
+    (centre crop, as in evaluation) averaged, then L2-normalised."""
+    model.eval()
+    out = []
+    for x, y, _, _ in run.batches(run.loader(run.dataset(items, "test"), 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
+        B = y.shape[0]
+        with run.autocast():
+            h = model.features(x).float().mean(dim=(2, 3, 4))  # (B*n, C)
+        out.append(F.normalize(h.view(B, -1, h.shape[-1]).mean(dim=1), dim=-1))  # (B, C)
+    return torch.cat(out)
+
+
+def knn_top1(bank, bank_y, queries, query_y, num_classes, k=20, t=0.07):
+    """Weighted k-nearest-neighbour classification (Wu et al. 2018, instance discrimination): for each query
+    (Q, C) the k bank features (N, C) of highest cosine similarity vote for their labels with weight
+    exp(sim / t); the class with the most weight wins. Returns top-1 % over the queries."""
+    sim = queries @ bank.T  # (Q, N): cosines, the features being unit vectors
+    top, j = sim.topk(min(k, bank.shape[0]), dim=1)  # (Q, k)
+    votes = torch.zeros(len(queries), num_classes, device=sim.device).scatter_add_(1, bank_y[j], (top / t).exp())
+    return 100 * (votes.argmax(dim=1) == query_y).float().mean().item()  # votes (Q, K)
+
+
+def knn_check(run, stage, model):
+    """Whether pretraining learned anything before a label is spent on it: kNN top-1 of the encoder's
+    backbone features, the labeled subset as the memory bank, the test split as queries. Recorded as
+    knn_<stage>; costs one no-grad pass over those videos."""
+    if run.rank == 0:
+        t0 = time.time()
+        bank, queries = features(run, model, run.labeled), features(run, model, run.test)
+        label = lambda items: torch.tensor([y for _, y in items], device=run.device)  # noqa: E731
+        top1 = knn_top1(bank, label(run.labeled), queries, label(run.test), len(run.classes))
+        run.record_result(f"knn_{stage}", top1)
+        run.log(f"{stage}: kNN top-1 {top1:.2f}% ({len(run.labeled)} labeled videos as the bank, {len(run.test)} "
+                f"test videos; {time.time() - t0:.1f} s)")
+    run.barrier()
+
+
+def predict(args):
+    """`--stage predict --ckpt F VIDEO ...`: each video's top-5 classes by name, the softmax averaged over
+    its --test-clips clips as in evaluation; the classes, model and clips come from the checkpoint. An
+    unreadable video gets one line naming it and the others are still answered (exit 1 if any was)."""
+    ckpt = load_checkpoint(args.ckpt, "classifier")
+    saved = {**vars(args), **{k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}}
+    device = pick_device(args)
+    model = R3D(saved["width"], saved["layers"], num_classes=ckpt["arch"]["num_classes"]).to(device)
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.eval()
+    amp = device.type == "cuda" and not args.no_amp
+    ds = data.VideoDataset([(v, -1) for v in args.videos], "", "test", saved["frames"], saved["stride"],
+                           saved["size"], args.test_clips)
+    failed = 0
+    for i, video in enumerate(args.videos):
+        clips, params, _, _, bad = ds[i]
+        if bad:
+            print(f"{video}: unreadable ({bad[0][1]})", flush=True)
+            failed += 1
+            continue
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            x = data.finish(clips.to(device), params.to(device))  # (K, 3, T, S, S)
+            p = model(x).float().softmax(dim=-1).mean(dim=0)  # (num_classes,): softmax averaged over clips
+        top = p.topk(min(5, len(p)))
+        print(f"{video}: " + ", ".join(f"{ckpt['classes'][c]} {100 * v:.1f}%"
+                                      for v, c in zip(top.values.tolist(), top.indices.tolist())), flush=True)
+    if failed:
+        sys.exit(1)
+
+
+def print_results(out):
+    """Every figure of OUT/results.json, as a table."""
+    results = read_json(os.path.join(out, "results.json"))
+    print(f"\n{out}/results.json\n{'figure':<28}{'top-1 %':>10}")
+    for k, v in results.items():
+        print(f"{k:<28}{v:>10.2f}")
+
+
 def evaluate_and_record(run, name, model):
     m = model.module if hasattr(model, "module") else model
     top1, per_class, n_bad, n = evaluate(run, m)
@@ -827,7 +1014,10 @@ def evaluate_and_record(run, name, model):
 
 
 def run_stage(args, stage):
-    run = Run(args)
+    if stage == "eval":  # the model and its clips as the checkpoint was trained, the data as given
+        ckpt = load_checkpoint(args.ckpt, "classifier")
+        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}})
+    run = Run(args, stage)
     if stage in SSL_STAGES:
         train_ssl(run, stage, args.resume)
     elif stage == "finetune":
@@ -838,12 +1028,9 @@ def run_stage(args, stage):
         train_classifier(run, "supervised", args.resume)
     elif stage == "semisup":
         semisup(run)
-    elif stage == "eval":
-        if not os.path.exists(args.ckpt):
-            raise StageError(f"--ckpt {args.ckpt} not found")
-        ckpt = load_checkpoint(args.ckpt, "classifier")
+    elif stage == "eval":  # recorded as eval_<name>: a training stage's own figure stays
         model = load_classifier(run, ckpt, args.ckpt)
-        evaluate_and_record(run, os.path.basename(args.ckpt).removesuffix(".pt"), model)
+        evaluate_and_record(run, "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"), model)
     return run
 
 
@@ -870,6 +1057,8 @@ def semisup(run):
     mix = "the per-video mix" if run.args.mix == "similarity" else "the fixed 0.5 mix"
     run.log(f"=== step {n}/{n} {name} (temporal similarity scores, then the student distilled from {mix} of both teachers)")
     train_semisup(run, name)
+    if run.rank == 0:
+        print_results(run.args.out)
 
 
 def demo(args):
@@ -879,11 +1068,8 @@ def demo(args):
                        ("semisup", "fixed")):
         print(f"=== {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
         run_stage(argparse.Namespace(**{**vars(args), "mix": mix or args.mix}), stage)
-    results = read_json(os.path.join(args.out, "results.json"))
-    print(f"\n{'model':<24}{'test top-1 %':>14}")
-    for k in ("supervised", "teacher_invariant", "teacher_distinctive", "student_fixed", "student"):
-        print(f"{k:<24}{results[k]:>14.1f}")
-    print(f"wall time {time.time() - t0:.0f} s; results in {args.out}/results.json")
+    print_results(args.out)
+    print(f"wall time {time.time() - t0:.0f} s")
 
 
 def ablation(args):
@@ -899,7 +1085,8 @@ def ablation(args):
             run_stage(argparse.Namespace(**{**vars(args), "resume": True}), stage)
     table, per_class, runs = {}, {}, []
     for seed in args.seeds:
-        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}")})
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}"),
+                                    "subset_seed": args.seed if args.subset_seed is None else args.subset_seed})
         os.makedirs(sub.out, exist_ok=True)
         for stage in shared:  # the shared encoders, linked into the seed's folder
             dst = os.path.join(sub.out, f"{stage}.pt")
@@ -942,6 +1129,8 @@ def main(argv=None):
     try:
         if args.demo:
             demo(args)
+        elif args.stage == "predict":
+            predict(args)
         elif args.stage == "ablation":
             ablation(args)
         else:

@@ -1,5 +1,6 @@
 """Every stage of train.py, run for real on toy videos in subprocesses."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -81,7 +82,8 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     assert f"student: starts from the backbone of {out / 'distinctive.pt'}" in logs["semisup"]
     assert not (out / "both.pt").exists()
     results = json.load(open(out / "results.json"))
-    assert set(results) == {"teacher_invariant", "teacher_distinctive", "supervised", "student"}
+    assert set(results) == {"knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive",
+                            "supervised", "student"}
     assert all(0 <= v <= 100 for v in results.values())
     labeled = open(out / "labeled.txt").read().split("\n")[:-1]
     assert len(labeled) == 16 and len(open(out / "unlabeled.txt").read().split("\n")[:-1]) == 24
@@ -103,9 +105,18 @@ def test_checkpoint_chain_and_results(chain, toy_root):
             for j in range(4):
                 y, x = gap + c * (P + gap) + i * 16 + 8, gap + 4 * (P + gap) + j * 16 + 8
                 assert abs(int(img[y, x, 0]) - 255 * min(max(C[i][j], 0), 1)) <= 0.5
-    # eval of the saved student reproduces the recorded accuracy
-    p = train("--stage", "eval", "--ckpt", str(out / "student.pt"), root=toy_root, out=out)
+    # semisup ends with the run folder's table
+    assert all(f"{k:<28}{v:>10.2f}" in logs["semisup"] for k, v in json.load(open(out / "results.json")).items()
+               if k != "supervised")
+    # eval of the saved student reproduces the recorded accuracy, recorded under its own key; it takes the
+    # model and clips from the checkpoint (here --width 8 and --frames 2 are ignored) and leaves the lists
+    lists = {name: (out / name).read_text() for name in ("labeled.txt", "unlabeled.txt")}
+    mtimes = {name: os.stat(out / name).st_mtime_ns for name in lists}
+    p = train("--stage", "eval", "--ckpt", str(out / "student.pt"), root=toy_root, out=out, extra=["--width", "8", "--frames", "2"])
     assert f"test top-1 {results['student']:.2f}%" in p.stdout
+    after = json.load(open(out / "results.json"))
+    assert after["eval_student"] == after["student"] == results["student"]
+    assert all((out / n).read_text() == lists[n] and os.stat(out / n).st_mtime_ns == mtimes[n] for n in lists)
 
 
 def test_missing_inputs_name_the_stage(chain, toy_root, tmp_path):
@@ -214,6 +225,11 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     (["--stage", "semisup", "--student-init", "invariant"], "argument --student-init: invalid choice: 'invariant'"),
     (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
     (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
+    (["--stage", "supervised", "--classes", "9"], "--classes 9: the dataset has 8 classes"),
+    (["--stage", "supervised", "--classes", "Disk,Sphere"], "--classes: no class named 'Sphere' in the dataset"),
+    (["--stage", "supervised", "--per-class", "0"], "--per-class must be positive, got 0"),
+    (["--stage", "predict", "--ckpt", "x.pt"], "--stage predict needs one or more video files"),
+    (["--stage", "eval", "--ckpt", "x.pt", "v.avi"], "unrecognized arguments: v.avi (video files are for --stage predict)"),
     (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
     (["--stage", "supervised", "--dataset", "ucf101", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
     (["--stage", "supervised", "--dataset", "list", "--train-list", "/no/list.txt", "--test-list", "/no/list.txt"],
@@ -239,8 +255,9 @@ def test_holdout_replaces_the_test_split_by_training_videos(toy_root, tmp_path):
 
 def test_checkpoint_of_other_width_or_classes(chain, toy_root, tmp_path):
     out, _ = chain
-    p = train("--stage", "eval", "--ckpt", str(out / "student.pt"), "--width", "8", root=toy_root, out=tmp_path, check=False)
-    assert p.returncode == 2 and "student.pt" in p.stderr and "--width" in p.stderr
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
+    p = train("--stage", "finetune", "--width", "8", root=toy_root, out=tmp_path, check=False)
+    assert p.returncode == 2 and "invariant.pt" in p.stderr and "--width 8" in p.stderr
     ckpt = load(out / "supervised.pt")
     ckpt["arch"]["num_classes"] = 5
     torch.save(ckpt, tmp_path / "five.pt")
@@ -529,3 +546,133 @@ def test_meter_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root,
         meter.begin(0, step, [])
         meter.add({"CE": torch.tensor(v)}, 4)
     assert meter.read() == {"CE": pytest.approx(4.0 / 3)}  # the mean of the steps so far
+
+
+def test_subsets_by_flag_on_a_ucf101_tree(ucf_root, tmp_path):
+    """--classes / --per-class / --test-per-class on UCF101's split files: the classes named (or the first N
+    in classInd order), renumbered 0..N-1 with their names, at most N videos of each drawn with the seed,
+    written into the run folder as a list dataset that gives the same run back."""
+    import train as train_py
+    from conftest import UCF_CLASSES
+
+    def run(*flags):
+        return train_py.Run(train_py.get_args(["--stage", "supervised", "--dataset", "ucf101", "--root", ucf_root,
+                                               "--labeled", "1", *flags]))
+
+    lines = lambda name: [line.rstrip("\r\n").split(" ")[0] for line in open(os.path.join(ucf_root, name), newline="")]  # noqa: E731
+    train_all, test_all = lines("trainlist01.txt"), lines("testlist01.txt")
+    r = run("--out", str(tmp_path / "a"), "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
+    assert r.classes == ["Drumming", "Basketball"]
+    for items, full, per in ((r.train, train_all, 3), (r.test, test_all, 1)):
+        for label, name in enumerate(r.classes):
+            mine = [p for p, y in items if y == label]
+            assert len(mine) == per and all(p.startswith(name + "/") for p in mine)
+        assert [p for p, _ in items] == [p for p in full if p in {q for q, _ in items}]  # in list order
+    assert [line.split() for line in open(tmp_path / "a" / "train.txt")] == [[p, str(y)] for p, y in r.train]
+    assert open(tmp_path / "a" / "classes.txt").read().split("\n")[:-1] == ["Drumming", "Basketball"]
+    again = run("--out", str(tmp_path / "b"), "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
+    other = run("--out", str(tmp_path / "c"), "--classes", "Drumming,Basketball", "--per-class", "3", "--seed", "1")
+    assert again.train == r.train and other.train != r.train and len(other.test) == 4  # all test videos
+    first = run("--out", str(tmp_path / "d"), "--classes", "3")
+    assert first.classes == UCF_CLASSES[:3] and len(first.train) == 15
+    listed = train_py.Run(train_py.get_args(["--stage", "supervised", "--dataset", "list", "--root", ucf_root, "--labeled", "1",
+                                             "--out", str(tmp_path / "e"), "--train-list", str(tmp_path / "a" / "train.txt"),
+                                             "--test-list", str(tmp_path / "a" / "test.txt"),
+                                             "--class-names", str(tmp_path / "a" / "classes.txt")]))
+    assert (listed.train, listed.test, listed.classes) == (r.train, r.test, r.classes)
+
+
+def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
+    flags = ["--dataset", "ucf101", "--classes", "3", "--per-class", "4", "--test-per-class", "1", "--labeled", "1"]
+    for stage in ("invariant", "distinctive", "semisup"):
+        p = train("--stage", stage, root=ucf_root, out=tmp_path, extra=flags)
+    assert "over 3 videos" in p.stdout and "Drumming" not in open(tmp_path / "classes.txt").read()
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results) == {"knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive", "student"}
+    assert set(json.load(open(tmp_path / "per_class.json"))["student"]) == {"ApplyEyeMakeup", "Basketball", "Archery"}
+
+
+def test_run_folder_refuses_other_flags(chain, toy_root, tmp_path):
+    train("--stage", "supervised", root=toy_root, out=tmp_path)
+    assert json.load(open(tmp_path / "run.json"))["labeled"] == 2
+    p = train("--stage", "supervised", root=toy_root, out=tmp_path, check=False, extra=["--labeled", "1"])
+    assert p.returncode == 2 and last_line(p) == (f"error: --labeled 1.0 differs from 2.0, recorded in {tmp_path / 'run.json'} "
+                                                  "by this run's earlier stages: use another --out for a new run (or give 2.0)")
+    # an SSL stage does not depend on the labeled split, so it may still run here; not on another frame size
+    train("--stage", "invariant", root=toy_root, out=tmp_path, extra=["--seed", "3"])
+    p = train("--stage", "distinctive", root=toy_root, out=tmp_path, check=False, extra=["--size", "24"])
+    assert p.returncode == 2 and "--size 24 differs from 32" in last_line(p)
+    # a checkpoint reused is checked against what it was trained with
+    other = tmp_path / "other"
+    copy_run(chain[0], other, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
+    p = train("--stage", "semisup", root=toy_root, out=other, check=False, extra=["--seed", "1"])
+    assert p.returncode == 2 and last_line(p).startswith(f"error: {other / 'teacher_invariant.pt'} was trained with --seed 0, "
+                                                         "this run has 1")
+    assert not (other / "student.pt").exists()
+
+
+def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
+    """predict's probabilities against a reference built from data.py's parts: the 2 test clips of each video
+    (test_indices, load_frames, center_crop, finish) through the checkpoint's model, softmaxes averaged."""
+    from models import R3D
+
+    out, _ = chain
+    ckpt = load(out / "student.pt")
+    model = R3D(ckpt["arch"]["width"], ckpt["arch"]["layers"], num_classes=8)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    videos = [os.path.join(toy_root, line.strip()) for line in open(os.path.join(toy_root, "testlist01.txt"))][:3]
+    bad = tmp_path / "broken.avi"
+    bad.write_text("not a video")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--stage", "predict", "--ckpt", str(out / "student.pt"),
+           "--test-clips", "2", "--device", "cpu", videos[0], str(bad), *videos[1:]]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 4 and lines[1].startswith(f"{bad}: unreadable (")
+    for video, line in zip(videos, lines[:1] + lines[2:]):
+        n = data.count_frames(video)
+        frames = data.load_frames(video, sum(data.test_indices(n, 4, 2, 2), []), round(32 * 8 / 7))
+        x = torch.stack([data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])])  # (2, 3, 4, 32, 32)
+        with torch.no_grad():
+            prob = model(data.finish(x, torch.tensor([data.IDENTITY] * 2))).softmax(-1).mean(0)
+        top = prob.topk(5)
+        want = ", ".join(f"{data.TOY_CLASSES[c]} {100 * v:.1f}%" for v, c in zip(top.values.tolist(), top.indices.tolist()))
+        assert line == f"{video}: {want}"
+
+
+def test_knn_top1_against_a_naive_loop():
+    import train as train_py
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
+    bank_y, query_y = torch.randint(0, 4, (30,), generator=g), torch.randint(0, 4, (12,), generator=g)
+    for k in (1, 5, 50):
+        hits = 0
+        for q, y in zip(queries, query_y.tolist()):
+            sims = sorted(((float(q @ b), j) for j, b in enumerate(bank)), reverse=True)[:k]
+            votes = [0.0] * 4
+            for sim, j in sims:
+                votes[int(bank_y[j])] += math.exp(sim / 0.07)
+            hits += max(range(4), key=lambda c: votes[c]) == y
+        assert train_py.knn_top1(bank, bank_y, queries, query_y, 4, k=k) == pytest.approx(100 * hits / 12)
+
+
+@pytest.mark.parametrize("files, flags, message", [
+    ({"classInd.txt": "1 A\r\n3 B\r\n"}, ["--dataset", "ucf101"], "classInd.txt:2: class index 3 leaves a gap: 2 classes must be numbered 1..2"),
+    ({"classInd.txt": "1 A\n1 B\n"}, ["--dataset", "ucf101"], "classInd.txt:2: class index 1 given twice"),
+    ({"classInd.txt": "0 A\n"}, ["--dataset", "ucf101"], "classInd.txt:1: expected 'index ClassName' with an index from 1"),
+    ({"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"}, ["--class-names", "NAMES"],
+     "train.txt:2: label 2 is out of range: there are 2 classes (0..1)"),
+    ({"train.txt": "A/a.avi 0\nA/b.avi -1\n"}, [], "train.txt:2: the label must be a non-negative integer, got '-1'"),
+    ({"train.txt": "A/a.avi 0\nA/b.avi one\n"}, [], "train.txt:2: the label must be a non-negative integer, got 'one'"),
+    ({"train.txt": "A/a.avi\n"}, [], "train.txt:1: lines must read 'relative/path label'"),
+])
+def test_bad_label_files(tmp_path, files, flags, message):
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode())
+    flags = [str(tmp_path / "names.txt") if f == "NAMES" else f for f in flags]
+    if "ucf101" not in flags:
+        flags = ["--dataset", "list", "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "train.txt"), *flags]
+    p = train("--stage", "supervised", root=str(tmp_path), out=tmp_path / "out", check=False, extra=flags)
+    assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path}/{message}"), p.stderr
