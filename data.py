@@ -11,6 +11,7 @@ a small generated toy action dataset. Runtime imports: standard library, torch, 
 """
 import argparse
 import ctypes
+import json
 import math
 import os
 import random
@@ -656,18 +657,22 @@ class BadVideos:
 # ----------------------------------------------------------------------------------------------
 # Toy action dataset, built on the paper's premise (PAPER_NOTES "The idea in one paragraph"):
 #   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
-#     a video looks alike); what tells them apart is the shape, which no time of the video lacks;
+#     a video looks alike, though not pixel for pixel: the period and phase are drawn per video, so the
+#     score's clips catch the cycle at different points, as in real repetitions); what tells them apart is
+#     the shape, which no time of the video lacks;
 #   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
 #     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same positions,
 #     sizes and directions of motion over the video: only their order tells them apart, and the clips of a
 #     video differ over time.
 # Never left/right: flips are augmentation.
 
+TOY_VERSION = 2  # raised whenever the videos make_toy writes change
 TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "UpDown", "DownUp", "GrowShrink", "ShrinkGrow"]
 
 
-def _render(cls, n, H, W, g):
-    """(n, H, W, 3) uint8 frames of one toy video of class `cls`; sizes and motions scale with H."""
+def _render(cls, n, H, W, g, scale=1.0):
+    """(n, H, W, 3) uint8 frames of one toy video of class `cls`; sizes and motions scale with H, object
+    sizes also with `scale`."""
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
     # No per-video fingerprint: instance discrimination would tell videos apart by it instead of by what
     # is in them. One mid-grey background for all; the object's colour is random but its brightness is
@@ -687,8 +692,9 @@ def _render(cls, n, H, W, g):
     cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
     turn = 0.4 + 0.2 * float(torch.rand((), generator=g))  # when the second sub-action starts (fraction)
-    period = 4  # frames: every clip of 8 consecutive frames, or at stride 4, sees the same cycle, so a
-    # repetitive action looks the same all video long (high temporal similarity)
+    # the bobbing period, 3-7 frames, not a whole number: clips a fixed number of frames apart do not see
+    # the same pixels, so a high temporal similarity has to be earned by the encoders
+    period = 3 + 4 * float(torch.rand((), generator=g))
     # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
     # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
     background = (bg + sky).clamp(0, 1)  # (H, W, 3)
@@ -696,16 +702,16 @@ def _render(cls, n, H, W, g):
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
         there = a / turn if a < turn else (1 - a) / (1 - turn)  # 0 -> 1 (first sub-action) -> 0 (second)
-        r, cx, cy = 0.2 * H, cx0, cy0
+        r, cx, cy = 0.2 * H * scale, cx0, cy0
         wobble = 0.06 * H * math.sin(phase + 6.283 * t / period)
         if name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
             cy = cy0 + H * (0.25 - 0.5 * there)
         elif name == "DownUp":
             cy = cy0 + H * (-0.25 + 0.5 * there)
         elif name == "GrowShrink":  # radius 0.08 H -> 0.32 H -> 0.08 H, ShrinkGrow the other way
-            r = H * (0.08 + 0.24 * there)
+            r = H * scale * (0.08 + 0.24 * there)
         elif name == "ShrinkGrow":
-            r = H * (0.32 - 0.24 * there)
+            r = H * scale * (0.32 - 0.24 * there)
         else:  # appearance classes bob in place (a repetitive action), the same over the whole video
             cy = cy0 + wobble
             cx = cx0 + 0.5 * wobble
@@ -794,7 +800,7 @@ def score_picture(rows, P=64, gap=4):
     return img
 
 
-def make_toy(root, train_per_class=20, test_per_class=10, frames=48, size=80, seed=0):
+def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, seed=0, object_scale=1.0):
     """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout:
     root/<Class>/v_<Class>_gNN_c01.{avi,mp4}, root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate
     videos are MPEG-4 part 2 in AVI (no B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here
@@ -812,8 +818,11 @@ def make_toy(root, train_per_class=20, test_per_class=10, frames=48, size=80, se
             # videos of two sets with the same seed are the same
             split, j = (0, k) if k < train_per_class else (1, k - train_per_class)
             g = torch.Generator().manual_seed(((seed * 64 + c) * 2 + split) * 100_000 + j)
-            write_video(os.path.join(root, rel), _render(c, frames, H, W, g), codec="mpeg4")
+            write_video(os.path.join(root, rel), _render(c, frames, H, W, g, object_scale), codec="mpeg4")
             (train if k < train_per_class else test).append(rel)
+    with open(os.path.join(root, "toy.json"), "w") as f:  # what made it: a default toy of another version is remade
+        json.dump(dict(version=TOY_VERSION, train_per_class=train_per_class, test_per_class=test_per_class,
+                       frames=frames, size=size, seed=seed, object_scale=object_scale), f)
     with open(os.path.join(root, "classInd.txt"), "w") as f:
         f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(TOY_CLASSES))
     with open(os.path.join(root, "trainlist01.txt"), "w") as f:
@@ -840,12 +849,13 @@ def main():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("dir", type=str, help="output folder")
     t.add_argument("--train-per-class", type=int, default=20, help="training videos per class")
-    t.add_argument("--test-per-class", type=int, default=10, help="test videos per class")
+    t.add_argument("--test-per-class", type=int, default=25, help="test videos per class (25 x 8: one video is 0.5 points)")
+    t.add_argument("--object-scale", type=float, default=1.0, help="object sizes, times the default")
     t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
     t.add_argument("--size", type=_frame_size, default=80, help="frame size in pixels: S (square) or HxW, e.g. 96x128")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args()
-    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed)
+    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed, args.object_scale)
     print(f"wrote {len(TOY_CLASSES)} classes to {args.dir}")
 
 

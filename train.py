@@ -178,7 +178,7 @@ class Run:
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart in log.jsonl
         os.makedirs(args.out, exist_ok=True)
         generate = args.demo or args.root == DEFAULT_TOY  # never into a folder the user named
-        if args.dataset == "toy" and generate and not os.path.exists(os.path.join(args.root, "classInd.txt")):
+        if args.dataset == "toy" and generate and toy_version(args.root) != data.TOY_VERSION:
             if self.rank == 0:
                 print(f"generating the toy dataset in {args.root}")
                 data.make_toy(args.root)
@@ -441,6 +441,14 @@ def run_record(args, stage):
         raise StageError(f"--{flag.replace('_', '-')} {new} differs from {old}, recorded in {path} by this run's "
                          f"earlier stages: use another --out for a new run (or give {old})")
     return {**recorded, **current}
+
+
+def toy_version(root):
+    """The version of the toy set in `root` (None: none there, or one written before versions were kept)."""
+    try:
+        return read_json(os.path.join(root, "toy.json")).get("version")
+    except ValueError:
+        return None
 
 
 def pick_device(args, world=1):
@@ -920,17 +928,22 @@ def evaluate(run, model):
 
 
 @torch.no_grad()
-def features(run, model, items):
-    """Pooled backbone features of `items` (N, C) on the device, in item order: each video's test clips
-    (centre crop, as in evaluation) averaged, then L2-normalised."""
-    model.eval()
+def clip_average(run, fn, items):
+    """fn of each video's test clips (centre crop, as in evaluation), averaged over its clips: (N, ...) on
+    the device, in item order. fn maps a batch of clips (B*n, 3, T, S, S) to (B*n, ...)."""
     out = []
     for x, y, _, _ in run.batches(run.loader(run.dataset(items, "test"), 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
         B = y.shape[0]
         with run.autocast():
-            h = model.features(x).float().mean(dim=(2, 3, 4))  # (B*n, C)
-        out.append(F.normalize(h.view(B, -1, h.shape[-1]).mean(dim=1), dim=-1))  # (B, C)
+            v = fn(x).float()  # (B*n, ...)
+        out.append(v.view(B, -1, *v.shape[1:]).mean(dim=1))  # (B, ...)
     return torch.cat(out)
+
+
+def features(run, model, items):
+    """Pooled backbone features of `items` (N, C), each video's test clips averaged, L2-normalised."""
+    model.eval()
+    return F.normalize(clip_average(run, lambda x: model.features(x).mean(dim=(2, 3, 4)), items), dim=-1)
 
 
 def knn_top1(bank, bank_y, queries, query_y, num_classes, k=20, t=0.07):
@@ -1061,78 +1074,101 @@ def semisup(run):
         print_results(run.args.out)
 
 
-def demo(args):
-    """The three commands of README "Usage", then the supervised baseline and the fixed-mix student."""
-    t0 = time.time()
-    for stage, mix in (("invariant", None), ("distinctive", None), ("semisup", None), ("supervised", None),
-                       ("semisup", "fixed")):
-        print(f"=== {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
-        run_stage(argparse.Namespace(**{**vars(args), "mix": mix or args.mix}), stage)
-    print_results(args.out)
-    print(f"wall time {time.time() - t0:.0f} s")
-
-
 def ablation(args):
-    """README "Results": self-supervised pretraining once (it uses no labels), then for each seed of the
-    labeled split: both teachers, supervised-only, the student with a fixed 0.5 mix and the TimeBalance
-    student. Prints mean +- std top-1, per-class teacher accuracy and the score spread per class."""
+    """`--demo` on the toy set, `--stage ablation` on any: for each seed of --seeds, the whole method in
+    OUT/seed<seed> with that seed (its own self-supervised encoders, labeled split, initialisations and
+    augmentation, so the luck of each stage shows in the spread), then the supervised baseline and the
+    fixed-mix student. Prints mean +- std over seeds, the paired differences the method's claims rest on,
+    per class the teachers' accuracy and the temporal similarity score, and where a per-video mix could
+    change a distillation target at all (`mix_check`). Everything also goes to OUT/ablation.json."""
     t0 = time.time()
-    shared = ENCODERS + (("both",) if args.student_init == "both" else ())
-    for stage in shared:
-        done = os.path.exists(os.path.join(args.out, f"{stage}.pt"))
-        if not done or load_checkpoint(os.path.join(args.out, f"{stage}.pt"))["epoch"] < (args.epochs or EPOCHS[stage]):
-            print(f"=== {stage}", flush=True)
-            run_stage(argparse.Namespace(**{**vars(args), "resume": True}), stage)
-    table, per_class, runs = {}, {}, []
+    table, per_class, mixes, runs = {}, {}, {}, []
     for seed in args.seeds:
         sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}"),
                                     "subset_seed": args.seed if args.subset_seed is None else args.subset_seed})
-        os.makedirs(sub.out, exist_ok=True)
-        for stage in shared:  # the shared encoders, linked into the seed's folder
-            dst = os.path.join(sub.out, f"{stage}.pt")
-            if not os.path.exists(dst):
-                os.link(os.path.join(args.out, f"{stage}.pt"), dst)
-        for stage, mix in (("finetune", None), ("supervised", None), ("semisup", "fixed"), ("semisup", "similarity")):
+        for stage in ENCODERS:  # a finished encoder is reused, an unfinished one resumed
+            path = os.path.join(sub.out, f"{stage}.pt")
+            if os.path.exists(path) and load_checkpoint(path)["epoch"] >= load_checkpoint(path)["epochs"]:
+                continue
+            print(f"=== seed {seed}: {stage}", flush=True)
+            run_stage(argparse.Namespace(**{**vars(sub), "resume": True}), stage)
+        for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
             print(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
-            runs.append(run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage))
+            run = run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
+            runs.append(run) if mix == "similarity" else None
+        mixes[seed] = mix_check(runs[-1])
         for k, v in read_json(os.path.join(sub.out, "results.json")).items():
             table.setdefault(k, []).append(v)
         for k, v in read_json(os.path.join(sub.out, "per_class.json")).items():
             per_class.setdefault(k, []).append(v)
-    run = runs[-1]
+    seeds = " ".join(map(str, args.seeds))
     rows = [("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
             ("distinctive teacher", "teacher_distinctive"), ("student, fixed mix s = 0.5", "student_fixed"),
-            ("TimeBalance student (similarity mix)", "student")]
-    print(f"\n| model | top-1 % (mean +- std over seeds {args.seeds}) | per seed | the similarity student minus this, "
-          "per seed |\n|---|---|---|---|")
+            ("TimeBalance student (similarity mix)", "student"), ("kNN, invariant encoder", "knn_invariant"),
+            ("kNN, distinctive encoder", "knn_distinctive")]
+    print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
     for label, key in rows:
         v = table[key]
-        diff = " / ".join(f"{s - x:+.1f}" for s, x in zip(table["student"], v)) if key != "student" else ""
-        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} | {' / '.join(f'{x:.1f}' for x in v)} "
-              f"| {diff} |")
-    print("\n| class | invariant teacher | distinctive teacher | raw s (mean, min-max) | normalised s (mean) |\n|---|---|---|---|---|")
-    raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
-    paths = [p for p, _ in run.train]
-    norm = normalized_scores(raw, paths, args.score_norm)
+        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} | {' / '.join(f'{x:.1f}' for x in v)} |")
+    print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n|---|---|---|---|---|")
+    for label, a, b, goal, met in (("student - supervised-only", "student", "supervised", ">= +15", lambda d: d >= 15),
+                                   ("student - invariant teacher", "student", "teacher_invariant", "> 0", lambda d: d > 0),
+                                   ("student - distinctive teacher", "student", "teacher_distinctive", "> 0", lambda d: d > 0),
+                                   ("similarity mix - fixed mix", "student", "student_fixed", ">= 0", lambda d: d >= 0)):
+        d = [x - y for x, y in zip(table[a], table[b])]
+        print(f"| {label} | {statistics.mean(d):+.1f} | {' / '.join(f'{x:+.1f}' for x in d)} | {goal} | "
+              f"{'yes' if all(map(met, d)) else 'no'} |")
+    print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) | normalised s |\n"
+          "|---|---|---|---|---|")
+    raw = {seed: read_json(os.path.join(r.args.out, "scores.json"))["raw"] for seed, r in zip(args.seeds, runs)}
+    norm = {seed: normalized_scores(raw[seed], [p for p, _ in r.train], args.score_norm) for seed, r in zip(args.seeds, runs)}
+    run = runs[-1]
     for c, name in enumerate(run.classes):
         acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ENCODERS]
-        r = [raw[p] for p, y in run.train if y == c]
-        n = [norm[p] for p, y in run.train if y == c]
-        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.3f} ({min(r):.3f}-{max(r):.3f}) "
+        r = [raw[seed][p] for seed in args.seeds for p, y in run.train if y == c]
+        n = [norm[seed][p] for seed in args.seeds for p, y in run.train if y == c]
+        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} ({min(r):.4f}-{max(r):.4f}) "
               f"| {statistics.mean(n):.2f} |")
-    write_json(os.path.join(args.out, "ablation.json"), {"seeds": args.seeds, "top1": table, "per_class": per_class})
-    print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/")
+    total = {k: sum(m[k] for m in mixes.values()) for k in next(iter(mixes.values()))}
+    print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): the teachers "
+          f"disagree with one of them right on {total['one_right']}; the fixed mix's target is wrong there (the wrong "
+          f"teacher the more confident) on {total['fixable']}; the similarity mix's target is right where the "
+          f"fixed one is wrong on {total['sim_fixes']} and wrong where it is right on {total['sim_breaks']}.")
+    write_json(os.path.join(args.out, "ablation.json"), {"seeds": args.seeds, "top1": table, "per_class": per_class,
+                                                         "mix": mixes})
+    print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in {args.out}/ablation.json")
+
+
+def mix_check(run):
+    """Where a per-video teacher mix can change the student's target at all. On the unlabeled training
+    videos: each teacher's prediction (softmax averaged over the test clips), and the argmax of the mix
+    p_T = s p_I + (1 - s) p_D with s = 0.5 and with the video's normalised score. The average of two
+    teachers is wrong while one of them is right only where the wrong teacher is the more confident: there
+    alone can a per-video weight help. Returns counts: videos, one_right (exactly one teacher right),
+    fixable (that, and the s = 0.5 target wrong), sim_fixes / sim_breaks (the score's target right where
+    the fixed one is wrong / wrong where it is right)."""
+    p_I, p_D = (clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), run.unlabeled)
+                for t in (load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval()
+                          for k in ENCODERS))  # (N, K) each
+    raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
+    norm = normalized_scores(raw, [p for p, _ in run.train], run.args.score_norm)
+    s = torch.tensor([norm[p] for p, _ in run.unlabeled], device=run.device)  # (N,)
+    y = torch.tensor([label for _, label in run.unlabeled], device=run.device)
+    right_I, right_D = p_I.argmax(1) == y, p_D.argmax(1) == y
+    fixed_right = tb.mix_teachers(p_I, p_D, torch.full_like(s, 0.5)).argmax(1) == y
+    sim_right = tb.mix_teachers(p_I, p_D, s).argmax(1) == y
+    one = right_I ^ right_D
+    return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
+            "sim_fixes": int((sim_right & ~fixed_right).sum()), "sim_breaks": int((~sim_right & fixed_right).sum())}
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
-        if args.demo:
-            demo(args)
+        if args.demo or args.stage == "ablation":
+            ablation(args)
         elif args.stage == "predict":
             predict(args)
-        elif args.stage == "ablation":
-            ablation(args)
         else:
             run_stage(args, args.stage)
     except (data.DataError, StageError, FloatingPointError) as e:
