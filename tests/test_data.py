@@ -324,17 +324,21 @@ def _object(v):
 
 
 def test_toy_classes_are_what_the_premise_needs():
-    """Appearance classes repeat: the same area and place all video long. Each temporal class is two
+    """Appearance classes repeat: the same area and place all video long, bobbing with a period and phase
+    of their own, so the score's 4 clips of such a video do not start on the same pixels. Each temporal class is two
     sub-actions in order, of a shape no appearance class has, and a pair (UpDown / DownUp, GrowShrink /
     ShrinkGrow) visits the same rows or sizes, the other way round: only the order tells the two apart."""
-    g, n, H = torch.Generator().manual_seed(0), 41, 64
+    g, n, H = torch.Generator().manual_seed(0), 48, 64
     video = {name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)}
     for name in data.TOY_CLASSES[:4]:
         for v in video[name]:
             area, row, fill, aspect = _object(v)
             assert fill.max() < 0.85 and aspect.max() < 1.3  # disk, ring, cross, stripes: round or square, never filled
             assert (area.max() - area.min()) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
-            assert (area[:4] - area[4:8]).abs().max() < 0.1 * area.mean()  # the 4-frame cycle repeats
+            assert row.max() - row.min() > 0.04 * H  # it bobs
+            # the cycle is not locked to the score's clips: their first frames differ in pixels
+            starts = [clip[0] for clip in data.score_indices(n, 8)]
+            assert any(not torch.equal(v[starts[0]], v[t]) for t in starts[1:])
     for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
         for up, down in zip(video[first], video[second]):
             objects = [_object(v) for v in (up, down)]  # (area, row, fill, aspect) each
@@ -385,7 +389,7 @@ def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp
     subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(again), "--train-per-class", "5",
                     "--test-per-class", "2", "--frames", "40", "--size", "64", "--seed", "1"], check=True, capture_output=True)
     files = sorted(os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs)
-    assert len(files) == 8 * 7 + 3
+    assert len(files) == 8 * 7 + 4  # videos, classInd.txt, the two lists, toy.json
     for rel in files:
         assert (again / rel).read_bytes() == open(os.path.join(toy_root, rel), "rb").read(), rel
     mp4 = next(os.path.join(toy_root, f) for f in files if f.endswith(".mp4"))
