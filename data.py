@@ -2,7 +2,7 @@
 a small generated toy action dataset. Runtime imports: standard library, torch, av.
 
     load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
-    *_indices(n, ...)                  the clip samplers of PAPER_NOTES.md "Clips that every objective uses"
+    *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
     augment(clip, size, g)             one random augmentation shared by every frame of a clip: the uint8
                                        half here (crop, resize, flip), the float half by finish(x, params)
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
@@ -209,7 +209,7 @@ def test_indices(n, T, stride, K=10):
 
 def score_indices(n, T, n_clips=4):
     """Temporal similarity score: `n_clips` consecutive non-overlapping clips covering the video,
-    clip c = T frames spread evenly over the c-th quarter (PAPER_NOTES "Temporal similarity score")."""
+    clip c = T frames spread evenly over the c-th quarter (docs/method.md "Temporal similarity score")."""
     seg = n / n_clips
     return [[min(n - 1, int(c * seg + i * seg / T)) for i in range(T)] for c in range(n_clips)]
 
@@ -259,7 +259,7 @@ def augment(clip, size, g, strong=True):
     The full hue range is stronger than the paper's: on the toy set an object's colour is the easiest
     fingerprint of a video, and instance discrimination must not solve itself by it. Brightness, contrast
     and saturation are milder than SimCLR's 0.4: with 0.4, L_D sat at its chance value for 12 epochs on
-    the toy set (README "Differences")."""
+    the toy set (README, Differences from the paper)."""
     T, H, W, _ = clip.shape
     area = H * W
     for _ in range(10):
@@ -368,26 +368,31 @@ def _check_classes(root, classes):
 
 
 def _label(path, n, text, num_classes=None):
-    """A 0-based class label read from line n of `path`: a non-negative integer, below num_classes if given."""
+    """A 0-based class label read from line n of `path`: a non-negative integer, below num_classes if
+    given."""
     if not text.isdigit():
         raise DataError(f"{path}:{n}: the label must be a non-negative integer, got {text!r}")
     if num_classes is not None and int(text) >= num_classes:
-        raise DataError(f"{path}:{n}: label {text} is out of range: there are {num_classes} classes (0..{num_classes - 1})")
+        raise DataError(f"{path}:{n}: label {text} is out of range: there are {num_classes} classes "
+                        f"(0..{num_classes - 1})")
     return int(text)
 
 
 def _class_index(path):
-    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
+    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index
+    order."""
     names = {}
     rows = _numbered_lines(path)
     for n, words in rows:
         if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
-            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, got {' '.join(words)!r}")
+            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, "
+                            f"got {' '.join(words)!r}")
         i = int(words[0])
         if i in names:
             raise DataError(f"{path}:{n}: class index {i} given twice")
         if i > len(rows):
-            raise DataError(f"{path}:{n}: class index {i} leaves a gap: {len(rows)} classes must be numbered 1..{len(rows)}")
+            raise DataError(f"{path}:{n}: class index {i} leaves a gap: {len(rows)} classes must be "
+                            f"numbered 1..{len(rows)}")
         names[i] = words[1]
     return [names[i] for i in sorted(names)]
 
@@ -468,7 +473,8 @@ def take_subset(train, test, classes, which=None, per_class=None, test_per_class
     else:
         unknown = [name for name in which if name not in classes]
         if unknown:
-            raise DataError(f"--classes: no class named {unknown[0]!r} in the dataset (its first: {', '.join(classes[:5])})")
+            raise DataError(f"--classes: no class named {unknown[0]!r} in the dataset "
+                            f"(its first: {', '.join(classes[:5])})")
         keep = [classes.index(name) for name in which]
     new = {old: k for k, old in enumerate(keep)}
 
@@ -564,15 +570,20 @@ class VideoDataset(torch.utils.data.Dataset):
             return augment(frames, S, g, strong=False)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
-            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)  # one decode, (5T, H, W, 3)
+            # one decode for the whole clip set: (5T, H, W, 3)
+            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)
             # one augmentation draws one set of parameters for the whole clip set (sparse and its 4 dense
             # clips), so within a view the clips differ only by time; the two views are independent
             A, p_A = augment(frames, S, g)
             B, p_B = augment(frames, S, g)
-            A, B = A.view(3, 5, self.T, S, S), B.view(3, 5, self.T, S, S)  # (3, 5, T, S, S): sparse, dense 1..4
+            A, B = (v.view(3, 5, self.T, S, S) for v in (A, B))  # (3, 5, T, S, S): sparse, dense 1..4
             views = [A[:, 0], B[:, 0]] + [A[:, 1 + j] for j in range(4)] + [B[:, 1 + j] for j in range(4)]
-            return torch.stack(views), torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, 3, T, S, S), (10, P)
-        sets = test_indices(n, self.T, self.stride, self.K) if self.mode == "test" else score_indices(n, self.T)
+            params = torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
+            return torch.stack(views), params  # (10, 3, T, S, S): the order of SSL_CLIPS
+        if self.mode == "test":
+            sets = test_indices(n, self.T, self.stride, self.K)
+        else:
+            sets = score_indices(n, self.T)
         frames = load_frames(self.path(i), sum(sets, []), self.decode_size)
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
         return torch.stack([center_crop(c, S) for c in clips]), torch.tensor([IDENTITY] * len(sets))
@@ -616,7 +627,8 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         if not self.shuffle:
             return ((self.epoch, i) for i in range(self.n))
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
         order = order[: len(self) * self.world][self.rank :: self.world]  # (length,)
         return ((self.epoch, i) for i in order.tolist())
 
@@ -655,15 +667,15 @@ class BadVideos:
 
 
 # ----------------------------------------------------------------------------------------------
-# Toy action dataset, built on the paper's premise (PAPER_NOTES "The idea in one paragraph"):
+# Toy action dataset, built on the paper's premise (docs/method.md "The idea"; docs/toy.md):
 #   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
 #     a video looks alike, though not pixel for pixel: the period and phase are drawn per video, so the
 #     score's clips catch the cycle at different points, as in real repetitions); what tells them apart is
 #     the shape, which no time of the video lacks;
 #   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
-#     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same positions,
-#     sizes and directions of motion over the video: only their order tells them apart, and the clips of a
-#     video differ over time.
+#     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same
+#     positions, sizes and directions of motion over the video: only their order tells them apart, and the
+#     clips of a video differ over time.
 # Never left/right: flips are augmentation.
 
 TOY_VERSION = 2  # raised whenever the videos make_toy writes change
@@ -805,7 +817,7 @@ def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, se
     root/<Class>/v_<Class>_gNN_c01.{avi,mp4}, root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate
     videos are MPEG-4 part 2 in AVI (no B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here
     changed from one process to the next under CPU load (measured: 111 of 160 files differed), the MPEG-4
-    encoder's never did, so a toy set written anew is byte-identical and the README's figures reproduce."""
+    encoder's never did, so a toy set written anew is byte-identical and the figures reproduce."""
     H, W = (size, size) if isinstance(size, int) else size
     os.makedirs(root, exist_ok=True)
     train, test = [], []
@@ -820,7 +832,8 @@ def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, se
             g = torch.Generator().manual_seed(((seed * 64 + c) * 2 + split) * 100_000 + j)
             write_video(os.path.join(root, rel), _render(c, frames, H, W, g, object_scale), codec="mpeg4")
             (train if k < train_per_class else test).append(rel)
-    with open(os.path.join(root, "toy.json"), "w") as f:  # what made it: a default toy of another version is remade
+    # what made it: a default toy folder of another version is written anew
+    with open(os.path.join(root, "toy.json"), "w") as f:
         json.dump(dict(version=TOY_VERSION, train_per_class=train_per_class, test_per_class=test_per_class,
                        frames=frames, size=size, seed=seed, object_scale=object_scale), f)
     with open(os.path.join(root, "classInd.txt"), "w") as f:
@@ -849,13 +862,16 @@ def main():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("dir", type=str, help="output folder")
     t.add_argument("--train-per-class", type=int, default=20, help="training videos per class")
-    t.add_argument("--test-per-class", type=int, default=25, help="test videos per class (25 x 8: one video is 0.5 points)")
+    t.add_argument("--test-per-class", type=int, default=25,
+                   help="test videos per class (25 x 8: one video is 0.5 points)")
     t.add_argument("--object-scale", type=float, default=1.0, help="object sizes, times the default")
     t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
-    t.add_argument("--size", type=_frame_size, default=80, help="frame size in pixels: S (square) or HxW, e.g. 96x128")
+    t.add_argument("--size", type=_frame_size, default=80,
+                   help="frame size in pixels: S (square) or HxW, e.g. 96x128")
     t.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args()
-    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed, args.object_scale)
+    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed,
+             args.object_scale)
     print(f"wrote {len(TOY_CLASSES)} classes to {args.dir}")
 
 

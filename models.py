@@ -1,7 +1,7 @@
 """A compact residual 3D CNN (3D-ResNet style) with a projection head g and a linear classifier.
 
 The paper uses 3D-ResNet-18/50 at 224 px; the CPU default here is width 16, one block per stage, at
-8x32x32 (see README "Differences from the paper"). A self-supervised encoder has the head and no
+8x32x32 (see README, Differences from the paper). A self-supervised encoder has the head and no
 classifier; a teacher or student has the classifier and no head, so every parameter is used.
 """
 import torch
@@ -32,7 +32,7 @@ class R3D(nn.Module):
     """Stem (3x5x5 conv, stride 1x2x2, then 1x2x2 max-pool) and four stages of `layers[i]` blocks at
     widths w, 2w, 4w, 8w; time is halved once (stage 2), space 32x in all: 8x64x64 -> 4x2x2.
 
-    num_classes > 0 adds the classifier `fc`; proj_dim > 0 adds the projection head g of PAPER_NOTES
+    num_classes > 0 adds the classifier `fc`; proj_dim > 0 adds the projection head g of docs/method.md
     (fc -> BN -> ReLU -> fc -> BN, 128-d, L2-normalised)."""
 
     def __init__(self, width=16, layers=(1, 1, 1, 1), num_classes=0, proj_dim=0, dropout=0.0):
@@ -40,14 +40,14 @@ class R3D(nn.Module):
         self.arch = dict(width=width, layers=list(layers), num_classes=num_classes, proj_dim=proj_dim)
         w = width
         self.stem = nn.Sequential(
-            nn.Conv3d(3, w, (3, 5, 5), (1, 2, 2), (1, 2, 2), bias=False), nn.BatchNorm3d(w), nn.ReLU(inplace=True),
-            nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)))
+            nn.Conv3d(3, w, (3, 5, 5), (1, 2, 2), (1, 2, 2), bias=False), nn.BatchNorm3d(w),
+            nn.ReLU(inplace=True), nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)))
         strides = [(1, 1, 1), (2, 2, 2), (1, 2, 2), (1, 2, 2)]
         widths = [w, 2 * w, 4 * w, 8 * w]
         stages, cin = [], w
         for cout, stride, n in zip(widths, strides, layers):
-            stages.append(nn.Sequential(*[Block(cin if i == 0 else cout, cout, stride if i == 0 else (1, 1, 1))
-                                          for i in range(n)]))
+            blocks = [Block(cin if i == 0 else cout, cout, stride if i == 0 else (1, 1, 1)) for i in range(n)]
+            stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.dim = cin
@@ -69,7 +69,7 @@ class R3D(nn.Module):
 
     def forward(self, x, out="logits"):
         """out="logits": (B, num_classes). out="ssl": (g, L) with g = g(time-pooled features) (B, D) and
-        L = g of each of 4 temporal slices of the feature map (B, 4, D) (PAPER_NOTES "local slices")."""
+        L = g of each of 4 temporal slices of the feature map (B, 4, D) (docs/method.md "Clips")."""
         fmap = self.features(x)  # (B, C, T', H', W')
         if out == "logits":
             return self.fc(fmap.mean(dim=(2, 3, 4)))
@@ -105,7 +105,8 @@ def count_flops(model, x):
         k = m.weight.numel() // (m.out_channels if isinstance(m, nn.Conv3d) else m.out_features)
         total += 2 * k * out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv3d, nn.Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
     with torch.no_grad():
         model.eval()(x)
     for h in handles:

@@ -1,4 +1,5 @@
-"""TimeBalance's objectives, score and distillation as pure functions of tensors (PAPER_NOTES.md).
+"""TimeBalance's objectives, score and distillation as pure functions of tensors, in the paper's
+notation (docs/method.md restates the method section by section).
 
 Notation: every embedding is already L2-normalised, h(u, v) = exp(u . v / tau), tau = 0.1.
   g_a, g_b   (B, D)     sparse (global) clip of each video, augmentations A and B
@@ -13,7 +14,8 @@ def _nt_xent_rows(z1, z2, tau):
     """NT-Xent per anchor over the second-to-last dim: z1, z2 (..., N, D) -> (..., 2N) losses.
     Anchor i's positive is its partner in the other view; every other one of the 2N is a negative:
         l_i = -log( h(z_i, z~_i) / sum_{k != i} h(z_i, z_k) )
-    Every index is made on z's device: an index built on the CPU would be copied to the GPU, waiting for it."""
+    Every index is made on z's device: an index built on the CPU would be copied to the GPU, waiting
+    for it."""
     N = z1.shape[-2]
     z = torch.cat([z1, z2], dim=-2)  # (..., 2N, D)
     sim = z @ z.transpose(-1, -2) / tau  # (..., 2N, 2N): log h(z_i, z_k)
@@ -25,7 +27,7 @@ def _nt_xent_rows(z1, z2, tau):
 
 
 def nt_xent(z1, z2, tau=0.1):
-    """SimCLR NT-Xent over the batch (PAPER_NOTES "Temporally-invariant objective"): z1, z2 (N, D) are
+    """SimCLR NT-Xent over the batch (docs/method.md "Temporally-invariant objective"): z1, z2 (N, D) are
     two views of N videos; a view's positive is the other view of its video, negatives are the other
     videos. Mean over the 2N anchors. Needs N >= 2: with one video there is no negative."""
     if z1.shape != z2.shape or z1.dim() != 2:
@@ -42,7 +44,8 @@ def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1):
     Dense clips at different times of one video are positives: the features become time-invariant.
     With 2 augmentations x 4 times there are 28 pairs, computed in one batched call."""
     if G_a.shape != G_b.shape or G_a.dim() != 3:
-        raise ValueError(f"invariant_loss: dense clips must both be (B, 4, D), got {tuple(G_a.shape)} and {tuple(G_b.shape)}")
+        raise ValueError(f"invariant_loss: dense clips must both be (B, 4, D), got {tuple(G_a.shape)} "
+                         f"and {tuple(G_b.shape)}")
     dense = torch.cat([G_a, G_b], dim=1).transpose(0, 1)  # (8, B, D): slots A1..A4, B1..B4
     i, j = torch.triu_indices(8, 8, offset=1, device=dense.device)  # (28,) each: the pairs i < j in order
     L_dense = _nt_xent_rows(dense[i], dense[j], tau).mean(dim=-1).sum()  # (28, B, D) x 2 -> (28, 2B) -> ()
@@ -50,7 +53,7 @@ def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1):
 
 
 def local_local_loss(G_a, G_b, tau=0.1):
-    """TCLR local-local loss L_LL (PAPER_NOTES "Temporally-distinctive objective"): per video, NT-Xent
+    """TCLR local-local loss L_LL (docs/method.md "Temporally-distinctive objective"): per video, NT-Xent
     whose "batch" is the 4 time slots: anchor G_p's positive is G~_p, its negatives are G_q and G~_q
     for q != p (other times of the same video). Averaged over videos and anchors (the released code
     sums over the batch; averaging keeps the scale independent of the batch size)."""
@@ -81,12 +84,13 @@ def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1):
 
 def similarity_matrix(e_I, e_D):
     """C = (C_I + C_D) / 2 with C_X = e_X e_X^T: the 4x4 cosine similarities between a video's 4 consecutive
-    clips, averaged over both SSL encoders (PAPER_NOTES "Temporal similarity score"). (B, 4, D) -> (B, 4, 4)."""
+    clips, averaged over both SSL encoders (docs/method.md "Temporal similarity score").
+    (B, 4, D) -> (B, 4, 4)."""
     return (e_I @ e_I.transpose(1, 2) + e_D @ e_D.transpose(1, 2)) / 2
 
 
 def temporal_similarity(e_I, e_D):
-    """Temporal similarity score s in [0, 1] (PAPER_NOTES "Temporal similarity score"). e_I, e_D
+    """Temporal similarity score s in [0, 1] (docs/method.md "Temporal similarity score"). e_I, e_D
     (B, 4, D): the invariant and distinctive SSL encoders' projected, L2-normalised embeddings of 4
     consecutive non-overlapping clips of each video.
         C = (C_I + C_D) / 2,   C_X = e_X e_X^T  (4x4 cosine similarities)
@@ -125,7 +129,7 @@ def normalize_scores(s, method="minmax", decimals=4):
 
 
 def mix_teachers(p_inv, p_dist, s):
-    """Teacher target (PAPER_NOTES "Student"): p_T = s * p_I + (1 - s) * p_D, per video.
+    """Teacher target (docs/method.md "Student"): p_T = s * p_I + (1 - s) * p_D, per video.
     p_inv, p_dist (B, K) probabilities; s (B,) in [0, 1]."""
     s = s.view(-1, 1)  # (B, 1)
     return s * p_inv + (1 - s) * p_dist

@@ -1,18 +1,21 @@
-"""Every stage of TimeBalance. The method is three commands (README "Usage"):
+"""Every stage of TimeBalance (docs/method.md). The method is three commands (README):
 
-  python train.py --stage invariant     self-supervised pretraining with L_I               -> OUT/invariant.pt
-  python train.py --stage distinctive   self-supervised pretraining with L_D = L_LL + L_GL -> OUT/distinctive.pt
+  python train.py --stage invariant     self-supervised pretraining with L_I          -> OUT/invariant.pt
+  python train.py --stage distinctive   self-supervised pretraining, L_D = L_LL + L_GL -> OUT/distinctive.pt
   python train.py --stage semisup       every step not done yet, in order:
-                                          (with --student-init both: L_I + L_LL + L_GL     -> OUT/both.pt)
-                                          finetune: both encoders on the labeled subset    -> OUT/teacher_*.pt
-                                          temporal similarity scores                       -> OUT/scores.json
-                                          the student, distilled from the per-video mix    -> OUT/student.pt
+                                          (--student-init both: L_I + L_LL + L_GL     -> OUT/both.pt)
+                                          both encoders fine-tuned on the labeled videos -> OUT/teacher_*.pt
+                                          temporal similarity scores                  -> OUT/scores.json
+                                          the student, distilled from the per-video mix -> OUT/student.pt
 
 Finer stages: `finetune` runs semisup's teacher steps by hand, `both` the extra first step of
-`--student-init both`; `supervised` is the baseline (labeled subset only, from scratch); `eval --ckpt F` tests
-a classifier; `ablation` makes the seed tables of README "Results"; `--demo` runs the three commands, the
-baseline and the fixed-mix student on the toy set.
+`--student-init both`; `supervised` is the baseline (labeled subset only, from scratch); `eval --ckpt F`
+tests a classifier, `predict --ckpt F VIDEO ...` names the top-5 classes of each video; `ablation` runs the
+method, the baseline and the fixed-mix student for each of --seeds and prints mean, spread and paired
+differences (docs/results.md); `--demo` does that on the toy set.
 
+Reading order: the constants, then each stage's loop (batch -> forward -> loss -> optimize), evaluation,
+the commands; the plumbing (Meter, Run, checkpoints, JSON files, the command line) comes last.
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU).
 """
 import argparse
@@ -42,7 +45,8 @@ ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
 EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 25}
-LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3, "semisup": 5e-4}
+LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3,
+      "semisup": 5e-4}
 BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
 
 
@@ -55,7 +59,7 @@ class StageError(Exception):
 
 def train_ssl(run, stage, resume):
     a = run.args
-    torch.manual_seed(a.seed)  # initialisation: the same whether the step runs alone or inside --stage semisup
+    torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     epochs, lr, bs = hparams(a, stage)
     ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
     model = run.model(proj_dim=128)
@@ -68,7 +72,8 @@ def train_ssl(run, stage, resume):
     loader, meter = run.loader(ds, bs), Meter(run, stage, opt, lr, epochs, steps, start)
     for epoch in range(start, epochs):
         net.train()
-        for step, (x, _, _, failed) in enumerate(run.batches(loader, epoch, clip_major=True)):  # x (10B, 3, T, S, S)
+        # x (10B, 3, T, S, S): the 10 clips of B videos, clip-major
+        for step, (x, _, _, failed) in enumerate(run.batches(loader, epoch, clip_major=True)):
             meter.begin(epoch, step, failed)
             terms = ssl_terms(net, x, stage, a.tau, run.autocast)
             optimize(opt, terms)
@@ -87,7 +92,8 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
     c = data.SSL_CLIPS
     g_a, g_b = g[c["sparse_A"]], g[c["sparse_B"]]  # the sparse clip under augmentations A and B: (B, D)
     L_a, L_b = L[c["sparse_A"]], L[c["sparse_B"]]  # its 4 temporal slices L_1..L_4: (B, 4, D)
-    G_a, G_b = g[c["dense_A"]].transpose(0, 1), g[c["dense_B"]].transpose(0, 1)  # dense clips G_1..G_4: (B, 4, D)
+    G_a = g[c["dense_A"]].transpose(0, 1)  # the 4 dense clips G_1..G_4 under A: (B, 4, D)
+    G_b = g[c["dense_B"]].transpose(0, 1)  # and under B
     terms = {}
     if stage in ("invariant", "both"):
         terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, tau)
@@ -146,7 +152,7 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 
 
 def compute_scores(run):
-    """s for every training video, once, cached in OUT/scores.json keyed by video path (PAPER_NOTES
+    """s for every training video, once, cached in OUT/scores.json keyed by video path (docs/method.md
     "Temporal similarity score"): 4 consecutive clips embedded by both SSL encoders' projection heads.
     Returns ({path: raw s}, {path: C as 4x4 lists}); the cache keeps both, and each encoder's own score
     ({path: [s_I, s_D]}, "each": s from C_I or C_D alone), which shows which encoder makes the split."""
@@ -180,7 +186,8 @@ def compute_scores(run):
             e_I, e_D = (enc(x, out="ssl")[0].view(B, 4, -1) for enc in encoders)  # (B, 4, D)
             C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
             s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
-            s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2): C_I, C_D alone
+            # (B, 2): the score from C_I alone and from C_D alone
+            s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)
             for i, s_i, C_i, e_i in zip(idx.tolist(), s.tolist(), C_b.tolist(), s_each.tolist()):
                 p = ds.items[i][0]
                 raw[p], C[p], each[p] = s_i, [[round(v, 5) for v in row] for row in C_i], e_i
@@ -224,14 +231,13 @@ def normalized_scores(raw, paths, method):
 
 
 def train_semisup(run, name="student"):
-    """The TimeBalance student (PAPER_NOTES "Student"): per step a labeled and an unlabeled batch go
+    """The TimeBalance student (docs/method.md "Student"): per step a labeled and an unlabeled batch go
     through the student in one forward; frozen teachers give p_T = s p_I + (1 - s) p_D on the same clips;
         loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on unlabeled."""
     a = run.args
     epochs, lr, bs = hparams(a, "semisup")
     init = run.need(a.student_init, a.student_init, "ssl")
-    teachers = [load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval().requires_grad_(False)
-                for k in ENCODERS]
+    teachers = [teacher(run, k) for k in ENCODERS]
     frozen = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
     raw, C = compute_scores(run)
     paths = [p for p, _ in run.train]
@@ -246,7 +252,8 @@ def train_semisup(run, name="student"):
     bs_l = min(bs, len(run.labeled) // run.world)
     # the small labeled subset repeated (each repeat with its own augmentation) to give one labeled
     # batch per unlabeled batch: one labeled loader per epoch, not one per pass over the subset
-    lab_ds = run.dataset(run.labeled * math.ceil(steps * bs_l * run.world / len(run.labeled)), "train", stream=1)
+    repeats = math.ceil(steps * bs_l * run.world / len(run.labeled))
+    lab_ds = run.dataset(run.labeled * repeats, "train", stream=1)
     s_lab = torch.tensor([s_of[p] for p, _ in lab_ds.items], device=run.device)
     s_unl = torch.tensor([s_of[p] for p, _ in run.unlabeled], device=run.device)
 
@@ -274,7 +281,8 @@ def train_semisup(run, name="student"):
             meter.add(terms, x_l.shape[0] + x_u.shape[0])
         meter.end_epoch(model)
     # the teachers are frozen: their weights must not have moved
-    assert frozen == [sum(p.double().sum().item() for p in t.parameters()) for t in teachers], "teacher changed"
+    now = [sum(p.double().sum().item() for p in t.parameters()) for t in teachers]
+    assert frozen == now, "teacher changed"
     evaluate_and_record(run, name, model)
 
 
@@ -304,9 +312,9 @@ def evaluate(run, model):
     world-th video (no padding, nothing counted twice). Returns (top1, per-class %, unreadable count,
     videos counted)."""
     model.eval()
-    if run.world > 1:  # DDP copies rank 0's BN statistics into the others at each forward, so after the last
-        for b in model.buffers():  # step they differ by one update: evaluate every rank with rank 0's (the saved)
-            dist.broadcast(b, 0)
+    if run.world > 1:  # DDP copies rank 0's BN statistics into the others at each forward, so after the
+        for b in model.buffers():  # last step they differ by one update: evaluate every rank with rank 0's
+            dist.broadcast(b, 0)  # (the saved ones)
     K = len(run.classes)
     # every count lives on the device: nothing waits for the GPU per batch, and the all-reduce runs on the
     # device's own backend
@@ -343,7 +351,8 @@ def evaluate_and_record(run, name, model):
         per = read_json(path)
         per[name] = dict(zip(run.classes, [round(v, 1) for v in per_class]))
         write_json(path, per)
-    run.log(f"{name}: test top-1 {top1:.2f}% over {n} videos" + (f" ({n_bad} unreadable, counted wrong)" if n_bad else ""))
+    unreadable = f" ({n_bad} unreadable, counted wrong)" if n_bad else ""
+    run.log(f"{name}: test top-1 {top1:.2f}% over {n} videos{unreadable}")
     return top1
 
 
@@ -352,7 +361,8 @@ def clip_average(run, fn, items):
     """fn of each video's test clips (centre crop, as in evaluation), averaged over its clips: (N, ...) on
     the device, in item order. fn maps a batch of clips (B*n, 3, T, S, S) to (B*n, ...)."""
     out = []
-    for x, y, _, _ in run.batches(run.loader(run.dataset(items, "test"), 4, shuffle=False), 0):  # x (B*n, 3, T, S, S)
+    loader = run.loader(run.dataset(items, "test"), 4, shuffle=False)
+    for x, y, _, _ in run.batches(loader, 0):  # x (B*n, 3, T, S, S)
         B = y.shape[0]
         with run.autocast():
             v = fn(x).float()  # (B*n, ...)
@@ -372,8 +382,9 @@ def knn_top1(bank, bank_y, queries, query_y, num_classes, k=20, t=0.07):
     exp(sim / t); the class with the most weight wins. Returns top-1 % over the queries."""
     sim = queries @ bank.T  # (Q, N): cosines, the features being unit vectors
     top, j = sim.topk(min(k, bank.shape[0]), dim=1)  # (Q, k)
-    votes = torch.zeros(len(queries), num_classes, device=sim.device).scatter_add_(1, bank_y[j], (top / t).exp())
-    return 100 * (votes.argmax(dim=1) == query_y).float().mean().item()  # votes (Q, K)
+    votes = torch.zeros(len(queries), num_classes, device=sim.device)  # (Q, K)
+    votes.scatter_add_(1, bank_y[j], (top / t).exp())
+    return 100 * (votes.argmax(dim=1) == query_y).float().mean().item()
 
 
 def knn_check(run, stage, model):
@@ -386,8 +397,8 @@ def knn_check(run, stage, model):
         label = lambda items: torch.tensor([y for _, y in items], device=run.device)  # noqa: E731
         top1 = knn_top1(bank, label(run.labeled), queries, label(run.test), len(run.classes))
         run.record_result(f"knn_{stage}", top1)
-        run.log(f"{stage}: kNN top-1 {top1:.2f}% ({len(run.labeled)} labeled videos as the bank, {len(run.test)} "
-                f"test videos; {time.time() - t0:.1f} s)")
+        run.log(f"{stage}: kNN top-1 {top1:.2f}% ({len(run.labeled)} labeled videos as the bank, "
+                f"{len(run.test)} test videos; {time.time() - t0:.1f} s)")
     run.barrier()
 
 
@@ -435,7 +446,8 @@ def print_results(out):
 def run_stage(args, stage):
     if stage == "eval":  # the model and its clips as the checkpoint was trained, the data as given
         ckpt = load_checkpoint(args.ckpt, "classifier")
-        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}})
+        saved = {k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}
+        args = argparse.Namespace(**{**vars(args), **saved})
     run = Run(args, stage)
     if stage in SSL_STAGES:
         train_ssl(run, stage, args.resume)
@@ -459,22 +471,29 @@ def semisup(run):
     both teachers, then the scores and the student. A finished step is reused, an unfinished one resumed
     from its last epoch."""
     inits = {k: run.need(k, k, "ssl") for k in ENCODERS}  # both present before any work
-    steps = [("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
-              lambda resume: train_ssl(run, "both", resume))] if run.args.student_init == "both" else []
-    steps += [(f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
-               lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])) for k in ENCODERS]
+    steps = []  # (name, checkpoint kind, what it is, train(resume))
+    if run.args.student_init == "both":
+        steps.append(("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
+                      lambda resume: train_ssl(run, "both", resume)))
+    for k in ENCODERS:
+        steps.append((f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
+                      lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])))
     n = len(steps) + 1
     for i, (name, kind, what, train) in enumerate(steps):
         ckpt = run.checkpoint(name, kind)
         if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
-            run.log(f"=== step {i + 1}/{n} {name} ({what}): reusing {run.path(name)}, finished ({ckpt['epochs']} epochs)")
+            run.log(f"=== step {i + 1}/{n} {name} ({what}): reusing {run.path(name)}, "
+                    f"finished ({ckpt['epochs']} epochs)")
             continue
-        how = "training" if ckpt is None else f"resuming {run.path(name)} ({ckpt['epoch']}/{ckpt['epochs']} epochs)"
+        how = "training"
+        if ckpt is not None:
+            how = f"resuming {run.path(name)} ({ckpt['epoch']}/{ckpt['epochs']} epochs)"
         run.log(f"=== step {i + 1}/{n} {name} ({what}): {how}")
         train(ckpt is not None)
     name = "student" if run.args.mix == "similarity" else "student_fixed"
     mix = "the per-video mix" if run.args.mix == "similarity" else "the fixed 0.5 mix"
-    run.log(f"=== step {n}/{n} {name} (temporal similarity scores, then the student distilled from {mix} of both teachers)")
+    run.log(f"=== step {n}/{n} {name} (temporal similarity scores, then the student distilled from {mix} "
+            "of both teachers)")
     train_semisup(run, name)
     if run.rank == 0:
         print_results(run.args.out)
@@ -556,8 +575,7 @@ def mix_check(run):
     fixable (that, and the s = 0.5 target wrong), sim_fixes / sim_breaks (the score's target right where
     the fixed one is wrong / wrong where it is right)."""
     p_I, p_D = (clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), run.unlabeled)
-                for t in (load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), run.path(f"teacher_{k}")).eval()
-                          for k in ENCODERS))  # (N, K) each
+                for t in (teacher(run, k) for k in ENCODERS))  # (N, K) each
     raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
     norm = normalized_scores(raw, [p for p, _ in run.train], run.args.score_norm)
     s = torch.tensor([norm[p] for p, _ in run.unlabeled], device=run.device)  # (N,)
@@ -620,7 +638,8 @@ class Meter:
     read (else only the epoch records, every --log-every epochs)."""
 
     def __init__(self, run, name, opt, lr, epochs, steps, start, steps_lines=True):
-        self.run, self.name, self.opt, self.lr, self.epochs, self.steps, self.start = run, name, opt, lr, epochs, steps, start
+        self.run, self.name, self.opt, self.lr = run, name, opt, lr
+        self.epochs, self.steps, self.start = epochs, steps, start
         self.steps_lines = steps_lines
         self.bad, self.t0, self.clips = data.BadVideos(), time.time(), 0
         self.sums, self.epoch, self.step, self.checked = {}, start, -1, 0
@@ -633,8 +652,8 @@ class Meter:
         self.epoch, self.step = epoch, step
         self.bad.add(failed)
         for group in self.opt.param_groups:
-            group["lr"] = group.get("scale", 1.0) * lr_at(epoch * self.steps + step, self.epochs * self.steps, self.lr,
-                                                          self.steps)
+            lr = lr_at(epoch * self.steps + step, self.epochs * self.steps, self.lr, self.steps)
+            group["lr"] = group.get("scale", 1.0) * lr
 
     def add(self, terms, clips):
         """After the step: its loss terms added to the sums on the device, `clips` counted on every rank."""
@@ -652,7 +671,8 @@ class Meter:
                              f"{self.clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
 
     def read(self):
-        """The mean of each term over the epoch's steps so far (over every rank), read from the device at once."""
+        """The mean of each term over the epoch's steps so far (over every rank), read from the device at
+        once."""
         names = list(self.sums)
         values = torch.stack([self.sums[k] for k in names])  # (terms,)
         if self.run.world > 1:
@@ -667,14 +687,16 @@ class Meter:
         return {k: v / (self.step + 1) for k, v in zip(names, values)}
 
     def end_epoch(self, model):
-        """After the epoch's last step: the sums read and checked, a checkpoint, one JSON line in OUT/log.jsonl."""
+        """After the epoch's last step: the sums read and checked, a checkpoint, one JSON line in
+        OUT/log.jsonl."""
         means = self.read()
         self.run.save(self.name, model, self.opt, self.epoch + 1, self.epochs)
         record = dict(stage=self.name, epoch=self.epoch + 1, **means, lr=self.opt.param_groups[-1]["lr"],
                       bad_videos=len(self.bad), clips_per_s=round(self.clips / (time.time() - self.t0), 1),
                       wall_s=round(time.time() - self.t0, 1), run=self.run.id)
         self.run.log_epoch(record)
-        if self.steps_lines or (self.epoch + 1) % self.run.args.log_every == 0 or self.epoch + 1 == self.epochs:
+        last = self.epoch + 1 == self.epochs
+        if self.steps_lines or (self.epoch + 1) % self.run.args.log_every == 0 or last:
             self.run.log(json.dumps(record))
 
 # ----------------------------------------------------------------------------------------------
@@ -694,11 +716,12 @@ class Run:
         if self.device.type == "cuda":
             # the current device is where the DataLoader's pin-memory thread and every bare "cuda" tensor go
             torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True  # every training shape is fixed: pick each conv's fastest kernel
+            torch.backends.cudnn.benchmark = True  # every training shape is fixed: each conv's fastest kernel
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(backend(self.device))
         self.amp = self.device.type == "cuda" and not args.no_amp
-        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart in log.jsonl
+        # tells reruns into one --out apart in log.jsonl
+        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.makedirs(args.out, exist_ok=True)
         generate = args.demo or args.root == DEFAULT_TOY  # never into a folder the user named
         if args.dataset == "toy" and generate and toy_version(args.root) != data.TOY_VERSION:
@@ -714,7 +737,8 @@ class Run:
                 args.seed if args.subset_seed is None else args.subset_seed)
         taken = self.train, self.test
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
-            by_class = [[j for j, (_, y) in enumerate(self.train) if y == c] for c in range(len(self.classes))]
+            by_class = [[j for j, (_, y) in enumerate(self.train) if y == c]
+                        for c in range(len(self.classes))]
             fewest = min(range(len(by_class)), key=lambda c: len(by_class[c]))
             if len(by_class[fewest]) <= args.holdout:
                 raise data.DataError(f"--holdout {args.holdout}: class {self.classes[fewest]} has "
@@ -727,7 +751,8 @@ class Run:
             self.labeled = [it for it in self.train if it in lab]
             self.unlabeled = [it for it in self.train if it not in lab]
         else:
-            self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed, self.classes)
+            self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed,
+                                                              self.classes)
         record = run_record(args, self.stage)  # every rank: a refusal stops them all
         if self.rank == 0:
             write_json(os.path.join(args.out, "run.json"), record)
@@ -765,8 +790,8 @@ class Run:
         dropout mask after it. `length`: items per rank and epoch, if fewer than the dataset's. Evaluation
         and scoring (no shuffle) shard their items themselves and make one pass."""
         workers = self.args.workers if workers is None else workers
-        sampler = data.EpochSampler(len(ds), self.args.seed, shuffle, *((self.rank, self.world) if shuffle else (0, 1)),
-                                    length=length)
+        rank, world = (self.rank, self.world) if shuffle else (0, 1)
+        sampler = data.EpochSampler(len(ds), self.args.seed, shuffle, rank, world, length=length)
         return torch.utils.data.DataLoader(
             ds, batch_size, sampler=sampler, drop_last=shuffle, num_workers=workers, collate_fn=data.collate,
             pin_memory=self.device.type == "cuda", persistent_workers=shuffle and workers > 0,
@@ -829,7 +854,8 @@ class Run:
         return os.path.join(self.args.out, f"{name}.pt")
 
     def checkpoint(self, name, kind):
-        """OUT/<name>.pt if there is one (None if not), checked: of `kind`, and of this run's width and depth."""
+        """OUT/<name>.pt if there is one (None if not), checked: of `kind`, of this run's width and depth,
+        and trained with this run's defining flags (`defining`)."""
         path = self.path(name)
         if not os.path.exists(path):
             return None
@@ -840,7 +866,8 @@ class Run:
                              f"--layers {' '.join(map(str, a.layers))}")
         # an encoder depends on the videos it saw; a classifier on its labeled split and clips too
         flags = "encoder" if kind == "ssl" else "labeled"
-        saved = {k: v for k, v in defining(ckpt["args"], flags).items() if k in ckpt["args"] or k == "subset_seed"}
+        saved = {k: v for k, v in defining(ckpt["args"], flags).items()
+                 if k in ckpt["args"] or k == "subset_seed"}  # a checkpoint older than a flag: not compared
         diff = differing(saved, defining(a, flags))
         if diff:
             flag, old, new = diff
@@ -855,16 +882,18 @@ class Run:
         if ckpt is None:
             raise StageError(f"{path} not found: run --stage {stage} first (same --out)")
         if ckpt["epoch"] < ckpt["epochs"]:
-            raise StageError(f"{path} is unfinished ({ckpt['epoch']}/{ckpt['epochs']} epochs): run --stage {stage} --resume")
+            raise StageError(f"{path} is unfinished ({ckpt['epoch']}/{ckpt['epochs']} epochs): "
+                             f"run --stage {stage} --resume")
         return ckpt
 
     def save(self, name, model, opt, epoch, epochs):
         """Atomic: a temporary file, then a rename; a kill during the save leaves the previous one."""
         if self.rank == 0:
             m = model.module if hasattr(model, "module") else model
+            cuda = self.device.type == "cuda"
             state = dict(model=m.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs,
                          arch=m.arch, args=vars(self.args), classes=self.classes, rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+                         cuda_rng=torch.cuda.get_rng_state(self.device) if cuda else None)
             tmp = self.path(name) + ".tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.path(name))
@@ -877,7 +906,8 @@ class Run:
         ckpt = load_checkpoint(self.path(name))
         m = model.module if hasattr(model, "module") else model
         if ckpt["arch"] != m.arch:
-            raise StageError(f"{self.path(name)}: saved model {ckpt['arch']} differs from this run's {m.arch}")
+            raise StageError(f"{self.path(name)}: saved model {ckpt['arch']} differs from this run's "
+                             f"{m.arch}")
         m.load_state_dict(ckpt["model"], strict=True)
         try:
             opt.load_state_dict(ckpt["optimizer"])
@@ -885,7 +915,7 @@ class Run:
             raise StageError(f"{self.path(name)}: its optimizer state does not fit this version ({e}); "
                              "train the stage anew without --resume") from None
         torch.set_rng_state(ckpt["rng"])
-        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # dropout on the GPU draws from it
+        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # GPU dropout draws from it
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         self.log(f"resuming {name} after epoch {ckpt['epoch']}")
         return ckpt["epoch"]
@@ -941,8 +971,8 @@ def read_splits(args):
 
 # The flags that define what a stage computes: a later stage in the same --out, or a checkpoint reused,
 # must agree with them (`run_record`, `Run.checkpoint`). Paths compare as absolute paths.
-DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names", "classes",
-              "per_class", "test_per_class", "subset_seed", "holdout")
+DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names",
+              "classes", "per_class", "test_per_class", "subset_seed", "holdout")
 MODEL_FLAGS = ("width", "layers")
 SPLIT_FLAGS = ("labeled", "labeled_list", "seed")
 DEFINING = {"data": DATA_FLAGS,
@@ -992,9 +1022,16 @@ def run_record(args, stage):
     diff = differing(recorded, current)
     if diff:
         flag, old, new = diff
-        raise StageError(f"--{flag.replace('_', '-')} {new} differs from {old}, recorded in {path} by this run's "
-                         f"earlier stages: use another --out for a new run (or give {old})")
+        raise StageError(f"--{flag.replace('_', '-')} {new} differs from {old}, recorded in {path} by this "
+                         f"run's earlier stages: use another --out for a new run (or give {old})")
     return {**recorded, **current}
+
+
+def teacher(run, k):
+    """The finished teacher_<k>.pt of this run folder, frozen, in eval mode."""
+    path = run.path(f"teacher_{k}")
+    model = load_classifier(run, run.need(f"teacher_{k}", "finetune", "classifier"), path)
+    return model.eval().requires_grad_(False)
 
 
 def load_classifier(run, ckpt, path):
@@ -1002,7 +1039,8 @@ def load_classifier(run, ckpt, path):
         raise StageError(f"{path}: {ckpt['arch']['num_classes']} classes, dataset has {len(run.classes)}")
     m = run.model(num_classes=len(run.classes), dropout=0.5)
     if ckpt["arch"] != m.arch:
-        raise StageError(f"{path}: saved model {ckpt['arch']} differs from this run's {m.arch} (--width/--layers)")
+        raise StageError(f"{path}: saved model {ckpt['arch']} differs from this run's {m.arch} "
+                         "(--width/--layers)")
     m.load_state_dict(ckpt["model"], strict=True)
     return m
 
@@ -1030,7 +1068,8 @@ def load_checkpoint(path, kind=None):
                          f"({type(e).__name__}: {why[:120]})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("arch"), dict):
         raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
-    missing = [k for k in CKPT_KEYS if k not in ckpt] + [f"arch.{k}" for k in ("width", "layers", "num_classes", "proj_dim")
+    arch_keys = ("width", "layers", "num_classes", "proj_dim")
+    missing = [k for k in CKPT_KEYS if k not in ckpt] + [f"arch.{k}" for k in arch_keys
                                                          if k not in ckpt["arch"]]
     if missing:
         raise StageError(f"{path}: not a checkpoint of this project, missing {', '.join(missing)}")
@@ -1086,61 +1125,74 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--stage", choices=STAGES, help="the stage to run (see above)")
-    p.add_argument("--demo", action="store_true", help="generate the toy set if missing and run every stage at CPU scale")
-    p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results.json")
+    p.add_argument("--demo", action="store_true",
+                   help="write the toy set if missing, then --stage ablation on it (each of --seeds)")
+    p.add_argument("--out", type=str, default="runs/default",
+                   help="run folder: checkpoints, scores, logs, results.json")
     p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
     a = p.add_argument_group("data (data.py)").add_argument
     a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    a("--root", type=str, default=None, help=f"video folder (default for toy: {DEFAULT_TOY}, generated there if missing, as with --demo)")
-    a("--splits", type=str, default=None, help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits")
+    a("--root", type=str, default=None,
+      help=f"video folder (default for toy: {DEFAULT_TOY}, written there if missing, as with --demo)")
+    a("--splits", type=str, default=None,
+      help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits (default: --root)")
     a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
-    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label' (0-based)")
+    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
     a("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
     a("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
     a("--classes", type=_classes, default=None,
-      help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'; renumbered 0..N-1")
-    a("--per-class", type=int, default=None, help="at most this many training videos per class, drawn with --seed")
-    a("--test-per-class", type=int, default=None, help="at most this many test videos per class, drawn with --seed")
+      help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
+    a("--per-class", type=int, default=None, help="at most this many training videos a class (drawn, --seed)")
+    a("--test-per-class", type=int, default=None, help="at most this many test videos a class (--seed)")
     a("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
-    a("--holdout", type=int, default=0, help="for tuning: the last N training videos of each class replace the test split")
+    a("--holdout", type=int, default=0,
+      help="for tuning: the last N training videos of each class replace the test split")
     a("--labeled", type=float, default=3, help="labeled subset: fraction (<1) or videos per class (>=1)")
     a("--labeled-list", type=str, default=None, help="reuse a saved or published labeled list")
-    a("--seed", type=int, default=0, help="seed of the labeled split, the subset, initialisation and augmentation")
-    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation: seeds of the labeled split")
-    a = p.add_argument_group("schedule").add_argument
-    a("--epochs", type=int, default=None, help=f"epochs; with --stage semisup, --demo or --stage ablation, of every step they run (left out: each step's own default, {EPOCHS})")
-    a("--batch-size", type=int, default=None, help=f"videos per batch (semisup: labeled and unlabeled each); applies like --epochs (default per step {BATCH})")
-    a("--lr", type=float, default=None, help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4); applies like --epochs (default per step {LR})")
+    a("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation and demo: the seeds to run")
+    a = p.add_argument_group("schedule (left out: each step's own default)").add_argument
+    a("--epochs", type=int, default=None,
+      help=f"epochs of every step the command runs (semisup, ablation, demo: each step), default {EPOCHS}")
+    a("--batch-size", type=int, default=None,
+      help=f"videos per batch (semisup: labeled and unlabeled each), applies like --epochs, default {BATCH}")
+    a("--lr", type=float, default=None,
+      help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4), applies like --epochs, "
+           f"default {LR}")
     a("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
-    a("--finetune-backbone-lr", type=float, default=0.3, help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the paper's full fine-tuning, lower keeps more of what each SSL objective learned")
+    a("--finetune-backbone-lr", type=float, default=0.3,
+      help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
+           "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
     a = p.add_argument_group("model and clips").add_argument
     a("--frames", type=int, default=8, help="frames per train/test clip (paper 8)")
     a("--stride", type=int, default=2, help="frame stride of train/test clips (paper 2)")
     a("--ssl-frames", type=int, default=8, help="frames per sparse and dense SSL clip (paper 16)")
-    a("--ssl-stride", type=int, default=4, help="sparse clip stride; the 4 dense clips tile its span (paper 4)")
+    a("--ssl-stride", type=int, default=4, help="sparse clip stride; 4 dense clips tile its span (paper 4)")
     a("--size", type=int, default=32, help="crop size in pixels (paper 224)")
     a("--test-clips", type=int, default=10, help="clips per test video, softmax averaged (paper 10)")
     a("--width", type=int, default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
     a("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
     a = p.add_argument_group("method (docs/method.md)").add_argument
     a("--tau", type=float, default=0.1, help="temperature of h(u, v) = exp(u.v / tau)")
-    a("--w-labeled", type=float, default=50.0, help="distillation weight on labeled clips (paper 50 with MSE)")
-    a("--w-unlabeled", type=float, default=100.0, help="distillation weight on unlabeled clips (paper 100 with MSE)")
-    a("--distill", choices=["mse", "kl"], default="mse", help="distillation loss: MSE of softmaxes (paper) or KL")
-    a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video score s, or s = 0.5")
+    a("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
+    a("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
+    a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
+    a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video s, or 0.5")
     a("--student-init", choices=["distinctive", "both"], default="distinctive",
-      help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the paper's; semisup trains it first)")
+      help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
+           "paper's; semisup trains it first)")
     a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     a = p.add_argument_group("running").add_argument
     a("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
-    a("--resume", action="store_true", help="continue the stage from its last saved epoch (semisup resumes its unfinished earlier steps anyway)")
+    a("--resume", action="store_true",
+      help="continue the stage from its last saved epoch (semisup resumes its unfinished steps anyway)")
     a("--workers", type=int, default=2, help="DataLoader worker processes")
     a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
-    a("--log-every", type=int, default=10, help="print a progress line (and read the loss sums) every N steps")
+    a("--log-every", type=int, default=10, help="a progress line (and a read of the loss sums) every N steps")
     args = p.parse_args(argv)
     if not args.stage and not args.demo:
         p.error("give --stage NAME or --demo")
@@ -1148,7 +1200,8 @@ def get_args(argv=None):
         if getattr(args, flag) < (0 if flag == "workers" else 1):
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.ssl_stride < 4 or args.ssl_stride % 4:
-        p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), got {args.ssl_stride}")
+        p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "
+                f"got {args.ssl_stride}")
     for flag in ("epochs", "batch_size", "lr"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")

@@ -1,4 +1,5 @@
 """Real encoded videos for the tests, written with PyAV by data.py's own encoder."""
+
 import os
 import sys
 
@@ -56,24 +57,38 @@ def toy_root(tmp_path_factory):
     return root
 
 
-UCF_CLASSES = ["ApplyEyeMakeup", "Basketball", "Archery", "BoxingPunchingBag", "Drumming", "Bowling"]  # classInd order
+UCF_CLASSES = [
+    "ApplyEyeMakeup",
+    "Basketball",
+    "Archery",
+    "BoxingPunchingBag",
+    "Drumming",
+    "Bowling",
+]  # classInd order
 
 
 @pytest.fixture(scope="session")
 def ucf_root(tmp_path_factory):
     """A tree in UCF101's layout and split-file format: classInd.txt ('index Name', not in alphabetical
     order), trainlist01.txt ('Class/v_Class_gNN_cMM.avi index'), testlist01.txt (the path alone), all with
-    CRLF line ends; 6 classes x (5 train + 2 test) MPEG-4 AVIs at 320x240, 20 frames, drawn like the toy set."""
+    CRLF line ends; 6 classes x (5 train + 2 test) MPEG-4 AVIs at 320x240, 20 frames, drawn like the toy set.
+    """
     root = tmp_path_factory.mktemp("UCF-101")
     train, test = [], []
     for c, name in enumerate(UCF_CLASSES):
         os.makedirs(root / name)
         for k in range(7):
             rel = f"{name}/v_{name}_g{k + 1:02d}_c01.avi"
-            frames = data._render(c % len(data.TOY_CLASSES), 20, 240, 320, torch.Generator().manual_seed(10 * c + k))
+            frames = data._render(
+                c % len(data.TOY_CLASSES), 20, 240, 320, torch.Generator().manual_seed(10 * c + k)
+            )
             data.write_video(str(root / rel), frames)
             (train if k < 5 else test).append(rel)
-    (root / "classInd.txt").write_bytes("".join(f"{c + 1} {n}\r\n" for c, n in enumerate(UCF_CLASSES)).encode())
-    (root / "trainlist01.txt").write_bytes("".join(f"{r} {UCF_CLASSES.index(r.split('/')[0]) + 1}\r\n" for r in train).encode())
+    (root / "classInd.txt").write_bytes(
+        "".join(f"{c + 1} {n}\r\n" for c, n in enumerate(UCF_CLASSES)).encode()
+    )
+    (root / "trainlist01.txt").write_bytes(
+        "".join(f"{r} {UCF_CLASSES.index(r.split('/')[0]) + 1}\r\n" for r in train).encode()
+    )
     (root / "testlist01.txt").write_bytes("".join(f"{r}\r\n" for r in test).encode())
     return str(root)

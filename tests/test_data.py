@@ -23,8 +23,11 @@ def sequential(path, size=None):
             H, W = size or (f.height, f.width)
             rgb = f.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR")
             plane = bytes(rgb.planes[0])
-            frames.append(torch.frombuffer(bytearray(plane), dtype=torch.uint8)
-                          .view(H, rgb.planes[0].line_size)[:, : W * 3].reshape(H, W, 3))
+            frames.append(
+                torch.frombuffer(bytearray(plane), dtype=torch.uint8)
+                .view(H, rgb.planes[0].line_size)[:, : W * 3]
+                .reshape(H, W, 3)
+            )
     return torch.stack(frames)
 
 
@@ -107,7 +110,9 @@ def test_samplers():
     clips = data.test_indices(100, 8, 2, K=10)
     assert clips[0][0] == 0 and clips[-1][-1] == 99 and len(clips) == 10
     starts = [c[0] for c in clips]
-    assert max(b - a for a, b in zip(starts, starts[1:])) - min(b - a for a, b in zip(starts, starts[1:])) <= 1
+    assert (
+        max(b - a for a, b in zip(starts, starts[1:])) - min(b - a for a, b in zip(starts, starts[1:])) <= 1
+    )
     quarters = data.score_indices(40, 8)
     assert [c[0] for c in quarters] == [0, 10, 20, 30] and quarters[-1][-1] < 40
     assert all(max(a) < min(b) for a, b in zip(quarters, quarters[1:]))  # consecutive, no overlap
@@ -141,7 +146,11 @@ def _one_by_one_colour(x, b, c, s, theta, grey):
     x = (x - luma(x)) * s + luma(x)  # saturation
     u = torch.ones(3, dtype=x.dtype) / 3**0.5  # hue: rotation about the grey axis, Rodrigues' formula
     ux = torch.tensor([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]], dtype=x.dtype)
-    R = math.cos(theta) * torch.eye(3, dtype=x.dtype) + (1 - math.cos(theta)) * torch.outer(u, u) + math.sin(theta) * ux
+    R = (
+        math.cos(theta) * torch.eye(3, dtype=x.dtype)
+        + (1 - math.cos(theta)) * torch.outer(u, u)
+        + math.sin(theta) * ux
+    )
     x = torch.einsum("ij,tjhw->tihw", R, x)
     return luma(x).expand_as(x) if grey else x
 
@@ -164,7 +173,11 @@ def old_augment(clip, size, g, strong=True):
     if data._u(g) < 0.5:
         x = x.flip(-1)
     jitter = strong and data._u(g) < 0.8
-    b, c, s, theta = (data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi)) if jitter else (1, 1, 1, 0)
+    b, c, s, theta = (
+        (data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi))
+        if jitter
+        else (1, 1, 1, 0)
+    )
     grey = strong and data._u(g) < 0.2
     x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1)
     x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
@@ -192,8 +205,12 @@ def test_split_augmentation_equals_the_old_path(device):
     want = torch.stack(refs)
     assert (got - want).abs().max() < 2 * 1.5 / 255 / 0.225
     drawn = torch.stack(params)
-    assert (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()  # grey, erase, jitter seen
-    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == (drawn[:, 8] > 0).sum()  # erased where drawn
+    assert (
+        (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()
+    )  # grey, erase, jitter seen
+    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == (
+        drawn[:, 8] > 0
+    ).sum()  # erased where drawn
 
 
 def test_center_crop_against_hand():
@@ -220,12 +237,20 @@ def write_ucf_like(root, classes, per_class=2):
 
 
 def test_ucf101_labels_come_from_classind(tmp_path):
-    classes = ["Hammering", "HammerThrow", "JumpingJack", "JumpRope"]  # UCF101's classInd order (36-37, 47-48)
+    classes = [
+        "Hammering",
+        "HammerThrow",
+        "JumpingJack",
+        "JumpRope",
+    ]  # UCF101's classInd order (36-37, 47-48)
     assert sorted(classes) != classes
     write_ucf_like(tmp_path, classes)
     train, test, names = data.read_ucf101(str(tmp_path), str(tmp_path / "splits"), 1)
     assert names == classes
-    assert ("HammerThrow/v_HammerThrow_g01_c01.avi", 1) in train and ("JumpingJack/v_JumpingJack_g99_c01.avi", 2) in test
+    assert ("HammerThrow/v_HammerThrow_g01_c01.avi", 1) in train and (
+        "JumpingJack/v_JumpingJack_g99_c01.avi",
+        2,
+    ) in test
 
 
 def test_split_errors_name_the_path(tmp_path):
@@ -256,7 +281,9 @@ def test_hmdb51_flags(tmp_path):
 def test_list_format(tmp_path):
     (tmp_path / "train.txt").write_text("a/x.mp4 0\nb/y.mp4 2\n")
     (tmp_path / "test.txt").write_text("a/z.mp4 1\n")
-    train, test, classes = data.read_list(str(tmp_path), str(tmp_path / "train.txt"), str(tmp_path / "test.txt"))
+    train, test, classes = data.read_list(
+        str(tmp_path), str(tmp_path / "train.txt"), str(tmp_path / "test.txt")
+    )
     assert train == [("a/x.mp4", 0), ("b/y.mp4", 2)] and test == [("a/z.mp4", 1)] and len(classes) == 3
 
 
@@ -282,7 +309,12 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
     assert len(classes) == 8 and len(train) == 40 and len(test) == 16
     exts = {os.path.splitext(p)[1] for p, _ in train}
     assert exts == {".avi", ".mp4"}
-    shapes = {"train": (3, 8, 32, 32), "ssl": (10, 3, 8, 32, 32), "test": (3, 3, 8, 32, 32), "score": (4, 3, 8, 32, 32)}
+    shapes = {
+        "train": (3, 8, 32, 32),
+        "ssl": (10, 3, 8, 32, 32),
+        "test": (3, 3, 8, 32, 32),
+        "score": (4, 3, 8, 32, 32),
+    }
     for mode, shape in shapes.items():
         ds = data.VideoDataset(train[:3], toy_root, mode, 8, 4 if mode == "ssl" else 2, 32, test_clips=3)
         x, p, y, i, bad = ds[1]
@@ -292,11 +324,15 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
         if mode in ("train", "ssl"):
             assert not torch.equal(ds[(1, 1)][0], x)
         if mode == "ssl":  # one parameter row per view: sparse A, sparse B, dense A x 4, dense B x 4
-            assert all(torch.equal(p[k], p[0]) for k in (2, 3, 4, 5)) and all(torch.equal(p[k], p[1]) for k in (6, 7, 8, 9))
+            assert all(torch.equal(p[k], p[0]) for k in (2, 3, 4, 5)) and all(
+                torch.equal(p[k], p[1]) for k in (6, 7, 8, 9)
+            )
     # a bad file in training is replaced by another video and reported; at test it comes back marked
     (tmp_path / "Bad").mkdir()
     (tmp_path / "Bad" / "zero.avi").write_bytes(b"")
-    items = [("Bad/zero.avi", 0)] + [(os.path.relpath(os.path.join(toy_root, p), tmp_path), c) for p, c in train[:2]]
+    items = [("Bad/zero.avi", 0)] + [
+        (os.path.relpath(os.path.join(toy_root, p), tmp_path), c) for p, c in train[:2]
+    ]
     ds = data.VideoDataset(items, str(tmp_path), "train", 8, 2, 32)
     x, p, y, i, bad = ds[0]
     assert x.shape == (3, 8, 32, 32) and i in (1, 2) and bad[0][0] == 0 and "zero.avi" in bad[0][1]
@@ -319,22 +355,31 @@ def _object(v):
     rows = torch.arange(v.shape[1]).float().view(1, -1, 1)
     area = mask.sum((1, 2)).float()
     box = [m.nonzero() for m in mask]  # per frame (k, 2) pixels
-    hw = torch.stack([(b.max(0).values - b.min(0).values + 1).float() for b in box])  # (n, 2) box height, width
+    hw = torch.stack(
+        [(b.max(0).values - b.min(0).values + 1).float() for b in box]
+    )  # (n, 2) box height, width
     return area, (mask * rows).sum((1, 2)) / area, area / hw.prod(1), hw[:, 1] / hw[:, 0]
 
 
 def test_toy_classes_are_what_the_premise_needs():
     """Appearance classes repeat: the same area and place all video long, bobbing with a period and phase
-    of their own, so the score's 4 clips of such a video do not start on the same pixels. Each temporal class is two
-    sub-actions in order, of a shape no appearance class has, and a pair (UpDown / DownUp, GrowShrink /
-    ShrinkGrow) visits the same rows or sizes, the other way round: only the order tells the two apart."""
+    of their own, so the score's 4 clips of such a video do not start on the same pixels. Each temporal
+    class is two sub-actions in order, of a shape no appearance class has, and a pair (UpDown / DownUp,
+    GrowShrink / ShrinkGrow) visits the same rows or sizes, the other way round: only the order tells the
+    two apart."""
     g, n, H = torch.Generator().manual_seed(0), 48, 64
-    video = {name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)}
+    video = {
+        name: [data._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(data.TOY_CLASSES)
+    }
     for name in data.TOY_CLASSES[:4]:
         for v in video[name]:
             area, row, fill, aspect = _object(v)
-            assert fill.max() < 0.85 and aspect.max() < 1.3  # disk, ring, cross, stripes: round or square, never filled
-            assert (area.max() - area.min()) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
+            assert (
+                fill.max() < 0.85 and aspect.max() < 1.3
+            )  # disk, ring, cross, stripes: round or square, never filled
+            assert (
+                area.max() - area.min()
+            ) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
             assert row.max() - row.min() > 0.04 * H  # it bobs
             # the cycle is not locked to the score's clips: their first frames differ in pixels
             starts = [clip[0] for clip in data.score_indices(n, 8)]
@@ -342,7 +387,7 @@ def test_toy_classes_are_what_the_premise_needs():
     for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
         for up, down in zip(video[first], video[second]):
             objects = [_object(v) for v in (up, down)]  # (area, row, fill, aspect) each
-            # a flat bar, like no appearance class: at no instant does a temporal video look like one of theirs
+            # a flat bar, like no appearance class: no instant of a temporal video looks like one of theirs
             assert all(fill.min() > 0.95 and aspect.min() >= 3 for _, _, fill, aspect in objects)
             a, b = (o[0 if what == "area" else 1] for o in objects)
             if what == "row":  # rows grow downwards: UpDown's row falls to its least at the turn
@@ -372,23 +417,62 @@ def test_toy_videos_depend_on_seed_class_split_and_index_only(tmp_path):
 
 
 def test_toy_cli_frame_size(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "t"), "--train-per-class",
-                        "1", "--test-per-class", "0", "--frames", "8", "--size", "48x64"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "data.py"),
+            "toy",
+            str(tmp_path / "t"),
+            "--train-per-class",
+            "1",
+            "--test-per-class",
+            "0",
+            "--frames",
+            "8",
+            "--size",
+            "48x64",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     with av.open(str(tmp_path / "t" / "Disk" / "v_Disk_g00_c01.avi")) as c:
         frame = next(c.decode(video=0))
     assert (frame.height, frame.width) == (48, 64)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "u"), "--size", "48x"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "u"), "--size", "48x"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "--size" in p.stderr and "48x" in p.stderr and not (tmp_path / "u").exists()
 
 
 def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp_path):
     """README figures must reproduce from a fresh clone, which writes its own toy set."""
     again = tmp_path / "again"
-    subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "toy", str(again), "--train-per-class", "5",
-                    "--test-per-class", "2", "--frames", "40", "--size", "64", "--seed", "1"], check=True, capture_output=True)
-    files = sorted(os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "data.py"),
+            "toy",
+            str(again),
+            "--train-per-class",
+            "5",
+            "--test-per-class",
+            "2",
+            "--frames",
+            "40",
+            "--size",
+            "64",
+            "--seed",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs
+    )
     assert len(files) == 8 * 7 + 4  # videos, classInd.txt, the two lists, toy.json
     for rel in files:
         assert (again / rel).read_bytes() == open(os.path.join(toy_root, rel), "rb").read(), rel
@@ -403,8 +487,11 @@ def test_colour_matrix_equals_the_ops_one_by_one():
     m = float(torch.einsum("c,tchw->", data.GREY.double(), x)) / x[:, 0].numel()
     params = [(1.3, 0.7, 1.2, 2.0), (0.9, 1.1, 0.8, -2.5), (1.0, 1.0, 1.0, 0.0)]
     for to_grey in (False, True):
-        A, o = data.colour_matrix(*(torch.tensor(v, dtype=torch.float64) for v in zip(*params)),
-                                  torch.tensor([float(to_grey)] * 3, dtype=torch.float64), torch.full((3,), m, dtype=torch.float64))
+        A, o = data.colour_matrix(
+            *(torch.tensor(v, dtype=torch.float64) for v in zip(*params)),
+            torch.tensor([float(to_grey)] * 3, dtype=torch.float64),
+            torch.full((3,), m, dtype=torch.float64),
+        )
         for k, (b, c, s, theta) in enumerate(params):  # one matrix per clip of the batch
             got = torch.einsum("ij,tjhw->tihw", A[k], x) + o[k]
             assert torch.allclose(got, _one_by_one_colour(x, b, c, s, theta, to_grey), atol=1e-6)
@@ -425,7 +512,9 @@ def test_epoch_sampler_against_a_naive_shuffle():
     assert list(data.EpochSampler(4, 0, shuffle=False)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
     # a sampler of `length` items per rank draws the first items of the same permutation
     for rank in range(3):
-        full, short = data.EpochSampler(10, 3, rank=rank, world=3), data.EpochSampler(10, 3, rank=rank, world=3, length=2)
+        full, short = data.EpochSampler(10, 3, rank=rank, world=3), data.EpochSampler(
+            10, 3, rank=rank, world=3, length=2
+        )
         full.set_epoch(5)
         short.set_epoch(5)
         assert len(short) == 2 and list(short) == list(full)[:2]
@@ -445,7 +534,9 @@ def test_collate_stacks_into_shared_memory_in_workers(toy_root):
         for k, ((clips, params, y, idx, bad), in_shm) in enumerate(loader):
             assert in_shm == shared
             want = [ds[i] for i in (2 * k, 2 * k + 1)]  # against a plain stack of the items
-            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(params, torch.stack([w[1] for w in want]))
+            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(
+                params, torch.stack([w[1] for w in want])
+            )
 
 
 def test_persistent_workers_give_the_items_of_each_epoch(toy_root):
@@ -454,14 +545,17 @@ def test_persistent_workers_give_the_items_of_each_epoch(toy_root):
     train, _, _ = data.read_ucf101(toy_root, toy_root, 1)
     ds = data.VideoDataset(train[:6], toy_root, "train", 4, 2, 32)
     sampler = data.EpochSampler(len(ds), seed=0)
-    loader = torch.utils.data.DataLoader(ds, 3, sampler=sampler, num_workers=2, collate_fn=data.collate,
-                                         persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        ds, 3, sampler=sampler, num_workers=2, collate_fn=data.collate, persistent_workers=True
+    )
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         keys = list(sampler)
         for k, (clips, params, y, idx, bad) in enumerate(loader):
             want = [ds[key] for key in keys[3 * k : 3 * k + 3]]
-            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(params, torch.stack([w[1] for w in want]))
+            assert torch.equal(clips, torch.stack([w[0] for w in want])) and torch.equal(
+                params, torch.stack([w[1] for w in want])
+            )
             assert idx.tolist() == [key[1] for key in keys[3 * k : 3 * k + 3]]
     assert not torch.equal(ds[(0, 0)][0], ds[(1, 0)][0])
 
@@ -478,13 +572,19 @@ def read_png(path):
 def test_score_picture_against_hand(tmp_path):
     P, gap = 8, 4
     frames = torch.arange(4 * P * P * 3).remainder(256).to(torch.uint8).view(4, P, P, 3)
-    C = torch.tensor([[1.0, 0.5, 0.25, -0.5], [0.5, 1.0, 0.75, 0.0], [0.25, 0.75, 1.0, 0.1], [-0.5, 0.0, 0.1, 1.0]])
+    C = torch.tensor(
+        [[1.0, 0.5, 0.25, -0.5], [0.5, 1.0, 0.75, 0.0], [0.25, 0.75, 1.0, 0.1], [-0.5, 0.0, 0.1, 1.0]]
+    )
     img = data.score_picture([(frames, C, 0.75, 0.25), (frames, C.tolist(), 1.0, 0.0)], P, gap)
     bar = P // 5
     assert img.shape == (gap + 2 * (P + gap), gap + 5 * (P + gap) + 2 * (bar + gap), 3)
-    assert torch.equal(img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2])  # third clip
+    assert torch.equal(
+        img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2]
+    )  # third clip
     x0 = gap + 4 * (P + gap)
-    assert (img[gap - 1, x0 - 1 : x0 + P + 1] == 0).all() and (img[gap + P, x0 - 1 : x0 + P + 1] == 0).all()  # frame
+    assert (img[gap - 1, x0 - 1 : x0 + P + 1] == 0).all() and (
+        img[gap + P, x0 - 1 : x0 + P + 1] == 0
+    ).all()  # frame
     for i in range(4):
         for j in range(4):  # cell (i, j): P/4 x P/4 pixels of grey round(255 * clamp(C_ij, 0, 1))
             cell = img[gap + i * 2 : gap + i * 2 + 2, x0 + j * 2 : x0 + j * 2 + 2]

@@ -1,4 +1,5 @@
 """tb.py against naive per-element loops and hand-computed values."""
+
 import itertools
 import math
 
@@ -10,7 +11,9 @@ import tb
 
 
 def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+    return F.normalize(
+        torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1
+    )
 
 
 def h(u, v, tau):
@@ -87,9 +90,13 @@ def naive_local_local(G_a, G_b, tau):
 
 def test_local_local_matches_naive_loop_and_batch_of_one():
     G_a, G_b = unit(3, 4, 8, seed=11), unit(3, 4, 8, seed=12)
-    assert tb.local_local_loss(G_a, G_b, 0.1).item() == pytest.approx(naive_local_local(G_a, G_b, 0.1), rel=1e-9)
+    assert tb.local_local_loss(G_a, G_b, 0.1).item() == pytest.approx(
+        naive_local_local(G_a, G_b, 0.1), rel=1e-9
+    )
     one = tb.local_local_loss(G_a[:1], G_b[:1])  # negatives come from the same video: defined for B = 1
-    assert torch.isfinite(one) and one.item() == pytest.approx(naive_local_local(G_a[:1], G_b[:1], 0.1), rel=1e-9)
+    assert torch.isfinite(one) and one.item() == pytest.approx(
+        naive_local_local(G_a[:1], G_b[:1], 0.1), rel=1e-9
+    )
 
 
 def naive_global_local(L, G, tau):
@@ -116,15 +123,20 @@ def test_global_local_matches_naive_loop():
 def test_distinctive_loss_is_ll_plus_four_gl():
     L_a, L_b, G_a, G_b = (unit(2, 4, 8, seed=s) for s in range(30, 34))
     expected = naive_local_local(G_a, G_b, 0.1) + sum(
-        naive_global_local(L, G, 0.1) for L in (L_a, L_b) for G in (G_a, G_b))
+        naive_global_local(L, G, 0.1) for L in (L_a, L_b) for G in (G_a, G_b)
+    )
     assert tb.distinctive_loss(L_a, L_b, G_a, G_b).item() == pytest.approx(expected, rel=1e-9)
 
 
 def naive_similarity(e_I, e_D):
     out = []
     for b in range(e_I.shape[0]):
-        vals = [(float(e_I[b, i] @ e_I[b, j]) + float(e_D[b, i] @ e_D[b, j])) / 2
-                for i in range(4) for j in range(4) if i != j]
+        vals = [
+            (float(e_I[b, i] @ e_I[b, j]) + float(e_D[b, i] @ e_D[b, j])) / 2
+            for i in range(4)
+            for j in range(4)
+            if i != j
+        ]
         out.append((sum(vals) / 12 + 1) / 2)
     return out
 
@@ -134,8 +146,12 @@ def test_temporal_similarity():
     assert tb.temporal_similarity(same, same).item() == pytest.approx(1.0)
     # s drops as the clips drift apart
     base, drift = unit(1, 1, 8, seed=1), unit(1, 4, 8, seed=2)
-    scores = [tb.temporal_similarity(F.normalize(base + a * drift, dim=-1), F.normalize(base + a * drift, dim=-1)).item()
-              for a in (0.0, 0.5, 1.0, 3.0)]
+    scores = [
+        tb.temporal_similarity(
+            F.normalize(base + a * drift, dim=-1), F.normalize(base + a * drift, dim=-1)
+        ).item()
+        for a in (0.0, 0.5, 1.0, 3.0)
+    ]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0) and scores[-1] < 0.9
     # opposite clips: c = -1/3 for 4 vectors +v, -v, +v, -v -> s = (c + 1) / 2
     v = unit(1, 8, seed=3)
@@ -160,7 +176,9 @@ def test_normalize_scores():
     assert tb.normalize_scores(tied, "rank").tolist() == pytest.approx([3 / 4, 0.0, 3 / 4, 1 / 4, 3 / 4])
     noisy = torch.tensor([1.0, 0.5, 0.999993, 0.7, 0.99998])  # the same three ties, up to compression noise
     assert tb.normalize_scores(noisy, "rank").tolist() == pytest.approx([3 / 4, 0.0, 3 / 4, 1 / 4, 3 / 4])
-    assert tb.normalize_scores(noisy, "rank", decimals=6).tolist() == pytest.approx([1.0, 0.0, 3 / 4, 1 / 4, 2 / 4])
+    assert tb.normalize_scores(noisy, "rank", decimals=6).tolist() == pytest.approx(
+        [1.0, 0.0, 3 / 4, 1 / 4, 2 / 4]
+    )
     with pytest.raises(ValueError, match="unknown method"):
         tb.normalize_scores(s, "zscore")
 

@@ -1,4 +1,5 @@
 """Every stage of train.py, run for real on toy videos in subprocesses."""
+
 import json
 import math
 import os
@@ -17,13 +18,39 @@ import data
 from conftest import write_audio_only
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--size", "32", "--frames", "4", "--ssl-frames", "4", "--batch-size", "4", "--test-clips", "2",
-        "--labeled", "2", "--workers", "0", "--epochs", "1"]
+FAST = [
+    "--size",
+    "32",
+    "--frames",
+    "4",
+    "--ssl-frames",
+    "4",
+    "--batch-size",
+    "4",
+    "--test-clips",
+    "2",
+    "--labeled",
+    "2",
+    "--workers",
+    "0",
+    "--epochs",
+    "1",
+]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: float sums in the same order in every process
 
 
 def train(*args, root, out, check=True, extra=()):
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--root", root, "--out", str(out), *FAST, *args, *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "train.py"),
+        "--root",
+        root,
+        "--out",
+        str(out),
+        *FAST,
+        *args,
+        *extra,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -43,8 +70,10 @@ def load(path):
 def chain(toy_root, tmp_path_factory):
     """The three commands of the README (invariant, distinctive, semisup), then supervised; one epoch each."""
     out = tmp_path_factory.mktemp("run")
-    logs = {st: train("--stage", st, root=toy_root, out=out).stdout
-            for st in ("invariant", "distinctive", "semisup", "supervised")}
+    logs = {
+        st: train("--stage", st, root=toy_root, out=out).stdout
+        for st in ("invariant", "distinctive", "semisup", "supervised")
+    }
     return out, logs
 
 
@@ -69,21 +98,43 @@ def copy_run(src, dst, names):
 
 def test_checkpoint_chain_and_results(chain, toy_root):
     out, logs = chain
-    for name in ("invariant", "distinctive", "teacher_invariant", "teacher_distinctive", "supervised", "student"):
+    for name in (
+        "invariant",
+        "distinctive",
+        "teacher_invariant",
+        "teacher_distinctive",
+        "supervised",
+        "student",
+    ):
         ckpt = load(out / f"{name}.pt")
-        assert ckpt["epoch"] == ckpt["epochs"] == 1 and set(ckpt) >= {"model", "optimizer", "rng", "args", "arch"}
+        assert ckpt["epoch"] == ckpt["epochs"] == 1 and set(ckpt) >= {
+            "model",
+            "optimizer",
+            "rng",
+            "args",
+            "arch",
+        }
     assert "skipped 14 head keys" in logs["semisup"]
     # semisup ran every step downstream of the two encoders, each announced as it started; the student
     # starts from the distinctive encoder, so no L_I + L_D encoder is trained (that is --student-init both)
     steps = [line for line in logs["semisup"].splitlines() if line.startswith("=== step")]
-    assert [s.split(" (")[0] for s in steps] == ["=== step 1/3 teacher_invariant", "=== step 2/3 teacher_distinctive",
-                                                "=== step 3/3 student"]
+    assert [s.split(" (")[0] for s in steps] == [
+        "=== step 1/3 teacher_invariant",
+        "=== step 2/3 teacher_distinctive",
+        "=== step 3/3 student",
+    ]
     assert all(s.endswith(": training") for s in steps[:2])
     assert f"student: starts from the backbone of {out / 'distinctive.pt'}" in logs["semisup"]
     assert not (out / "both.pt").exists()
     results = json.load(open(out / "results.json"))
-    assert set(results) == {"knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive",
-                            "supervised", "student"}
+    assert set(results) == {
+        "knn_invariant",
+        "knn_distinctive",
+        "teacher_invariant",
+        "teacher_distinctive",
+        "supervised",
+        "student",
+    }
     assert all(0 <= v <= 100 for v in results.values())
     labeled = open(out / "labeled.txt").read().split("\n")[:-1]
     assert len(labeled) == 16 and len(open(out / "unlabeled.txt").read().split("\n")[:-1]) == 24
@@ -91,7 +142,9 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     train_paths = [line.split()[0] for line in open(os.path.join(toy_root, "trainlist01.txt"))]
     assert sorted(scores) == sorted(train_paths) and all(0 <= s <= 1 for s in scores.values())
     log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert {r["stage"] for r in log} >= {"invariant", "distinctive", "student"} and all("bad_videos" in r for r in log)
+    assert {r["stage"] for r in log} >= {"invariant", "distinctive", "student"} and all(
+        "bad_videos" in r for r in log
+    )
     # scores.png: per class the median-score video; its heat map cells are its C (cached in scores.json)
     from test_data import read_png
 
@@ -99,20 +152,33 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     img, P, gap = read_png(str(out / "scores.png")), 64, 4
     assert img.shape == (gap + 8 * (P + gap), gap + 5 * (P + gap) + 2 * (P // 5 + gap), 3)
     for c in range(8):
-        videos = sorted((s, p) for p, s in cache["raw"].items() if data.TOY_CLASSES.index(p.split("/")[0]) == c)
+        videos = sorted(
+            (s, p) for p, s in cache["raw"].items() if data.TOY_CLASSES.index(p.split("/")[0]) == c
+        )
         C = cache["C"][videos[len(videos) // 2][1]]
         for i in range(4):
             for j in range(4):
                 y, x = gap + c * (P + gap) + i * 16 + 8, gap + 4 * (P + gap) + j * 16 + 8
                 assert abs(int(img[y, x, 0]) - 255 * min(max(C[i][j], 0), 1)) <= 0.5
     # semisup ends with the run folder's table
-    assert all(f"{k:<28}{v:>10.2f}" in logs["semisup"] for k, v in json.load(open(out / "results.json")).items()
-               if k != "supervised")
+    assert all(
+        f"{k:<28}{v:>10.2f}" in logs["semisup"]
+        for k, v in json.load(open(out / "results.json")).items()
+        if k != "supervised"
+    )
     # eval of the saved student reproduces the recorded accuracy, recorded under its own key; it takes the
     # model and clips from the checkpoint (here --width 8 and --frames 2 are ignored) and leaves the lists
     lists = {name: (out / name).read_text() for name in ("labeled.txt", "unlabeled.txt")}
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in lists}
-    p = train("--stage", "eval", "--ckpt", str(out / "student.pt"), root=toy_root, out=out, extra=["--width", "8", "--frames", "2"])
+    p = train(
+        "--stage",
+        "eval",
+        "--ckpt",
+        str(out / "student.pt"),
+        root=toy_root,
+        out=out,
+        extra=["--width", "8", "--frames", "2"],
+    )
     assert f"test top-1 {results['student']:.2f}%" in p.stdout
     after = json.load(open(out / "results.json"))
     assert after["eval_student"] == after["student"] == results["student"]
@@ -125,7 +191,9 @@ def test_missing_inputs_name_the_stage(chain, toy_root, tmp_path):
     copy_run(chain[0], tmp_path, ["invariant.pt"])
     p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "distinctive.pt not found: run --stage distinctive first" in p.stderr
-    assert not (tmp_path / "teacher_invariant.pt").exists()  # nothing trained before the inputs were all there
+    assert not (
+        tmp_path / "teacher_invariant.pt"
+    ).exists()  # nothing trained before the inputs were all there
 
 
 def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
@@ -138,7 +206,10 @@ def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
     mtimes = {n: os.stat(tmp_path / f"{n}.pt").st_mtime_ns for n in names}
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
     for i, n in enumerate(names):
-        assert f"=== step {i + 1}/3 {n} (" in p.stdout and f"reusing {tmp_path / n}.pt, finished (1 epochs)" in p.stdout
+        assert (
+            f"=== step {i + 1}/3 {n} (" in p.stdout
+            and f"reusing {tmp_path / n}.pt, finished (1 epochs)" in p.stdout
+        )
         assert os.stat(tmp_path / f"{n}.pt").st_mtime_ns == mtimes[n]
     for n in names + ("student",):
         a, b = load(out / f"{n}.pt")["model"], load(tmp_path / f"{n}.pt")["model"]
@@ -155,14 +226,21 @@ def test_student_init_both(chain, toy_root, tmp_path):
     copy_run(out, inside, teachers)
     p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=inside)
     steps = [line.split(" (")[0] for line in p.stdout.splitlines() if line.startswith("=== step")]
-    assert steps == ["=== step 1/4 both", "=== step 2/4 teacher_invariant", "=== step 3/4 teacher_distinctive",
-                     "=== step 4/4 student"]
+    assert steps == [
+        "=== step 1/4 both",
+        "=== step 2/4 teacher_invariant",
+        "=== step 3/4 teacher_distinctive",
+        "=== step 4/4 student",
+    ]
     assert f"student: starts from the backbone of {inside / 'both.pt'}" in p.stdout
     copy_run(out, by_hand, teachers)
     train("--stage", "both", root=toy_root, out=by_hand)
     mtime = os.stat(by_hand / "both.pt").st_mtime_ns
     p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=by_hand)
-    assert "=== step 1/4 both (" in p.stdout and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
+    assert (
+        "=== step 1/4 both (" in p.stdout
+        and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
+    )
     assert os.stat(by_hand / "both.pt").st_mtime_ns == mtime
     for n in ("both", "student"):
         a, b = load(inside / f"{n}.pt")["model"], load(by_hand / f"{n}.pt")["model"]
@@ -178,8 +256,15 @@ def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
     copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
     train("--stage", "finetune", "--finetune-backbone-lr", "0", root=toy_root, out=tmp_path)
     for k in ("invariant", "distinctive"):
-        ssl, frozen, default = (load(p)["model"] for p in (out / f"{k}.pt", tmp_path / f"teacher_{k}.pt", out / f"teacher_{k}.pt"))
-        learned = [n for n in frozen if n.startswith(("stem.", "stages.")) and not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        ssl, frozen, default = (
+            load(p)["model"] for p in (out / f"{k}.pt", tmp_path / f"teacher_{k}.pt", out / f"teacher_{k}.pt")
+        )
+        learned = [
+            n
+            for n in frozen
+            if n.startswith(("stem.", "stages."))
+            and not n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        ]
         assert len(learned) > 20 and all(torch.equal(frozen[n], ssl[n]) for n in learned)
         assert not any(torch.equal(default[n], ssl[n]) for n in learned)
         assert not torch.equal(frozen["fc.1.weight"], default["fc.1.weight"])
@@ -194,7 +279,9 @@ def test_resume_of_a_teacher_with_one_optimizer_group_fails_clearly(chain, toy_r
     ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
     torch.save(ckpt, tmp_path / "teacher_invariant.pt")
     p = train("--stage", "finetune", "--resume", root=toy_root, out=tmp_path, check=False)
-    assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path / 'teacher_invariant.pt'}: its optimizer state")
+    assert p.returncode == 2 and last_line(p).startswith(
+        f"error: {tmp_path / 'teacher_invariant.pt'}: its optimizer state"
+    )
 
 
 def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
@@ -204,9 +291,15 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     copy_run(out, killed, ["invariant.pt", "distinctive.pt"])
     ckpt = killed / "teacher_invariant.pt"
     kill_after_an_epoch(args, toy_root, killed, ckpt)
-    assert load(ckpt)["epoch"] < 3 and not (killed / "teacher_distinctive.pt").exists(), "not killed in the teachers' step"
+    assert (
+        load(ckpt)["epoch"] < 3 and not (killed / "teacher_distinctive.pt").exists()
+    ), "not killed in the teachers' step"
     p = train(*args, "--resume", root=toy_root, out=killed)
-    assert f"=== step 1/3 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): resuming {ckpt}" in p.stdout
+    assert (
+        "=== step 1/3 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): "
+        f"resuming {ckpt}"
+        in p.stdout
+    )
     assert "resuming teacher_invariant after epoch" in p.stdout
     assert load(killed / "student.pt")["epoch"] == 3 and "student" in json.load(open(killed / "results.json"))
     # the resumed teacher is the one an uninterrupted run gives
@@ -217,27 +310,59 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--stage", "nope"], "invalid choice"),
-    (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
-    (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
-    (["--stage", "finetune", "--finetune-backbone-lr", "-1"], "--finetune-backbone-lr must be >= 0"),
-    (["--stage", "semisup", "--student-init", "invariant"], "argument --student-init: invalid choice: 'invariant'"),
-    (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
-    (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
-    (["--stage", "supervised", "--classes", "9"], "--classes 9: the dataset has 8 classes"),
-    (["--stage", "supervised", "--classes", "Disk,Sphere"], "--classes: no class named 'Sphere' in the dataset"),
-    (["--stage", "supervised", "--per-class", "0"], "--per-class must be positive, got 0"),
-    (["--stage", "predict", "--ckpt", "x.pt"], "--stage predict needs one or more video files"),
-    (["--stage", "eval", "--ckpt", "x.pt", "v.avi"], "unrecognized arguments: v.avi (video files are for --stage predict)"),
-    (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
-    (["--stage", "supervised", "--dataset", "ucf101", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
-    (["--stage", "supervised", "--dataset", "list", "--train-list", "/no/list.txt", "--test-list", "/no/list.txt"],
-     "split file not found: /no/list.txt"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--stage", "nope"], "invalid choice"),
+        (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
+        (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
+        (["--stage", "finetune", "--finetune-backbone-lr", "-1"], "--finetune-backbone-lr must be >= 0"),
+        (
+            ["--stage", "semisup", "--student-init", "invariant"],
+            "argument --student-init: invalid choice: 'invariant'",
+        ),
+        (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
+        (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
+        (["--stage", "supervised", "--classes", "9"], "--classes 9: the dataset has 8 classes"),
+        (
+            ["--stage", "supervised", "--classes", "Disk,Sphere"],
+            "--classes: no class named 'Sphere' in the dataset",
+        ),
+        (["--stage", "supervised", "--per-class", "0"], "--per-class must be positive, got 0"),
+        (["--stage", "predict", "--ckpt", "x.pt"], "--stage predict needs one or more video files"),
+        (
+            ["--stage", "eval", "--ckpt", "x.pt", "v.avi"],
+            "unrecognized arguments: v.avi (video files are for --stage predict)",
+        ),
+        (["--stage", "supervised", "--root", "/no/such/dir"], "dataset root not found: /no/such/dir"),
+        (
+            ["--stage", "supervised", "--dataset", "ucf101", "--root", "/no/such/dir"],
+            "dataset root not found: /no/such/dir",
+        ),
+        (
+            [
+                "--stage",
+                "supervised",
+                "--dataset",
+                "list",
+                "--train-list",
+                "/no/list.txt",
+                "--test-list",
+                "/no/list.txt",
+            ],
+            "split file not found: /no/list.txt",
+        ),
+    ],
+)
 def test_bad_cli_input(toy_root, tmp_path, flags, message):
     t0 = time.time()
-    p = train(*flags, root=toy_root, out=tmp_path, check=False, extra=flags[flags.index("--root"):] if "--root" in flags else ())
+    p = train(
+        *flags,
+        root=toy_root,
+        out=tmp_path,
+        check=False,
+        extra=flags[flags.index("--root") :] if "--root" in flags else (),
+    )
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()[-1]) < 300 and time.time() - t0 < 60
 
@@ -245,7 +370,11 @@ def test_bad_cli_input(toy_root, tmp_path, flags, message):
 def test_holdout_replaces_the_test_split_by_training_videos(toy_root, tmp_path):
     import train as train_py
 
-    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--holdout", "2"]))
+    run = train_py.Run(
+        train_py.get_args(
+            ["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--holdout", "2"]
+        )
+    )
     full, test, classes = data.read_ucf101(toy_root, toy_root, 1)
     by_class = [[it for it in full if it[1] == c] for c in range(len(classes))]  # naive reference
     assert run.test == [it for c in by_class for it in c[-2:]]
@@ -261,7 +390,9 @@ def test_checkpoint_of_other_width_or_classes(chain, toy_root, tmp_path):
     ckpt = load(out / "supervised.pt")
     ckpt["arch"]["num_classes"] = 5
     torch.save(ckpt, tmp_path / "five.pt")
-    p = train("--stage", "eval", "--ckpt", str(tmp_path / "five.pt"), root=toy_root, out=tmp_path, check=False)
+    p = train(
+        "--stage", "eval", "--ckpt", str(tmp_path / "five.pt"), root=toy_root, out=tmp_path, check=False
+    )
     assert p.returncode == 2 and "five.pt: 5 classes, dataset has 8" in p.stderr
 
 
@@ -271,13 +402,19 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
     assert open(tmp_path / "labeled.txt").read() == open(out / "labeled.txt").read()
     a, b = load(out / "supervised.pt")["model"], load(tmp_path / "supervised.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.load(open(tmp_path / "results.json"))["supervised"] == json.load(open(out / "results.json"))["supervised"]
+    assert (
+        json.load(open(tmp_path / "results.json"))["supervised"]
+        == json.load(open(out / "results.json"))["supervised"]
+    )
     # scores recomputed from fresh copies of the SSL encoders are the same
     for name in ("invariant", "distinctive", "teacher_invariant", "teacher_distinctive"):
         shutil.copy(out / f"{name}.pt", tmp_path / f"{name}.pt")
     train("--stage", "semisup", root=toy_root, out=tmp_path)
     assert json.load(open(tmp_path / "scores.json"))["raw"] == json.load(open(out / "scores.json"))["raw"]
-    assert json.load(open(tmp_path / "results.json"))["student"] == json.load(open(out / "results.json"))["student"]
+    assert (
+        json.load(open(tmp_path / "results.json"))["student"]
+        == json.load(open(out / "results.json"))["student"]
+    )
     # and the student does not depend on whether the scores were computed or read from the cache
     first = load(tmp_path / "student.pt")["model"]
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
@@ -289,15 +426,25 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("stage, name, device", [("distinctive", "distinctive", "cpu"), ("supervised", "supervised", "cpu"),
-                                                 ("semisup", "student", "cpu"),
-                                                 pytest.param("semisup", "student", "cuda", marks=CUDA)])
+@pytest.mark.parametrize(
+    "stage, name, device",
+    [
+        ("distinctive", "distinctive", "cpu"),
+        ("supervised", "supervised", "cpu"),
+        ("semisup", "student", "cpu"),
+        pytest.param("semisup", "student", "cuda", marks=CUDA),
+    ],
+)
 def test_resume_after_sigkill_matches_uninterrupted_run(chain, toy_root, tmp_path, stage, name, device):
     """With the default 2 workers (persistent loaders) and dropout in the classifiers: a run killed after an
     epoch and resumed ends with the weights, optimizer and RNG state of an uninterrupted one (on CUDA, the
     CUDA generator's state too: dropout draws from it there)."""
     args = ["--stage", stage, "--epochs", "3", "--workers", "2", "--device", device]
-    inputs = ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"] if stage == "semisup" else []
+    inputs = (
+        ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
+        if stage == "semisup"
+        else []
+    )
     full, killed = tmp_path / "full", tmp_path / "killed"
     copy_run(chain[0], full, inputs)
     copy_run(chain[0], killed, inputs)
@@ -310,7 +457,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(chain, toy_root, tmp_pat
     p = train(*args, "--resume", root=toy_root, out=killed)
     assert f"resuming {name} after epoch" in p.stdout
     a, b = load(full / f"{name}.pt"), load(ckpt)
-    assert b["epoch"] == 3 and a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert (
+        b["epoch"] == 3 and a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    )
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["rng"], b["rng"]) and (device == "cpu" or torch.equal(a["cuda_rng"], b["cuda_rng"]))
 
@@ -322,7 +471,9 @@ def test_training_survives_bad_videos(toy_root, tmp_path):
     test_list = [line.split()[0] for line in open(root / "testlist01.txt")]
     (root / train_list[0]).write_bytes(b"")  # zero bytes
     write_audio_only(str(root / train_list[1]))  # audio only, named like a video
-    data.write_video(str(root / train_list[2]), data._render(0, 3, 64, 64, torch.Generator()))  # 3 frames < a clip
+    data.write_video(
+        str(root / train_list[2]), data._render(0, 3, 64, 64, torch.Generator())
+    )  # 3 frames < a clip
     (root / test_list[0]).write_text("not a video\n")  # text named .avi
     out = tmp_path / "out"
     p = train("--stage", "supervised", "--labeled", "5", "--epochs", "2", root=str(root), out=out)
@@ -336,9 +487,23 @@ def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
     out, _ = chain
     for name in ("invariant", "distinctive"):
         shutil.copy(out / f"{name}.pt", tmp_path / f"{name}.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(HERE, "train.py"), "--stage", "finetune", "--device", "cpu", "--root", toy_root,
-           "--out", str(tmp_path), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        os.path.join(HERE, "train.py"),
+        "--stage",
+        "finetune",
+        "--device",
+        "cpu",
+        "--root",
+        toy_root,
+        "--out",
+        str(tmp_path),
+        *FAST,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("teacher_invariant: test top-1") == 1  # rank 0 logs alone
@@ -346,7 +511,14 @@ def test_torchrun_two_processes_gloo(chain, toy_root, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     results = json.load(open(tmp_path / "results.json"))
     # the 2-process evaluation (8 + 8 of 16 videos, nothing padded) agrees with a single process
-    p = train("--stage", "eval", "--ckpt", str(tmp_path / "teacher_invariant.pt"), root=toy_root, out=tmp_path / "single")
+    p = train(
+        "--stage",
+        "eval",
+        "--ckpt",
+        str(tmp_path / "teacher_invariant.pt"),
+        root=toy_root,
+        out=tmp_path / "single",
+    )
     assert f"test top-1 {results['teacher_invariant']:.2f}% over 16 videos" in p.stdout
 
 
@@ -355,12 +527,30 @@ def test_torchrun_two_gpus_nccl(chain, toy_root, tmp_path):
     """NCCL reduces CUDA tensors only: evaluation, its counts and every other collective must work there."""
     out, _ = chain
     copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-           os.path.join(HERE, "train.py"), "--stage", "semisup", "--device", "cuda", "--root", toy_root,
-           "--out", str(tmp_path), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29518",
+        os.path.join(HERE, "train.py"),
+        "--stage",
+        "semisup",
+        "--device",
+        "cuda",
+        "--root",
+        toy_root,
+        "--out",
+        str(tmp_path),
+        *FAST,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert set(json.load(open(tmp_path / "results.json"))) == {"teacher_invariant", "teacher_distinctive", "student"}
+    assert set(json.load(open(tmp_path / "results.json"))) == {
+        "teacher_invariant",
+        "teacher_distinctive",
+        "student",
+    }
     assert "over 16 videos" in p.stdout
 
 
@@ -397,7 +587,9 @@ def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
     ]
     for k, (name, real, flags) in enumerate(cases):
         run = tmp_path / f"case{k}"
-        copy_run(out, run, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
+        copy_run(
+            out, run, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
+        )
         malicious_checkpoint(run / name, marker, out / real)
         p = train(*flags, root=toy_root, out=run, check=False)
         assert p.returncode == 2 and last_line(p).startswith(f"error: {run / name}: refused"), p.stderr
@@ -416,20 +608,30 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
     torch.save(ckpt, tmp_path / "keys.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     os.makedirs(tmp_path / "folder.pt")
-    for name, message in [("half.pt", "not a readable checkpoint, damaged or truncated?"),
-                          ("text.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
-                          ("keys.pt", "not a checkpoint of this project, missing optimizer, arch.width"),
-                          ("list.pt", "not a checkpoint of this project"),
-                          ("folder.pt", "is not a file")]:
+    for name, message in [
+        ("half.pt", "not a readable checkpoint, damaged or truncated?"),
+        ("text.pt", "not a readable checkpoint"),
+        ("empty.pt", "not a readable checkpoint"),
+        ("keys.pt", "not a checkpoint of this project, missing optimizer, arch.width"),
+        ("list.pt", "not a checkpoint of this project"),
+        ("folder.pt", "is not a file"),
+    ]:
         p = train("--stage", "eval", "--ckpt", str(tmp_path / name), root=toy_root, out=tmp_path, check=False)
-        assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path / name}") and message in last_line(p), p.stderr
+        assert (
+            p.returncode == 2
+            and last_line(p).startswith(f"error: {tmp_path / name}")
+            and message in last_line(p)
+        ), p.stderr
         assert "Traceback" not in p.stderr
     # of another kind: a classifier where an SSL encoder is needed, and the other way round
     run = tmp_path / "kinds"
     copy_run(out, run, ["distinctive.pt"])
     shutil.copy(out / "supervised.pt", run / "invariant.pt")
     p = train("--stage", "finetune", root=toy_root, out=run, check=False)
-    assert p.returncode == 2 and f"{run / 'invariant.pt'} is a classifier, not a self-supervised encoder" in p.stderr
+    assert (
+        p.returncode == 2
+        and f"{run / 'invariant.pt'} is a classifier, not a self-supervised encoder" in p.stderr
+    )
     p = train("--stage", "eval", "--ckpt", str(out / "distinctive.pt"), root=toy_root, out=run, check=False)
     assert p.returncode == 2 and "distinctive.pt is a self-supervised encoder, not a classifier" in p.stderr
     assert not (run / "teacher_invariant.pt").exists() and not (run / "results.json").exists()
@@ -438,17 +640,24 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
 def test_damaged_run_files(chain, toy_root, tmp_path):
     """scores.json is a cache: recomputed. results.json / per_class.json are set aside before training."""
     out, _ = chain
-    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt",
-                             "scores.json"])
+    copy_run(
+        out,
+        tmp_path,
+        ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt", "scores.json"],
+    )
     (tmp_path / "scores.json").write_text('{"source": {"inv')  # cut short
     (tmp_path / "results.json").write_text("\x00\x01 not json")
     (tmp_path / "per_class.json").write_text("[1, 2]")  # JSON, but not an object
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
-    assert f"warning: {tmp_path / 'scores.json'} is damaged" in p.stderr and "recomputing the scores" in p.stderr
+    assert (
+        f"warning: {tmp_path / 'scores.json'} is damaged" in p.stderr and "recomputing the scores" in p.stderr
+    )
     assert json.load(open(tmp_path / "scores.json"))["raw"] == json.load(open(out / "scores.json"))["raw"]
     assert (tmp_path / "results.json.damaged").read_text() == "\x00\x01 not json"
     assert (tmp_path / "per_class.json.damaged").read_text() == "[1, 2]"
-    assert json.load(open(tmp_path / "results.json")) == {"student": json.load(open(out / "results.json"))["student"]}
+    assert json.load(open(tmp_path / "results.json")) == {
+        "student": json.load(open(out / "results.json"))["student"]
+    }
     assert set(json.load(open(tmp_path / "per_class.json"))) == {"student"}
     # a second damaged file does not overwrite the first one set aside
     (tmp_path / "results.json").write_text("{")
@@ -466,7 +675,9 @@ class HostValues(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if any(t.device.type == self.device for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+        if any(t.device.type == self.device for t in tensors) and any(
+            t.device.type == "cpu" and t.dim() for t in tensors
+        ):
             self.found.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -487,9 +698,15 @@ def step_of_each_stage(run, device, B=2, K=8):
     clf = R3D(8, (1, 1, 1, 1), num_classes=K, dropout=0.5).to(device)
     teachers = [R3D(8, (1, 1, 1, 1), num_classes=K).to(device).eval().requires_grad_(False) for _ in range(2)]
     s = torch.rand(2 * B).to(device)
-    steps = {"both": (ssl, lambda net: train_py.ssl_terms(net, clips(10 * B), "both", 0.1), 10 * B),
-             "supervised": (clf, lambda net: train_py.classifier_terms(net, clips(B), y), B),
-             "student": (clf, lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args), 2 * B)}
+    steps = {
+        "both": (ssl, lambda net: train_py.ssl_terms(net, clips(10 * B), "both", 0.1), 10 * B),
+        "supervised": (clf, lambda net: train_py.classifier_terms(net, clips(B), y), B),
+        "student": (
+            clf,
+            lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args),
+            2 * B,
+        ),
+    }
     for name, (net, terms_of, n) in steps.items():
         opt = torch.optim.Adam(net.parameters(), 1e-3)
         meter = train_py.Meter(run, name, opt, 1e-3, 1, 10, 0)
@@ -507,7 +724,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
     an op on the device (an index built on the CPU) is recorded. The sums are read every --log-every steps."""
     import train as train_py
 
-    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)]))
+    run = train_py.Run(
+        train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
+    )
     with HostValues("meta") as mode:
         names = {name for name, _ in step_of_each_stage(run, "meta")}
     assert names == {"both", "supervised", "student"} and mode.found == []
@@ -517,7 +736,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
 def test_a_cuda_step_does_not_synchronise(toy_root, tmp_path):
     import train as train_py
 
-    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)]))
+    run = train_py.Run(
+        train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
+    )
     for name, step in step_of_each_stage(run, "cuda"):
         torch.cuda.set_sync_debug_mode("error" if step == 1 else "default")  # the first step copies constants
     torch.cuda.set_sync_debug_mode("default")
@@ -527,8 +748,11 @@ def test_meter_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root,
     import train as train_py
     from models import R3D
 
-    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path),
-                                          "--log-every", "4"]))
+    run = train_py.Run(
+        train_py.get_args(
+            ["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--log-every", "4"]
+        )
+    )
     opt = torch.optim.Adam(R3D(8, (1, 1, 1, 1), num_classes=8).parameters(), 1e-3)
     meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
     values = [0.5, 1.5, 2.0, 4.0, 1.0, float("nan"), 1.0, 1.0]
@@ -539,7 +763,9 @@ def test_meter_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root,
             meter.add({"CE": torch.tensor(v)}, 4)
             assert meter.checked == (4 if step >= 3 else 0)  # read once, after step 4
         else:
-            with pytest.raises(FloatingPointError, match=r"^non-finite loss CE in supervised epoch 1, steps 5-8$"):
+            with pytest.raises(
+                FloatingPointError, match=r"^non-finite loss CE in supervised epoch 1, steps 5-8$"
+            ):
                 meter.add({"CE": torch.tensor(v)}, 4)
     meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
     for step, v in enumerate(values[:3]):
@@ -556,12 +782,26 @@ def test_subsets_by_flag_on_a_ucf101_tree(ucf_root, tmp_path):
     from conftest import UCF_CLASSES
 
     def run(*flags):
-        return train_py.Run(train_py.get_args(["--stage", "supervised", "--dataset", "ucf101", "--root", ucf_root,
-                                               "--labeled", "1", *flags]))
+        return train_py.Run(
+            train_py.get_args(
+                ["--stage", "supervised", "--dataset", "ucf101", "--root", ucf_root, "--labeled", "1", *flags]
+            )
+        )
 
-    lines = lambda name: [line.rstrip("\r\n").split(" ")[0] for line in open(os.path.join(ucf_root, name), newline="")]  # noqa: E731
+    lines = lambda name: [
+        line.rstrip("\r\n").split(" ")[0] for line in open(os.path.join(ucf_root, name), newline="")
+    ]  # noqa: E731
     train_all, test_all = lines("trainlist01.txt"), lines("testlist01.txt")
-    r = run("--out", str(tmp_path / "a"), "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
+    r = run(
+        "--out",
+        str(tmp_path / "a"),
+        "--classes",
+        "Drumming,Basketball",
+        "--per-class",
+        "3",
+        "--test-per-class",
+        "1",
+    )
     assert r.classes == ["Drumming", "Basketball"]
     for items, full, per in ((r.train, train_all, 3), (r.test, test_all, 1)):
         for label, name in enumerate(r.classes):
@@ -570,44 +810,99 @@ def test_subsets_by_flag_on_a_ucf101_tree(ucf_root, tmp_path):
         assert [p for p, _ in items] == [p for p in full if p in {q for q, _ in items}]  # in list order
     assert [line.split() for line in open(tmp_path / "a" / "train.txt")] == [[p, str(y)] for p, y in r.train]
     assert open(tmp_path / "a" / "classes.txt").read().split("\n")[:-1] == ["Drumming", "Basketball"]
-    again = run("--out", str(tmp_path / "b"), "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
-    other = run("--out", str(tmp_path / "c"), "--classes", "Drumming,Basketball", "--per-class", "3", "--seed", "1")
+    again = run(
+        "--out",
+        str(tmp_path / "b"),
+        "--classes",
+        "Drumming,Basketball",
+        "--per-class",
+        "3",
+        "--test-per-class",
+        "1",
+    )
+    other = run(
+        "--out", str(tmp_path / "c"), "--classes", "Drumming,Basketball", "--per-class", "3", "--seed", "1"
+    )
     assert again.train == r.train and other.train != r.train and len(other.test) == 4  # all test videos
     first = run("--out", str(tmp_path / "d"), "--classes", "3")
     assert first.classes == UCF_CLASSES[:3] and len(first.train) == 15
-    listed = train_py.Run(train_py.get_args(["--stage", "supervised", "--dataset", "list", "--root", ucf_root, "--labeled", "1",
-                                             "--out", str(tmp_path / "e"), "--train-list", str(tmp_path / "a" / "train.txt"),
-                                             "--test-list", str(tmp_path / "a" / "test.txt"),
-                                             "--class-names", str(tmp_path / "a" / "classes.txt")]))
+    listed = train_py.Run(
+        train_py.get_args(
+            [
+                "--stage",
+                "supervised",
+                "--dataset",
+                "list",
+                "--root",
+                ucf_root,
+                "--labeled",
+                "1",
+                "--out",
+                str(tmp_path / "e"),
+                "--train-list",
+                str(tmp_path / "a" / "train.txt"),
+                "--test-list",
+                str(tmp_path / "a" / "test.txt"),
+                "--class-names",
+                str(tmp_path / "a" / "classes.txt"),
+            ]
+        )
+    )
     assert (listed.train, listed.test, listed.classes) == (r.train, r.test, r.classes)
 
 
 def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
-    flags = ["--dataset", "ucf101", "--classes", "3", "--per-class", "4", "--test-per-class", "1", "--labeled", "1"]
+    flags = [
+        "--dataset",
+        "ucf101",
+        "--classes",
+        "3",
+        "--per-class",
+        "4",
+        "--test-per-class",
+        "1",
+        "--labeled",
+        "1",
+    ]
     for stage in ("invariant", "distinctive", "semisup"):
         p = train("--stage", stage, root=ucf_root, out=tmp_path, extra=flags)
     assert "over 3 videos" in p.stdout and "Drumming" not in open(tmp_path / "classes.txt").read()
     results = json.load(open(tmp_path / "results.json"))
-    assert set(results) == {"knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive", "student"}
-    assert set(json.load(open(tmp_path / "per_class.json"))["student"]) == {"ApplyEyeMakeup", "Basketball", "Archery"}
+    assert set(results) == {
+        "knn_invariant",
+        "knn_distinctive",
+        "teacher_invariant",
+        "teacher_distinctive",
+        "student",
+    }
+    assert set(json.load(open(tmp_path / "per_class.json"))["student"]) == {
+        "ApplyEyeMakeup",
+        "Basketball",
+        "Archery",
+    }
 
 
 def test_run_folder_refuses_other_flags(chain, toy_root, tmp_path):
     train("--stage", "supervised", root=toy_root, out=tmp_path)
     assert json.load(open(tmp_path / "run.json"))["labeled"] == 2
     p = train("--stage", "supervised", root=toy_root, out=tmp_path, check=False, extra=["--labeled", "1"])
-    assert p.returncode == 2 and last_line(p) == (f"error: --labeled 1.0 differs from 2.0, recorded in {tmp_path / 'run.json'} "
-                                                  "by this run's earlier stages: use another --out for a new run (or give 2.0)")
+    assert p.returncode == 2 and last_line(p) == (
+        f"error: --labeled 1.0 differs from 2.0, recorded in {tmp_path / 'run.json'} "
+        "by this run's earlier stages: use another --out for a new run (or give 2.0)"
+    )
     # an SSL stage does not depend on the labeled split, so it may still run here; not on another frame size
     train("--stage", "invariant", root=toy_root, out=tmp_path, extra=["--seed", "3"])
     p = train("--stage", "distinctive", root=toy_root, out=tmp_path, check=False, extra=["--size", "24"])
     assert p.returncode == 2 and "--size 24 differs from 32" in last_line(p)
     # a checkpoint reused is checked against what it was trained with
     other = tmp_path / "other"
-    copy_run(chain[0], other, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"])
+    copy_run(
+        chain[0], other, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
+    )
     p = train("--stage", "semisup", root=toy_root, out=other, check=False, extra=["--seed", "1"])
-    assert p.returncode == 2 and last_line(p).startswith(f"error: {other / 'teacher_invariant.pt'} was trained with --seed 0, "
-                                                         "this run has 1")
+    assert p.returncode == 2 and last_line(p).startswith(
+        f"error: {other / 'teacher_invariant.pt'} was trained with --seed 0, " "this run has 1"
+    )
     assert not (other / "student.pt").exists()
 
 
@@ -621,22 +916,41 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
     model = R3D(ckpt["arch"]["width"], ckpt["arch"]["layers"], num_classes=8)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    videos = [os.path.join(toy_root, line.strip()) for line in open(os.path.join(toy_root, "testlist01.txt"))][:3]
+    videos = [
+        os.path.join(toy_root, line.strip()) for line in open(os.path.join(toy_root, "testlist01.txt"))
+    ][:3]
     bad = tmp_path / "broken.avi"
     bad.write_text("not a video")
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--stage", "predict", "--ckpt", str(out / "student.pt"),
-           "--test-clips", "2", "--device", "cpu", videos[0], str(bad), *videos[1:]]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "train.py"),
+        "--stage",
+        "predict",
+        "--ckpt",
+        str(out / "student.pt"),
+        "--test-clips",
+        "2",
+        "--device",
+        "cpu",
+        videos[0],
+        str(bad),
+        *videos[1:],
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     lines = p.stdout.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 4 and lines[1].startswith(f"{bad}: unreadable (")
     for video, line in zip(videos, lines[:1] + lines[2:]):
         n = data.count_frames(video)
         frames = data.load_frames(video, sum(data.test_indices(n, 4, 2, 2), []), round(32 * 8 / 7))
-        x = torch.stack([data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])])  # (2, 3, 4, 32, 32)
+        x = torch.stack(
+            [data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]
+        )  # (2, 3, 4, 32, 32)
         with torch.no_grad():
             prob = model(data.finish(x, torch.tensor([data.IDENTITY] * 2))).softmax(-1).mean(0)
         top = prob.topk(5)
-        want = ", ".join(f"{data.TOY_CLASSES[c]} {100 * v:.1f}%" for v, c in zip(top.values.tolist(), top.indices.tolist()))
+        want = ", ".join(
+            f"{data.TOY_CLASSES[c]} {100 * v:.1f}%" for v, c in zip(top.values.tolist(), top.indices.tolist())
+        )
         assert line == f"{video}: {want}"
 
 
@@ -658,21 +972,55 @@ def test_knn_top1_against_a_naive_loop():
         assert train_py.knn_top1(bank, bank_y, queries, query_y, 4, k=k) == pytest.approx(100 * hits / 12)
 
 
-@pytest.mark.parametrize("files, flags, message", [
-    ({"classInd.txt": "1 A\r\n3 B\r\n"}, ["--dataset", "ucf101"], "classInd.txt:2: class index 3 leaves a gap: 2 classes must be numbered 1..2"),
-    ({"classInd.txt": "1 A\n1 B\n"}, ["--dataset", "ucf101"], "classInd.txt:2: class index 1 given twice"),
-    ({"classInd.txt": "0 A\n"}, ["--dataset", "ucf101"], "classInd.txt:1: expected 'index ClassName' with an index from 1"),
-    ({"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"}, ["--class-names", "NAMES"],
-     "train.txt:2: label 2 is out of range: there are 2 classes (0..1)"),
-    ({"train.txt": "A/a.avi 0\nA/b.avi -1\n"}, [], "train.txt:2: the label must be a non-negative integer, got '-1'"),
-    ({"train.txt": "A/a.avi 0\nA/b.avi one\n"}, [], "train.txt:2: the label must be a non-negative integer, got 'one'"),
-    ({"train.txt": "A/a.avi\n"}, [], "train.txt:1: lines must read 'relative/path label'"),
-])
+@pytest.mark.parametrize(
+    "files, flags, message",
+    [
+        (
+            {"classInd.txt": "1 A\r\n3 B\r\n"},
+            ["--dataset", "ucf101"],
+            "classInd.txt:2: class index 3 leaves a gap: 2 classes must be numbered 1..2",
+        ),
+        (
+            {"classInd.txt": "1 A\n1 B\n"},
+            ["--dataset", "ucf101"],
+            "classInd.txt:2: class index 1 given twice",
+        ),
+        (
+            {"classInd.txt": "0 A\n"},
+            ["--dataset", "ucf101"],
+            "classInd.txt:1: expected 'index ClassName' with an index from 1",
+        ),
+        (
+            {"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"},
+            ["--class-names", "NAMES"],
+            "train.txt:2: label 2 is out of range: there are 2 classes (0..1)",
+        ),
+        (
+            {"train.txt": "A/a.avi 0\nA/b.avi -1\n"},
+            [],
+            "train.txt:2: the label must be a non-negative integer, got '-1'",
+        ),
+        (
+            {"train.txt": "A/a.avi 0\nA/b.avi one\n"},
+            [],
+            "train.txt:2: the label must be a non-negative integer, got 'one'",
+        ),
+        ({"train.txt": "A/a.avi\n"}, [], "train.txt:1: lines must read 'relative/path label'"),
+    ],
+)
 def test_bad_label_files(tmp_path, files, flags, message):
     for name, text in files.items():
         (tmp_path / name).write_bytes(text.encode())
     flags = [str(tmp_path / "names.txt") if f == "NAMES" else f for f in flags]
     if "ucf101" not in flags:
-        flags = ["--dataset", "list", "--train-list", str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "train.txt"), *flags]
+        flags = [
+            "--dataset",
+            "list",
+            "--train-list",
+            str(tmp_path / "train.txt"),
+            "--test-list",
+            str(tmp_path / "train.txt"),
+            *flags,
+        ]
     p = train("--stage", "supervised", root=str(tmp_path), out=tmp_path / "out", check=False, extra=flags)
     assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path}/{message}"), p.stderr
