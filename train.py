@@ -509,8 +509,9 @@ def ablation(args):
     t0 = time.time()
     table, per_class, mixes, runs = {}, {}, {}, []
     for seed in args.seeds:
-        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}"),
-                                    "subset_seed": args.seed if args.subset_seed is None else args.subset_seed})
+        subset_seed = args.seed if args.subset_seed is None else args.subset_seed  # one subset for all seeds
+        out = os.path.join(args.out, f"seed{seed}")
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": subset_seed})
         for stage in ENCODERS:  # a finished encoder is reused, an unfinished one resumed
             path = os.path.join(sub.out, f"{stage}.pt")
             if os.path.exists(path) and load_checkpoint(path)["epoch"] >= load_checkpoint(path)["epochs"]:
@@ -520,72 +521,89 @@ def ablation(args):
         for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
             print(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""), flush=True)
             run = run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
-            runs.append(run) if mix == "similarity" else None
+            if mix == "similarity":
+                runs.append(run)
         mixes[seed] = mix_check(runs[-1])
         for k, v in read_json(os.path.join(sub.out, "results.json")).items():
             table.setdefault(k, []).append(v)
         for k, v in read_json(os.path.join(sub.out, "per_class.json")).items():
             per_class.setdefault(k, []).append(v)
+    joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
+
     seeds = " ".join(map(str, args.seeds))
-    rows = [("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
-            ("distinctive teacher", "teacher_distinctive"), ("student, fixed mix s = 0.5", "student_fixed"),
-            ("TimeBalance student (similarity mix)", "student"), ("kNN, invariant encoder", "knn_invariant"),
-            ("kNN, distinctive encoder", "knn_distinctive")]
     print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
-    for label, key in rows:
+    for label, key in (("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
+                       ("distinctive teacher", "teacher_distinctive"),
+                       ("student, fixed mix s = 0.5", "student_fixed"),
+                       ("TimeBalance student (similarity mix)", "student"),
+                       ("kNN, invariant encoder", "knn_invariant"),
+                       ("kNN, distinctive encoder", "knn_distinctive")):
         v = table[key]
-        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} | {' / '.join(f'{x:.1f}' for x in v)} |")
-    print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n|---|---|---|---|---|")
-    for label, a, b, goal, met in (("student - supervised-only", "student", "supervised", ">= +15", lambda d: d >= 15),
-                                   ("student - invariant teacher", "student", "teacher_invariant", "> 0", lambda d: d > 0),
-                                   ("student - distinctive teacher", "student", "teacher_distinctive", "> 0", lambda d: d > 0),
-                                   ("similarity mix - fixed mix", "student", "student_fixed", ">= 0", lambda d: d >= 0)):
-        d = [x - y for x, y in zip(table[a], table[b])]
-        print(f"| {label} | {statistics.mean(d):+.1f} | {' / '.join(f'{x:+.1f}' for x in d)} | {goal} | "
+        print(f"| {label} | {statistics.mean(v):.1f} +- {statistics.pstdev(v):.1f} | {joined(v, '{:.1f}')} |")
+
+    print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n"
+          "|---|---|---|---|---|")
+    claims = (("student - supervised-only", "supervised", ">= +15", lambda d: d >= 15),
+              ("student - invariant teacher", "teacher_invariant", "> 0", lambda d: d > 0),
+              ("student - distinctive teacher", "teacher_distinctive", "> 0", lambda d: d > 0),
+              ("similarity mix - fixed mix", "student_fixed", ">= 0", lambda d: d >= 0))
+    for label, other, goal, met in claims:
+        d = [x - y for x, y in zip(table["student"], table[other])]
+        print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
               f"{'yes' if all(map(met, d)) else 'no'} |")
-    print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) | normalised s "
-          "| s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
+
+    print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
+          "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
     cache = {seed: read_json(os.path.join(r.args.out, "scores.json")) for seed, r in zip(args.seeds, runs)}
-    raw = {seed: c["raw"] for seed, c in cache.items()}
-    norm = {seed: normalized_scores(raw[seed], [p for p, _ in r.train], args.score_norm) for seed, r in zip(args.seeds, runs)}
-    run = runs[-1]
-    for c, name in enumerate(run.classes):
+    norm = {seed: normalized_scores(cache[seed]["raw"], [p for p, _ in r.train], args.score_norm)
+            for seed, r in zip(args.seeds, runs)}
+    for c, name in enumerate(runs[-1].classes):
         acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ENCODERS]
-        r = [raw[seed][p] for seed in args.seeds for p, y in run.train if y == c]
-        n = [norm[seed][p] for seed in args.seeds for p, y in run.train if y == c]
-        e = [cache[seed]["each"][p] for seed in args.seeds for p, y in run.train if y == c]
-        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} ({min(r):.4f}-{max(r):.4f}) "
-              f"| {statistics.mean(n):.2f} | {statistics.mean(v[0] for v in e):.4f} | {statistics.mean(v[1] for v in e):.4f} |")
+        videos = [(seed, p) for seed, r in zip(args.seeds, runs) for p, y in r.train if y == c]
+        r = [cache[seed]["raw"][p] for seed, p in videos]
+        n = statistics.mean(norm[seed][p] for seed, p in videos)
+        s_I, s_D = (statistics.mean(cache[seed]["each"][p][j] for seed, p in videos) for j in (0, 1))
+        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
+              f"({min(r):.4f}-{max(r):.4f}) | {n:.2f} | {s_I:.4f} | {s_D:.4f} |")
+
     total = {k: sum(m[k] for m in mixes.values()) for k in next(iter(mixes.values()))}
-    print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): the teachers "
-          f"disagree with one of them right on {total['one_right']}; the fixed mix's target is wrong there (the wrong "
-          f"teacher the more confident) on {total['fixable']}; the similarity mix's target is right where the "
-          f"fixed one is wrong on {total['sim_fixes']} and wrong where it is right on {total['sim_breaks']}.")
-    write_json(os.path.join(args.out, "ablation.json"), {"seeds": args.seeds, "top1": table, "per_class": per_class,
-                                                         "mix": mixes})
-    print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in {args.out}/ablation.json")
+    print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): "
+          f"the teachers disagree with one of them right on {total['one_right']}; the fixed mix's target is "
+          f"wrong there (the wrong teacher the more confident) on {total['fixable']}; the similarity mix's "
+          f"target is right where the fixed one is wrong on {total['sim_fixes']} and wrong where it is right "
+          f"on {total['sim_breaks']}.")
+    write_json(os.path.join(args.out, "ablation.json"),
+               {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes})
+    print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
+          f"{args.out}/ablation.json")
 
 
 def mix_check(run):
-    """Where a per-video teacher mix can change the student's target at all. On the unlabeled training
-    videos: each teacher's prediction (softmax averaged over the test clips), and the argmax of the mix
-    p_T = s p_I + (1 - s) p_D with s = 0.5 and with the video's normalised score. The average of two
-    teachers is wrong while one of them is right only where the wrong teacher is the more confident: there
-    alone can a per-video weight help. Returns counts: videos, one_right (exactly one teacher right),
-    fixable (that, and the s = 0.5 target wrong), sim_fixes / sim_breaks (the score's target right where
-    the fixed one is wrong / wrong where it is right)."""
+    """`mix_counts` on the unlabeled training videos of a finished run: each teacher's prediction (softmax
+    averaged over the test clips, as in evaluation) and each video's normalised score."""
     p_I, p_D = (clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), run.unlabeled)
                 for t in (teacher(run, k) for k in ENCODERS))  # (N, K) each
     raw = read_json(os.path.join(run.args.out, "scores.json"))["raw"]
     norm = normalized_scores(raw, [p for p, _ in run.train], run.args.score_norm)
     s = torch.tensor([norm[p] for p, _ in run.unlabeled], device=run.device)  # (N,)
-    y = torch.tensor([label for _, label in run.unlabeled], device=run.device)
+    y = torch.tensor([label for _, label in run.unlabeled], device=run.device)  # (N,)
+    return mix_counts(p_I, p_D, s, y)
+
+
+def mix_counts(p_I, p_D, s, y):
+    """Where a per-video teacher mix can change the student's target at all (docs/method.md). The argmax
+    of p_T = s p_I + (1 - s) p_D is wrong at s = 0.5 while one teacher is right only where the wrong
+    teacher is the more confident: those are the videos a per-video weight is for. p_I, p_D (N, K), s, y (N,).
+    Returns counts: videos; one_right (exactly one teacher right); fixable (that, and the s = 0.5 target
+    wrong); sim_fixes / sim_breaks (the target under s right where the s = 0.5 one is wrong / wrong where
+    it is right)."""
     right_I, right_D = p_I.argmax(1) == y, p_D.argmax(1) == y
     fixed_right = tb.mix_teachers(p_I, p_D, torch.full_like(s, 0.5)).argmax(1) == y
     sim_right = tb.mix_teachers(p_I, p_D, s).argmax(1) == y
     one = right_I ^ right_D
     return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
-            "sim_fixes": int((sim_right & ~fixed_right).sum()), "sim_breaks": int((~sim_right & fixed_right).sum())}
+            "sim_fixes": int((sim_right & ~fixed_right).sum()),
+            "sim_breaks": int((~sim_right & fixed_right).sum())}
 
 
 def main(argv=None):

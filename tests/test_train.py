@@ -1024,3 +1024,40 @@ def test_bad_label_files(tmp_path, files, flags, message):
         ]
     p = train("--stage", "supervised", root=str(tmp_path), out=tmp_path / "out", check=False, extra=flags)
     assert p.returncode == 2 and last_line(p).startswith(f"error: {tmp_path}/{message}"), p.stderr
+
+
+def test_mix_counts_against_a_naive_loop():
+    import train as train_py
+
+    g = torch.Generator().manual_seed(1)
+    N, K = 200, 4
+    p_I, p_D = (torch.rand(N, K, generator=g).pow(3).softmax(-1) for _ in range(2))
+    s, y = torch.rand(N, generator=g), torch.randint(0, K, (N,), generator=g)
+    want = dict(videos=N, one_right=0, fixable=0, sim_fixes=0, sim_breaks=0)
+    for i in range(N):
+        a, b, label = p_I[i].tolist(), p_D[i].tolist(), int(y[i])
+        argmax = lambda v: max(range(K), key=lambda k: v[k])  # noqa: E731
+        right_I, right_D = argmax(a) == label, argmax(b) == label
+        fixed = argmax([0.5 * u + 0.5 * v for u, v in zip(a, b)]) == label
+        sim = argmax([float(s[i]) * u + (1 - float(s[i])) * v for u, v in zip(a, b)]) == label
+        want["one_right"] += right_I != right_D
+        want["fixable"] += right_I != right_D and not fixed
+        want["sim_fixes"] += sim and not fixed
+        want["sim_breaks"] += fixed and not sim
+    got = train_py.mix_counts(p_I, p_D, s, y)
+    assert got == want and got["fixable"] > 0 and got["sim_fixes"] > 0
+
+
+def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
+    """--stage ablation: each seed's whole method in OUT/seed<s> with that seed (its own encoders), and the
+    tables built from their results."""
+    p = train("--stage", "ablation", "--seeds", "0", "1", root=toy_root, out=tmp_path)
+    table = json.load(open(tmp_path / "ablation.json"))
+    for k, seed in enumerate((0, 1)):
+        results = json.load(open(tmp_path / f"seed{seed}" / "results.json"))
+        assert {key: v[k] for key, v in table["top1"].items()} == results
+        assert load(tmp_path / f"seed{seed}" / "invariant.pt")["args"]["seed"] == seed
+        mix = table["mix"][str(seed)]
+        assert mix["videos"] == 24 and mix["fixable"] <= mix["one_right"]
+    d = [a - b for a, b in zip(table["top1"]["student"], table["top1"]["supervised"])]
+    assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
