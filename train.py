@@ -53,6 +53,7 @@ BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervise
 class StageError(Exception):
     """A stage cannot start: missing input checkpoint, mismatched model, bad flag (exit code 2)."""
 
+
 # ----------------------------------------------------------------------------------------------
 # Self-supervised pretraining: invariant (L_I), distinctive (L_D = L_LL + L_GL), both
 
@@ -101,6 +102,7 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
         terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, tau)
     return terms
 
+
 # ----------------------------------------------------------------------------------------------
 # Classifiers on the labeled subset: the two teachers (finetune) and the supervised baseline
 
@@ -146,6 +148,7 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
     with autocast():
         logits = net(x).float()  # (B, K)
     return {"CE": F.cross_entropy(logits, y)}
+
 
 # ----------------------------------------------------------------------------------------------
 # Temporal similarity scores and the student
@@ -302,6 +305,7 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
             "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
             "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
 
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation: K clips per test video, centre crop, softmax averaged; a kNN check of an encoder; predict
 
@@ -438,6 +442,7 @@ def print_results(out):
     print(f"\n{out}/results.json\n{'figure':<28}{'top-1 %':>10}")
     for k, v in results.items():
         print(f"{k:<28}{v:>10.2f}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Commands: a stage, semisup's steps, the seed ablation (and demo)
@@ -622,6 +627,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
 # ----------------------------------------------------------------------------------------------
 # Plumbing: a step's optimisation, the learning-rate schedule, loss sums and epoch records
 
@@ -716,6 +722,7 @@ class Meter:
         last = self.epoch + 1 == self.epochs
         if self.steps_lines or (self.epoch + 1) % self.run.args.log_every == 0 or last:
             self.run.log(json.dumps(record))
+
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: device, distributed, splits, the run folder, checkpoints, JSON files
@@ -1131,6 +1138,7 @@ def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+
 
 # ----------------------------------------------------------------------------------------------
 # Command line
