@@ -288,28 +288,10 @@ def bench_pipeline(args):
     data.write_list(os.path.join(tmp, "train.txt"), [(r, i % K) for i, r in enumerate(rels)] * args.repeat)
     data.write_list(os.path.join(tmp, "test.txt"), [(r, i % K) for i, r in enumerate(rels[:K])])
     flags = [
-        "--dataset",
-        "list",
-        "--root",
-        tmp,
-        "--train-list",
-        os.path.join(tmp, "train.txt"),
-        "--test-list",
-        os.path.join(tmp, "test.txt"),
-        "--device",
-        args.device,
-        "--size",
-        str(args.size),
-        "--width",
-        str(args.width),
-        "--layers",
-        *map(str, args.layers),
-        "--workers",
-        str(args.workers),
-        "--test-clips",
-        "2",
-        "--log-every",
-        "100000",
+        "--dataset", "list", "--root", tmp, "--train-list", os.path.join(tmp, "train.txt"), "--test-list",
+        os.path.join(tmp, "test.txt"), "--device", args.device, "--size", str(args.size), "--width",
+        str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers), "--test-clips",
+        "2", "--log-every", "100000",
     ]
     dev = torch.device(args.device)
     print(
@@ -354,15 +336,8 @@ def bench_pipeline(args):
             shutil.copy(os.path.join(out, "invariant.pt"), os.path.join(out, "distinctive.pt"))
         p = subprocess.run(
             [
-                sys.executable,
-                os.path.join(os.path.dirname(__file__), "..", "train.py"),
-                "--stage",
-                stage,
-                "--out",
-                out,
-                "--epochs",
-                "2",
-                *flags,
+                sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage", stage,
+                "--out", out, "--epochs", "2", *flags,
             ],
             capture_output=True,
             text=True,
@@ -402,17 +377,12 @@ def main():
         help="step alone, loader alone and the real stage, on UCF-like videos",
     )
     p.add_argument(
-        "--device",
-        type=str,
-        default="cuda" if torch.cuda.is_available() else "cpu",
+        "--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
         help="--pipeline: device",
     )
     p.add_argument("--width", type=int, default=16, help="--pipeline: model width (R3D-18: 64)")
     p.add_argument(
-        "--layers",
-        type=int,
-        nargs=4,
-        default=[1, 1, 1, 1],
+        "--layers", type=int, nargs=4, default=[1, 1, 1, 1],
         help="--pipeline: blocks per stage (R3D-18: 2 2 2 2)",
     )
     p.add_argument("--size", type=int, default=SIZE, help="--pipeline: crop size")

@@ -58,12 +58,7 @@ def toy_root(tmp_path_factory):
 
 
 UCF_CLASSES = [
-    "ApplyEyeMakeup",
-    "Basketball",
-    "Archery",
-    "BoxingPunchingBag",
-    "Drumming",
-    "Bowling",
+    "ApplyEyeMakeup", "Basketball", "Archery", "BoxingPunchingBag", "Drumming", "Bowling",
 ]  # classInd order
 
 

@@ -238,10 +238,7 @@ def write_ucf_like(root, classes, per_class=2):
 
 def test_ucf101_labels_come_from_classind(tmp_path):
     classes = [
-        "Hammering",
-        "HammerThrow",
-        "JumpingJack",
-        "JumpRope",
+        "Hammering", "HammerThrow", "JumpingJack", "JumpRope",
     ]  # UCF101's classInd order (36-37, 47-48)
     assert sorted(classes) != classes
     write_ucf_like(tmp_path, classes)
@@ -419,18 +416,8 @@ def test_toy_videos_depend_on_seed_class_split_and_index_only(tmp_path):
 def test_toy_cli_frame_size(tmp_path):
     p = subprocess.run(
         [
-            sys.executable,
-            os.path.join(ROOT, "data.py"),
-            "toy",
-            str(tmp_path / "t"),
-            "--train-per-class",
-            "1",
-            "--test-per-class",
-            "0",
-            "--frames",
-            "8",
-            "--size",
-            "48x64",
+            sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "t"), "--train-per-class",
+            "1", "--test-per-class", "0", "--frames", "8", "--size", "48x64",
         ],
         capture_output=True,
         text=True,
@@ -452,20 +439,8 @@ def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp
     again = tmp_path / "again"
     subprocess.run(
         [
-            sys.executable,
-            os.path.join(ROOT, "data.py"),
-            "toy",
-            str(again),
-            "--train-per-class",
-            "5",
-            "--test-per-class",
-            "2",
-            "--frames",
-            "40",
-            "--size",
-            "64",
-            "--seed",
-            "1",
+            sys.executable, os.path.join(ROOT, "data.py"), "toy", str(again), "--train-per-class", "5",
+            "--test-per-class", "2", "--frames", "40", "--size", "64", "--seed", "1",
         ],
         check=True,
         capture_output=True,
