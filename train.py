@@ -513,13 +513,14 @@ def ablation(args):
     change a distillation target at all (`mix_check`). Everything also goes to OUT/ablation.json."""
     t0 = time.time()
     table, per_class, mixes, runs = {}, {}, {}, []
+    shared = {"subset_seed": subset_seed(args)}  # one subset (if any) for every seed
     for seed in args.seeds:
-        subset_seed = args.seed if args.subset_seed is None else args.subset_seed  # one subset for all seeds
         out = os.path.join(args.out, f"seed{seed}")
-        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": subset_seed})
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, **shared})
         for stage in ENCODERS:  # a finished encoder is reused, an unfinished one resumed
             path = os.path.join(sub.out, f"{stage}.pt")
-            if os.path.exists(path) and load_checkpoint(path)["epoch"] >= load_checkpoint(path)["epochs"]:
+            ckpt = load_checkpoint(path) if os.path.exists(path) else None
+            if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
                 continue
             print(f"=== seed {seed}: {stage}", flush=True)
             run_stage(argparse.Namespace(**{**vars(sub), "resume": True}), stage)
@@ -759,7 +760,7 @@ class Run:
         if subset:
             self.train, self.test, self.classes = data.take_subset(
                 self.train, self.test, self.classes, args.classes, args.per_class, args.test_per_class,
-                args.seed if args.subset_seed is None else args.subset_seed)
+                subset_seed(args))
         taken = self.train, self.test
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             by_class = [[j for j, (_, y) in enumerate(self.train) if y == c]
@@ -1015,14 +1016,19 @@ def defining(args, kind):
     out = {}
     for flag in DEFINING[kind]:
         value = args.get(flag)
-        if flag == "subset_seed" and (args.get("per_class") or args.get("test_per_class")):
-            value = args.get("seed") if value is None else value  # the seed the subset was drawn with
-        elif flag == "subset_seed":
-            value = None
+        if flag == "subset_seed":  # the seed the subset was drawn with, where one was drawn
+            value = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
         if flag in PATH_FLAGS and value is not None:
             value = os.path.abspath(value)
         out[flag] = value
     return out
+
+
+def subset_seed(args):
+    """The seed of the --per-class / --test-per-class draws: --subset-seed, else --seed. `args`: the
+    namespace or a checkpoint's dict of it."""
+    args = args if isinstance(args, dict) else vars(args)
+    return args.get("seed") if args.get("subset_seed") is None else args["subset_seed"]
 
 
 def differing(recorded, current):
