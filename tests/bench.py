@@ -176,8 +176,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
         "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y, autocast), B),
         "semisup": loop_step(
             opt_c,
-            lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s, args, autocast),
-            B,
+            lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s, args, autocast), B,
         ),
         "_student": loop_step(opt_c, student_only, B),
         "_teachers": (teacher_fwd, B),
@@ -328,8 +327,7 @@ def bench_pipeline(args):
     out = os.path.join(tmp, "stages")
     stage_rate = {}
     for stage, key, log_name in (
-        ("invariant", "ssl", "invariant"),
-        ("supervised", "supervised", "supervised"),
+        ("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),
         ("semisup", "semisup", "student"),
     ):
         if stage == "semisup":  # the second encoder only feeds the scores and a teacher: a copy will do
@@ -372,8 +370,7 @@ def main():
     p.add_argument("--reps", type=int, default=10, help="repetitions per figure")
     p.add_argument("--toy", type=str, default="data/toy", help="toy dataset folder (generated if missing)")
     p.add_argument(
-        "--pipeline",
-        action="store_true",
+        "--pipeline", action="store_true",
         help="step alone, loader alone and the real stage, on UCF-like videos",
     )
     p.add_argument(

@@ -245,8 +245,7 @@ def test_ucf101_labels_come_from_classind(tmp_path):
     train, test, names = data.read_ucf101(str(tmp_path), str(tmp_path / "splits"), 1)
     assert names == classes
     assert ("HammerThrow/v_HammerThrow_g01_c01.avi", 1) in train and (
-        "JumpingJack/v_JumpingJack_g99_c01.avi",
-        2,
+        "JumpingJack/v_JumpingJack_g99_c01.avi", 2,
     ) in test
 
 
@@ -307,9 +306,7 @@ def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):
     exts = {os.path.splitext(p)[1] for p, _ in train}
     assert exts == {".avi", ".mp4"}
     shapes = {
-        "train": (3, 8, 32, 32),
-        "ssl": (10, 3, 8, 32, 32),
-        "test": (3, 3, 8, 32, 32),
+        "train": (3, 8, 32, 32), "ssl": (10, 3, 8, 32, 32), "test": (3, 3, 8, 32, 32),
         "score": (4, 3, 8, 32, 32),
     }
     for mode, shape in shapes.items():
@@ -428,8 +425,7 @@ def test_toy_cli_frame_size(tmp_path):
     assert (frame.height, frame.width) == (48, 64)
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "data.py"), "toy", str(tmp_path / "u"), "--size", "48x"],
-        capture_output=True,
-        text=True,
+        capture_output=True, text=True,
     )
     assert p.returncode == 2 and "--size" in p.stderr and "48x" in p.stderr and not (tmp_path / "u").exists()
 

@@ -82,31 +82,21 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     ):
         ckpt = load(out / f"{name}.pt")
         assert ckpt["epoch"] == ckpt["epochs"] == 1 and set(ckpt) >= {
-            "model",
-            "optimizer",
-            "rng",
-            "args",
-            "arch",
+            "model", "optimizer", "rng", "args", "arch",
         }
     assert "skipped 14 head keys" in logs["semisup"]
     # semisup ran every step downstream of the two encoders, each announced as it started; the student
     # starts from the distinctive encoder, so no L_I + L_D encoder is trained (that is --student-init both)
     steps = [line for line in logs["semisup"].splitlines() if line.startswith("=== step")]
     assert [s.split(" (")[0] for s in steps] == [
-        "=== step 1/3 teacher_invariant",
-        "=== step 2/3 teacher_distinctive",
-        "=== step 3/3 student",
+        "=== step 1/3 teacher_invariant", "=== step 2/3 teacher_distinctive", "=== step 3/3 student",
     ]
     assert all(s.endswith(": training") for s in steps[:2])
     assert f"student: starts from the backbone of {out / 'distinctive.pt'}" in logs["semisup"]
     assert not (out / "both.pt").exists()
     results = json.load(open(out / "results.json"))
     assert set(results) == {
-        "knn_invariant",
-        "knn_distinctive",
-        "teacher_invariant",
-        "teacher_distinctive",
-        "supervised",
+        "knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive", "supervised",
         "student",
     }
     assert all(0 <= v <= 100 for v in results.values())
@@ -562,8 +552,7 @@ def test_damaged_run_files(chain, toy_root, tmp_path):
     """scores.json is a cache: recomputed. results.json / per_class.json are set aside before training."""
     out, _ = chain
     copy_run(
-        out,
-        tmp_path,
+        out, tmp_path,
         ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt", "scores.json"],
     )
     (tmp_path / "scores.json").write_text('{"source": {"inv')  # cut short
@@ -623,8 +612,7 @@ def step_of_each_stage(run, device, B=2, K=8):
         "both": (ssl, lambda net: train_py.ssl_terms(net, clips(10 * B), "both", 0.1), 10 * B),
         "supervised": (clf, lambda net: train_py.classifier_terms(net, clips(B), y), B),
         "student": (
-            clf,
-            lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args),
+            clf, lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args),
             2 * B,
         ),
     }
@@ -757,16 +745,10 @@ def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
     assert "over 3 videos" in p.stdout and "Drumming" not in open(tmp_path / "classes.txt").read()
     results = json.load(open(tmp_path / "results.json"))
     assert set(results) == {
-        "knn_invariant",
-        "knn_distinctive",
-        "teacher_invariant",
-        "teacher_distinctive",
-        "student",
+        "knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive", "student",
     }
     assert set(json.load(open(tmp_path / "per_class.json"))["student"]) == {
-        "ApplyEyeMakeup",
-        "Basketball",
-        "Archery",
+        "ApplyEyeMakeup", "Basketball", "Archery",
     }
 
 
@@ -853,33 +835,27 @@ def test_knn_top1_against_a_naive_loop():
     "files, flags, message",
     [
         (
-            {"classInd.txt": "1 A\r\n3 B\r\n"},
-            ["--dataset", "ucf101"],
+            {"classInd.txt": "1 A\r\n3 B\r\n"}, ["--dataset", "ucf101"],
             "classInd.txt:2: class index 3 leaves a gap: 2 classes must be numbered 1..2",
         ),
         (
-            {"classInd.txt": "1 A\n1 B\n"},
-            ["--dataset", "ucf101"],
+            {"classInd.txt": "1 A\n1 B\n"}, ["--dataset", "ucf101"],
             "classInd.txt:2: class index 1 given twice",
         ),
         (
-            {"classInd.txt": "0 A\n"},
-            ["--dataset", "ucf101"],
+            {"classInd.txt": "0 A\n"}, ["--dataset", "ucf101"],
             "classInd.txt:1: expected 'index ClassName' with an index from 1",
         ),
         (
-            {"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"},
-            ["--class-names", "NAMES"],
+            {"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"}, ["--class-names", "NAMES"],
             "train.txt:2: label 2 is out of range: there are 2 classes (0..1)",
         ),
         (
-            {"train.txt": "A/a.avi 0\nA/b.avi -1\n"},
-            [],
+            {"train.txt": "A/a.avi 0\nA/b.avi -1\n"}, [],
             "train.txt:2: the label must be a non-negative integer, got '-1'",
         ),
         (
-            {"train.txt": "A/a.avi 0\nA/b.avi one\n"},
-            [],
+            {"train.txt": "A/a.avi 0\nA/b.avi one\n"}, [],
             "train.txt:2: the label must be a non-negative integer, got 'one'",
         ),
         ({"train.txt": "A/a.avi\n"}, [], "train.txt:1: lines must read 'relative/path label'"),
