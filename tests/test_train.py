@@ -909,3 +909,13 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
         assert mix["videos"] == 24 and mix["fixable"] <= mix["one_right"]
     d = [a - b for a, b in zip(table["top1"]["student"], table["top1"]["supervised"])]
     assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
+    # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out
+    # (less the kNN rows, measured where an encoder is trained)
+    reused = tmp_path / "reused"
+    copy_run(tmp_path / "seed0", reused / "seed0", ["invariant.pt", "distinctive.pt"])
+    p = train("--stage", "ablation", "--seeds", "0", root=toy_root, out=reused)
+    first = json.load(open(tmp_path / "seed0" / "results.json"))
+    assert json.load(open(reused / "seed0" / "results.json")) == {
+        k: v for k, v in first.items() if not k.startswith("knn_")
+    }
+    assert "=== seed 0: invariant" not in p.stdout and "| kNN," not in p.stdout
