@@ -967,10 +967,13 @@ class Run:
 
 
 def pick_device(args, world=1):
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and dev.startswith("cuda"):
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return torch.device(dev)
+    """--device as a torch.device with an index on CUDA (torch.cuda.set_device needs one): cuda:LOCAL_RANK
+    under torchrun, else the index given or 0."""
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def backend(device):

@@ -1,5 +1,6 @@
 """Every stage of train.py, run for real on toy videos in subprocesses."""
 
+import argparse
 import json
 import math
 import os
@@ -919,3 +920,22 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
         k: v for k, v in first.items() if not k.startswith("knn_")
     }
     assert "=== seed 0: invariant" not in p.stdout and "| kNN," not in p.stdout
+
+
+@pytest.mark.parametrize("flag, world, local_rank, index", [
+    ("auto", 1, None, 0), ("cuda", 1, None, 0), ("cuda:1", 1, None, 1), ("auto", 2, "1", 1), ("cuda", 2, "0", 0),
+])
+def test_the_cuda_device_has_an_index(monkeypatch, flag, world, local_rank, index):
+    """A stand-in for torch.cuda at the device set-up only: the device goes to torch.cuda.set_device, whose
+    argument torch's own _get_device_index checks (it refuses a CUDA device without an index)."""
+    import train as train_py
+    from torch.cuda._utils import _get_device_index
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_to.append(_get_device_index(device)))
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    device = train_py.pick_device(argparse.Namespace(device=flag), world)
+    torch.cuda.set_device(device)
+    assert device.type == "cuda" and set_to == [index]
