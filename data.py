@@ -447,16 +447,18 @@ def read_list(root, train_list, test_list, class_names=None):
     if class_names:
         classes = [" ".join(words) for words in _lines(class_names)]
 
-    def parse(path):
-        items = []
-        for n, words in _numbered_lines(path):
-            if len(words) != 2:
-                raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
-            items.append((words[0], _label(path, n, words[1], len(classes) if classes else None)))
-        return items
-
-    train, test = parse(train_list), parse(test_list)
+    train = _parse_list(train_list, len(classes) if classes else None)
+    test = _parse_list(test_list, len(classes) if classes else None)
     return train, test, classes or [str(c) for c in range(1 + max(label for _, label in train + test))]
+
+
+def _parse_list(path, num_classes=None):
+    items = []
+    for n, words in _numbered_lines(path):
+        if len(words) != 2:
+            raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
+        items.append((words[0], _label(path, n, words[1], num_classes)))
+    return items
 
 
 def take_subset(train, test, classes, which=None, per_class=None, test_per_class=None, seed=0):
@@ -513,6 +515,30 @@ def split_labeled(items, labeled, seed, classes):
         lab += videos[:k]
         unlab += videos[k:]
     return lab, unlab
+
+
+def hold_out(train, classes, n):
+    """A validation split for tuning: the last `n` training videos of each class. Returns (train, held)."""
+    by_class = [[it for it in train if it[1] == c] for c in range(len(classes))]
+    fewest = min(range(len(classes)), key=lambda c: len(by_class[c]))
+    if len(by_class[fewest]) <= n:
+        raise DataError(f"--holdout {n}: class {classes[fewest]} has {len(by_class[fewest])} training videos")
+    held = {it for videos in by_class for it in videos[len(videos) - n :]}
+    return [it for it in train if it not in held], [it for it in train if it in held]
+
+
+def labeled_from_list(train, path, classes):
+    """The labeled subset named by a list file (`read_list`'s format): every entry must be a training video
+    with its label, and every class must have one. Returns (labeled, unlabeled) in training-list order."""
+    listed = set(_parse_list(path, len(classes)))
+    missing = sorted(listed - set(train))
+    if missing:
+        raise DataError(f"{path}: {missing[0][0]} (label {missing[0][1]}) is not a training video of this "
+                        f"run ({len(missing)} entries are not)")
+    empty = [classes[c] for c in range(len(classes)) if not any(y == c for _, y in listed)]
+    if empty:
+        raise DataError(f"{path}: no labeled video of class {empty[0]}")
+    return [it for it in train if it in listed], [it for it in train if it not in listed]
 
 
 def write_list(path, items):
@@ -650,20 +676,14 @@ def collate(batch):
             [b for bs in bad for b in bs])
 
 
-class BadVideos:
-    """Counts unreadable videos across DataLoader workers: warns once per file, by name."""
+class BadVideos(dict):
+    """Unreadable videos, {item index: message}, gathered across DataLoader workers; warns once per video."""
 
-    def __init__(self):
-        self.seen = {}
-
-    def add(self, bad):
-        for i, msg in bad:
-            if msg not in self.seen:
+    def add(self, failed):
+        for i, msg in failed:
+            if i not in self:
                 print(f"warning: skipping unreadable video: {msg}", file=sys.stderr, flush=True)
-            self.seen[msg] = i
-
-    def __len__(self):
-        return len(self.seen)
+            self[i] = msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,6 +801,16 @@ def write_png(path, img):
         stream.width, stream.height, stream.pix_fmt = W, H, "rgb24"
         for packet in list(stream.encode(_video_frame(img))) + list(stream.encode()):
             container.mux(packet)
+
+
+def score_frames(path, T, P=64):
+    """The middle frame of each of the 4 score clips of a video of T-frame clips (`score_indices`), centre
+    cropped to P: (4, P, P, 3) uint8, grey where the video cannot be read."""
+    try:
+        middles = [clip[len(clip) // 2] for clip in score_indices(count_frames(path), T)]
+        return center_crop(load_frames(path, middles, P), P).permute(1, 2, 3, 0)  # (4, P, P, 3)
+    except VideoError:
+        return torch.full((4, P, P, 3), 128, dtype=torch.uint8)
 
 
 RAW_BAR, NORM_BAR = (70, 130, 255), (255, 150, 30)  # colours of the raw and normalised score bars

@@ -95,20 +95,3 @@ def load_backbone(model, state, source="checkpoint"):
     assert not unexpected and all(k.startswith(("head.", "fc.")) for k in missing), (missing, unexpected)
     return skipped
 
-
-def count_flops(model, x):
-    """Multiply-accumulates x2 of the conv and linear layers for one forward of input x."""
-    total = 0
-
-    def hook(m, inp, out):
-        nonlocal total
-        k = m.weight.numel() // (m.out_channels if isinstance(m, nn.Conv3d) else m.out_features)
-        total += 2 * k * out.numel()
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in handles:
-        h.remove()
-    return total

@@ -144,3 +144,30 @@ def distillation_loss(student_logits, p_teacher, kind="mse"):
     if kind == "kl":
         return F.kl_div(student_logits.log_softmax(dim=-1), p_teacher, reduction="batchmean")
     raise ValueError(f"distillation_loss: unknown kind {kind!r}")
+
+
+def knn_top1(bank, bank_y, queries, query_y, num_classes, k=20, t=0.07):
+    """Weighted k-nearest-neighbour classification (Wu et al. 2018, instance discrimination), the check of an
+    encoder before any label is spent: for each query (Q, C) the k bank features (N, C) of highest cosine
+    similarity vote for their labels with weight exp(sim / t). Returns top-1 % over the queries."""
+    sim = queries @ bank.T  # (Q, N): cosines, the features being unit vectors
+    top, j = sim.topk(min(k, bank.shape[0]), dim=1)  # (Q, k)
+    votes = torch.zeros(len(queries), num_classes, device=sim.device)  # (Q, K)
+    votes.scatter_add_(1, bank_y[j], (top / t).exp())
+    return 100 * (votes.argmax(dim=1) == query_y).float().mean().item()
+
+
+def mix_counts(p_I, p_D, s, y):
+    """Where a per-video teacher mix can change the student's target at all (docs/method.md). The argmax
+    of p_T = s p_I + (1 - s) p_D is wrong at s = 0.5 while one teacher is right only where the wrong
+    teacher is the more confident: those are the videos a per-video weight is for. p_I, p_D (N, K), s, y (N,).
+    Returns counts: videos; one_right (exactly one teacher right); fixable (that, and the s = 0.5 target
+    wrong); sim_fixes / sim_breaks (the target under s right where the s = 0.5 one is wrong / wrong where
+    it is right)."""
+    right_I, right_D = p_I.argmax(1) == y, p_D.argmax(1) == y
+    fixed_right = mix_teachers(p_I, p_D, torch.full_like(s, 0.5)).argmax(1) == y
+    sim_right = mix_teachers(p_I, p_D, s).argmax(1) == y
+    one = right_I ^ right_D
+    return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
+            "sim_fixes": int((sim_right & ~fixed_right).sum()),
+            "sim_breaks": int((~sim_right & fixed_right).sum())}

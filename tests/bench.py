@@ -21,12 +21,31 @@ import tempfile
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from models import R3D, count_flops  # noqa: E402
+from models import R3D  # noqa: E402
 
 SIZE = 32  # train.py's --size default
+
+
+def count_flops(model, x):
+    """Multiply-accumulates x2 of the conv and linear layers for one forward of input x."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        k = m.weight.numel() // (m.out_channels if isinstance(m, nn.Conv3d) else m.out_features)
+        total += 2 * k * out.numel()
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return total
 
 
 def timed(fn, reps, sync=lambda: None):
@@ -127,10 +146,10 @@ def bench_toy_loader(root, workers_list, steps_clips):
 
 
 def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
-    """The training steps of train.py on random input, each the body of its stage's loop as the loop runs
-    it (`Meter.begin`, the stage's terms, `optimize`, `Meter.add`; the Meter never reads back here, as in
-    all steps but every --log-every-th): the invariant stage (10 clips per video, L_I), supervised and the
-    semisup student (B/2 labeled + B/2 unlabeled clips, both teachers)."""
+    """The training steps of train.py on random input, each the body of `train.fit`'s loop as it runs (the
+    learning rate, the stage's terms, backward and step, the terms added to the sums on the device; the
+    sums are read only every --log-every steps): the invariant stage (10 clips per video, L_I),
+    supervised and the semisup student (B/2 labeled + B/2 unlabeled clips, both teachers)."""
     import train
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -145,21 +164,24 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     clf, ssl = model(num_classes=K), model(proj_dim=128)
     teachers = [model(num_classes=K).eval().requires_grad_(False) for _ in range(2)]
     opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
-    B = 16 if size <= 112 else 8
+    B = train.BATCH["supervised"]  # the stages' batches: 16 clips (supervised), 8 videos (SSL, semisup)
     x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
     x_ssl, x_semi, s = clips(10 * (B // 2)), clips(B), torch.rand(B, device=device)
     args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse")
-    run = argparse.Namespace(world=1, args=argparse.Namespace(log_every=10**9))  # what Meter asks of a run
 
     def loop_step(opt, terms_of, n):
-        meter = train.Meter(run, "bench", opt, 1e-3, 1, 10**9, 0)
-        step = iter(range(10**9))
+        sums, step = {}, iter(range(10**9))
 
         def fn():
-            meter.begin(0, next(step), [])
+            lr = train.lr_at(next(step), 10**9, 1e-3, 10)
+            for group in opt.param_groups:
+                group["lr"] = lr
             terms = terms_of()
-            train.optimize(opt, terms)
-            meter.add(terms, n)
+            opt.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
 
         return fn, n
 
@@ -300,7 +322,8 @@ def bench_pipeline(args):
         f"AMP {'bf16' if dev.type == 'cuda' else 'off'}"
     )
 
-    # 1. the step alone
+    # 1. the step alone, with the kernels the stages choose (train.Run turns cudnn.benchmark on)
+    torch.backends.cudnn.benchmark = dev.type == "cuda"
     fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", K=K)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     step = {
@@ -316,7 +339,7 @@ def bench_pipeline(args):
         loader = run.loader(ds, bs)
         for epoch in range(2):
             t, n = time.perf_counter(), 0
-            for x, *_ in run.batches(loader, epoch, clip_major=mode == "ssl"):
+            for x, *_ in run.batches(loader, epoch):
                 n += x.shape[0]
             if dev.type == "cuda":
                 torch.cuda.synchronize()

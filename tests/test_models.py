@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import R3D, count_flops, load_backbone
+from bench import count_flops
+from models import R3D, load_backbone
 
 
 def test_shapes_and_normalised_projection():

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import data
+import tb
 from conftest import write_audio_only
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,9 +273,14 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     "flags, message",
     [
         (["--stage", "nope"], "invalid choice"),
-        (["--stage", "supervised", "--frames", "0"], "--frames must be positive"),
-        (["--stage", "supervised", "--labeled", "0"], "--labeled must be > 0"),
-        (["--stage", "finetune", "--finetune-backbone-lr", "-1"], "--finetune-backbone-lr must be >= 0"),
+        (["--stage", "supervised", "--frames", "0"], "argument --frames: must be >= 1, got 0"),
+        (["--stage", "supervised", "--labeled", "0"], "argument --labeled: must be > 0, got 0"),
+        (
+            ["--stage", "finetune", "--finetune-backbone-lr", "-1"],
+            "argument --finetune-backbone-lr: must be >= 0, got -1",
+        ),
+        (["--demo", "--stage", "semisup"], "give --demo or --stage semisup, not both"),
+        (["--stage", "supervised", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
         (
             ["--stage", "semisup", "--student-init", "invariant"],
             "argument --student-init: invalid choice: 'invariant'",
@@ -286,7 +292,7 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
             ["--stage", "supervised", "--classes", "Disk,Sphere"],
             "--classes: no class named 'Sphere' in the dataset",
         ),
-        (["--stage", "supervised", "--per-class", "0"], "--per-class must be positive, got 0"),
+        (["--stage", "supervised", "--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
         (["--stage", "predict", "--ckpt", "x.pt"], "--stage predict needs one or more video files"),
         (
             ["--stage", "eval", "--ckpt", "x.pt", "v.avi"],
@@ -366,6 +372,7 @@ def test_same_seed_same_everything(chain, toy_root, tmp_path):
     )
     # and the student does not depend on whether the scores were computed or read from the cache
     first = load(tmp_path / "student.pt")["model"]
+    os.remove(tmp_path / "student.pt")  # a finished student would be reused
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
     assert "scores:" not in p.stdout  # cached this time
     again = load(tmp_path / "student.pt")["model"]
@@ -593,9 +600,10 @@ class HostValues(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_of_each_stage(run, device, B=2, K=8):
-    """One step of each stage's loop, as the loops run it (begin, terms, optimize, add), on random batches
-    finished on `device`. Yields the stage's name before its step runs."""
+def step_of_each_stage(args, device, B=2, K=8):
+    """Two steps of each stage's loop as `train.fit` runs them (the learning rate, the stage's terms, backward
+    and step, the terms added to the sums on the device), on random batches finished on `device` before the
+    first step. Yields (stage, step) before each step runs."""
     import train as train_py
     from models import R3D
 
@@ -610,22 +618,25 @@ def step_of_each_stage(run, device, B=2, K=8):
     teachers = [R3D(8, (1, 1, 1, 1), num_classes=K).to(device).eval().requires_grad_(False) for _ in range(2)]
     s = torch.rand(2 * B).to(device)
     steps = {
-        "both": (ssl, lambda net: train_py.ssl_terms(net, clips(10 * B), "both", 0.1), 10 * B),
-        "supervised": (clf, lambda net: train_py.classifier_terms(net, clips(B), y), B),
+        "both": (ssl, [clips(10 * B) for _ in range(2)], lambda net, x: train_py.ssl_terms(net, x, "both", 0.1)),
+        "supervised": (clf, [clips(B) for _ in range(2)], lambda net, x: train_py.classifier_terms(net, x, y)),
         "student": (
-            clf, lambda net: train_py.student_terms(net, teachers, clips(B), y, clips(B), s, run.args),
-            2 * B,
+            clf, [(clips(B), clips(B)) for _ in range(2)],
+            lambda net, x: train_py.student_terms(net, teachers, x[0], y, x[1], s, args),
         ),
     }
-    for name, (net, terms_of, n) in steps.items():
-        opt = torch.optim.Adam(net.parameters(), 1e-3)
-        meter = train_py.Meter(run, name, opt, 1e-3, 1, 10, 0)
-        for step in range(2):  # the first makes Adam's state; the second is like every later one
+    for name, (net, batches, terms_of) in steps.items():
+        opt, sums = torch.optim.Adam(net.parameters(), 1e-3), {}
+        for step, x in enumerate(batches):  # the first makes Adam's state; the second is like every later one
             yield name, step
-            meter.begin(0, step, [])
-            terms = terms_of(net)
-            train_py.optimize(opt, terms)
-            meter.add(terms, n)
+            for group in opt.param_groups:
+                group["lr"] = train_py.lr_at(step, 20, 1e-3, 10)
+            terms = terms_of(net, x)
+            opt.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
@@ -634,11 +645,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
     an op on the device (an index built on the CPU) is recorded. The sums are read every --log-every steps."""
     import train as train_py
 
-    run = train_py.Run(
-        train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
-    )
+    args = train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
     with HostValues("meta") as mode:
-        names = {name for name, _ in step_of_each_stage(run, "meta")}
+        names = {name for name, _ in step_of_each_stage(args, "meta")}
     assert names == {"both", "supervised", "student"} and mode.found == []
 
 
@@ -646,42 +655,36 @@ def test_a_training_step_reads_nothing_back_from_the_device(toy_root, tmp_path):
 def test_a_cuda_step_does_not_synchronise(toy_root, tmp_path):
     import train as train_py
 
-    run = train_py.Run(
-        train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
-    )
-    for name, step in step_of_each_stage(run, "cuda"):
+    args = train_py.get_args(["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path)])
+    for name, step in step_of_each_stage(args, "cuda"):
         torch.cuda.set_sync_debug_mode("error" if step == 1 else "default")  # the first step copies constants
     torch.cuda.set_sync_debug_mode("default")
 
 
-def test_meter_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root, tmp_path):
+def test_fit_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root, tmp_path, capsys):
+    """`train.fit` on real batches of the toy set: each step's learning rate is `lr_at`'s; the sums are read
+    after every 4th step (the mean so far in the progress line), and a NaN in step 6 stops the run at the
+    read after step 8, naming the steps since the last read."""
     import train as train_py
-    from models import R3D
 
     run = train_py.Run(
         train_py.get_args(
-            ["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--log-every", "4"]
+            ["--stage", "supervised", "--root", toy_root, "--out", str(tmp_path), "--log-every", "4", *FAST]
         )
     )
-    opt = torch.optim.Adam(R3D(8, (1, 1, 1, 1), num_classes=8).parameters(), 1e-3)
-    meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
-    values = [0.5, 1.5, 2.0, 4.0, 1.0, float("nan"), 1.0, 1.0]
-    for step, v in enumerate(values):
-        meter.begin(1, step, [])
-        assert opt.param_groups[0]["lr"] == train_py.lr_at(10 + step, 20, 1e-3, 10)
-        if step < 7:
-            meter.add({"CE": torch.tensor(v)}, 4)
-            assert meter.checked == (4 if step >= 3 else 0)  # read once, after step 4
-        else:
-            with pytest.raises(
-                FloatingPointError, match=r"^non-finite loss CE in supervised epoch 1, steps 5-8$"
-            ):
-                meter.add({"CE": torch.tensor(v)}, 4)
-    meter = train_py.Meter(run, "supervised", opt, 1e-3, 2, 10, 0)
-    for step, v in enumerate(values[:3]):
-        meter.begin(0, step, [])
-        meter.add({"CE": torch.tensor(v)}, 4)
-    assert meter.read() == {"CE": pytest.approx(4.0 / 3)}  # the mean of the steps so far
+    model = run.model(num_classes=8, dropout=0.5)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loader = run.loader(run.dataset(run.train, "train"), 4)  # 40 videos: 10 steps an epoch
+    values, lrs = [0.5, 1.5, 2.0, 4.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0], []
+
+    def terms(net, batch):
+        lrs.append(opt.param_groups[0]["lr"])
+        return {"CE": net(batch[0]).sum() * 0 + values[len(lrs) - 1]}
+
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss CE in supervised epoch 0, steps 5-8$"):
+        train_py.fit(run, "supervised", model, opt, [loader], terms, 2, 1e-3)
+    assert "supervised ep 0 step 4/10 CE 2.0000 |" in capsys.readouterr().out
+    assert lrs == [train_py.lr_at(step, 20, 1e-3, 10) for step in range(8)]
 
 
 def test_subsets_by_flag_on_a_ucf101_tree(ucf_root, tmp_path):
@@ -772,7 +775,7 @@ def test_run_folder_refuses_other_flags(chain, toy_root, tmp_path):
     )
     p = train("--stage", "semisup", root=toy_root, out=other, check=False, extra=["--seed", "1"])
     assert p.returncode == 2 and last_line(p).startswith(
-        f"error: {other / 'teacher_invariant.pt'} was trained with --seed 0, " "this run has 1"
+        f"error: --seed 1 differs from 0, recorded in {other / 'teacher_invariant.pt'}: use another --out"
     )
     assert not (other / "student.pt").exists()
 
@@ -815,8 +818,6 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
 
 
 def test_knn_top1_against_a_naive_loop():
-    import train as train_py
-
     g = torch.Generator().manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=-1)
@@ -829,7 +830,7 @@ def test_knn_top1_against_a_naive_loop():
             for sim, j in sims:
                 votes[int(bank_y[j])] += math.exp(sim / 0.07)
             hits += max(range(4), key=lambda c: votes[c]) == y
-        assert train_py.knn_top1(bank, bank_y, queries, query_y, 4, k=k) == pytest.approx(100 * hits / 12)
+        assert tb.knn_top1(bank, bank_y, queries, query_y, 4, k=k) == pytest.approx(100 * hits / 12)
 
 
 @pytest.mark.parametrize(
@@ -876,8 +877,6 @@ def test_bad_label_files(tmp_path, files, flags, message):
 
 
 def test_mix_counts_against_a_naive_loop():
-    import train as train_py
-
     g = torch.Generator().manual_seed(1)
     N, K = 200, 4
     p_I, p_D = (torch.rand(N, K, generator=g).pow(3).softmax(-1) for _ in range(2))
@@ -893,7 +892,7 @@ def test_mix_counts_against_a_naive_loop():
         want["fixable"] += right_I != right_D and not fixed
         want["sim_fixes"] += sim and not fixed
         want["sim_breaks"] += fixed and not sim
-    got = train_py.mix_counts(p_I, p_D, s, y)
+    got = tb.mix_counts(p_I, p_D, s, y)
     assert got == want and got["fixable"] > 0 and got["sim_fixes"] > 0
 
 
@@ -919,7 +918,8 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     assert json.load(open(reused / "seed0" / "results.json")) == {
         k: v for k, v in first.items() if not k.startswith("knn_")
     }
-    assert "=== seed 0: invariant" not in p.stdout and "| kNN," not in p.stdout
+    assert f"=== seed 0: invariant (self-supervised encoder): reusing {reused / 'seed0' / 'invariant.pt'}" in p.stdout
+    assert "| kNN," not in p.stdout
 
 
 @pytest.mark.parametrize("flag, world, local_rank, index", [
@@ -936,6 +936,6 @@ def test_the_cuda_device_has_an_index(monkeypatch, flag, world, local_rank, inde
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_to.append(_get_device_index(device)))
     if local_rank is not None:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-    device = train_py.pick_device(argparse.Namespace(device=flag), world)
+    device = train_py.pick_device(flag, world)
     torch.cuda.set_device(device)
     assert device.type == "cuda" and set_to == [index]
