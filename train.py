@@ -46,23 +46,28 @@ def train_ssl(run, stage, resume=False):
     a = run.args
     epochs, lr, bs = hparams(a, stage)
     ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
-    if len(ds) < bs * run.world:
-        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch")
+    if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
+        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
+                         f"videos over {run.world} processes")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
-    terms = lambda net, batch: ssl_terms(net, batch[0], stage, a.tau, run.autocast)  # noqa: E731
+    gather = GatherVideos.apply if run.world > 1 else None
+    terms = lambda net, batch: ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather)  # noqa: E731
     fit(run, stage, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume)
     knn_check(run, stage, model)
 
 
-def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
+def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None):
     """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each,
-    clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`."""
+    clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`. `gather`
+    (several processes): every process's embeddings, so that the negatives are the whole batch's."""
     B = x.shape[0] // 10
     with autocast():
         g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
     g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
+    if gather is not None:  # (10, world * B, ...): the videos of process 0, then of 1, ...
+        g, L = (gather(t.transpose(0, 1)).transpose(0, 1) for t in (g, L))
     c = data.SSL_CLIPS
     g_a, g_b = g[c["sparse_A"]], g[c["sparse_B"]]  # the sparse clip under augmentations A and B: (B, D)
     L_a, L_b = L[c["sparse_A"]], L[c["sparse_B"]]  # its 4 temporal slices L_1..L_4: (B, 4, D)
@@ -74,6 +79,24 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext):
     if stage in ("distinctive", "both"):
         terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, tau)
     return terms
+
+
+class GatherVideos(torch.autograd.Function):
+    """Every process's rows (along dim 0, equal counts), in process order. Backward: each process gets the
+    gradient of its own rows summed over the processes; as each computes the whole batch's loss, DDP's
+    average of the parameters' gradients is then the gradient of one process with the whole batch."""
+
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,17 +233,20 @@ def compute_scores(run, ckpts, source):
                     for ckpt, name in zip(ckpts, ENCODERS)]  # depend on whether the scores were cached
     ds = run.dataset(run.train[run.rank :: run.world], "score")
     raw, C, each, bad = {}, {}, {}, data.BadVideos()
-    for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
-        bad.add(failed)
-        # float32 on every device, never under autocast: bf16 scores would differ from the CPU's and
-        # break the ties that --score-norm rank relies on
-        e_I, e_D = (enc(x, out="ssl")[0].view(len(idx), 4, -1) for enc in encoders)  # (B, 4, D)
-        C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
-        s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
-        s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2): C_I, C_D
-        for i, s_i, C_i, e_i in zip(idx.tolist(), s.tolist(), C_b.tolist(), s_each.tolist()):
-            p = ds.items[i][0]
-            raw[p], C[p], each[p] = s_i, [[round(v, 5) for v in row] for row in C_i], e_i
+    # float32 on every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would
+    # differ from run to run and from the CPU's, moving the ties that --score-norm rank relies on
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
+            bad.add(failed)
+            e_I, e_D = (enc(x, out="ssl")[0].view(len(idx), 4, -1) for enc in encoders)  # (B, 4, D)
+            C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
+            s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
+            s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
+            rows = torch.cat([idx.view(-1, 1).to(s.dtype), s.view(-1, 1), s_each, C_b.flatten(1)], dim=1)
+            for i, s_i, s_I, s_D, *C_i in rows.tolist():  # one read from the device a batch
+                p = ds.items[int(i)][0]
+                raw[p], each[p] = s_i, [s_I, s_D]
+                C[p] = [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]  # 4x4
     if run.world > 1:
         parts = [None] * run.world
         dist.all_gather_object(parts, (raw, C, each))
@@ -260,11 +286,15 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
     and a line in OUT/log.jsonl. `progress`: a line on the console at each read."""
     a, steps = run.args, len(loaders[0])
     start = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else 0
+    if run.world > 1 and run.device.type == "cuda":  # BatchNorm statistics over the whole batch (in place)
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     bad, t0, clips = data.BadVideos(), time.time(), 0
     for epoch in range(start, epochs):
         net.train()
         sums, read = {}, 0
+        if run.world > 1:  # dropout: other masks in each process, drawn anew each epoch (a resume too)
+            torch.manual_seed((a.seed * 1009 + epoch) * 1009 + run.rank)
         for step, batches in enumerate(zip(*(run.batches(loader, epoch) for loader in loaders))):
             # a linear warm-up over the first epoch, then cosine decay; a group's "scale" multiplies it
             lr_step = lr_at(epoch * steps + step, epochs * steps, lr, warmup=steps)
