@@ -160,6 +160,54 @@ def load_frames(path, indices, size=None):
     return out
 
 
+# Decoded videos kept in memory: a small dataset is decoded once per process instead of once an epoch.
+_KEPT = {}  # (path, short side) -> (frames counted by count_frames, (m, H, W, 3) uint8: the whole video)
+
+
+def keep_decoded(paths, size, budget):
+    """Decodes each video of `paths` whole at short side `size` and keeps it for the datasets of this
+    process while all that is kept fits in `budget` bytes; the first video that would not fit ends the
+    keeping, and what is not kept is decoded on demand as before. Run in the main process, before a
+    DataLoader forks its workers, which then share the kept frames. Returns the bytes kept."""
+    used = sum(frames.numel() for _, frames in _KEPT.values())
+    for path in paths:
+        if (path, size) in _KEPT:
+            continue
+        try:
+            n, frames = count_frames(path), _decode_whole(path, size)
+        except VideoError:
+            continue  # unreadable: left to the dataset, which skips and counts it
+        if used + frames.numel() > budget:
+            break
+        _KEPT[(path, size)] = n, frames
+        used += frames.numel()
+    return used
+
+
+def _decode_whole(path, size):
+    """Every frame of `path`, as `load_frames` gives them: (m, H, W, 3) uint8, frame k the one whose
+    timestamp says k, a gap filled by the frame before it."""
+    container, stream = _open_video(path)
+    out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
+    rate, tb, start = stream.average_rate or stream.guessed_rate, stream.time_base, stream.start_time or 0
+    got = {}
+    try:
+        for k, frame in enumerate(container.decode(stream)):
+            index = round((frame.pts - start) * tb * rate) if frame.pts is not None and rate and tb else k
+            if index not in got:
+                got[index] = _to_tensor(frame, out_hw).clone()
+    except AV_ERROR:
+        pass  # a truncated file: what could be decoded
+    finally:
+        container.close()
+    if not got:
+        raise VideoError(f"{path}: no frame could be decoded")
+    frames = []
+    for index in range(max(got) + 1):  # before the first decoded frame: that frame (as `load_frames`)
+        frames.append(got.get(index, frames[-1] if frames else got[min(got)]))
+    return torch.stack(frames)
+
+
 # ----------------------------------------------------------------------------------------------
 # Clip samplers. Each returns frame indices into a video of n frames.
 
@@ -585,19 +633,27 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def frame_count(self, i):
         if i not in self._counts:
-            self._counts[i] = count_frames(self.path(i))
+            kept = _KEPT.get((self.path(i), self.decode_size))
+            self._counts[i] = kept[0] if kept else count_frames(self.path(i))
         return self._counts[i]
+
+    def frames(self, i, indices):
+        """`load_frames` of item i at the decoding size, from memory where the video is kept."""
+        kept = _KEPT.get((self.path(i), self.decode_size))
+        if kept is None:
+            return load_frames(self.path(i), indices, self.decode_size)
+        return kept[1][[min(k, len(kept[1]) - 1) for k in indices]]  # past the end: the last frame
 
     def _load(self, i, g):
         n = self.frame_count(i)
         S = self.size
         if self.mode == "train":
-            frames = load_frames(self.path(i), train_indices(n, self.T, self.stride, g), self.decode_size)
+            frames = self.frames(i, train_indices(n, self.T, self.stride, g))
             return augment(frames, S, g, strong=False)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
             # one decode for the whole clip set: (5T, H, W, 3)
-            frames = load_frames(self.path(i), sparse + sum(dense, []), self.decode_size)
+            frames = self.frames(i, sparse + sum(dense, []))
             # one augmentation draws one set of parameters for the whole clip set (sparse and its 4 dense
             # clips), so within a view the clips differ only by time; the two views are independent
             A, p_A = augment(frames, S, g)
@@ -610,7 +666,7 @@ class VideoDataset(torch.utils.data.Dataset):
             sets = test_indices(n, self.T, self.stride, self.K)
         else:
             sets = score_indices(n, self.T)
-        frames = load_frames(self.path(i), sum(sets, []), self.decode_size)
+        frames = self.frames(i, sum(sets, []))
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
         return torch.stack([center_crop(c, S) for c in clips]), torch.tensor([IDENTITY] * len(sets))
 

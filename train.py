@@ -53,7 +53,10 @@ def train_ssl(run, stage, resume=False):
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
     gather = GatherVideos.apply if run.world > 1 else None
-    terms = lambda net, batch: ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather)  # noqa: E731
+
+    def terms(net, batch):
+        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather)
+
     fit(run, stage, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume)
     knn_check(run, stage, model)
 
@@ -701,10 +704,13 @@ class Run:
         return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.amp else m
 
     def dataset(self, items, mode, stream=0):
-        """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch."""
+        """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch. Its
+        videos are decoded whole and kept in memory while they fit in --cache-mb (`data.keep_decoded`)."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
-        return data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
+        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
+        data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
+        return ds
 
     def loader(self, ds, batch_size, shuffle=True, workers=None, length=None):
         """One loader for a whole stage, its workers (default --workers) kept across epochs. What a batch
@@ -1050,6 +1056,8 @@ def get_args(argv=None):
     a("--resume", action="store_true",
       help="continue the stage from its last saved epoch (semisup and ablation resume their steps anyway)")
     a("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
+    a("--cache-mb", type=at_least(0), default=1024,
+      help="decoded videos kept in memory, in MiB: a dataset that fits is decoded once, not every epoch")
     a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
