@@ -1,6 +1,9 @@
-"""Every stage of train.py, run for real on toy videos in subprocesses."""
+"""Every stage of train.py, run for real on toy videos: through train.main in this process, and as real
+processes where a test kills one or starts several."""
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -9,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -29,11 +33,21 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: float sums in the sam
 
 
 def train(*args, root, out, check=True, extra=()):
-    cmd = [
-        sys.executable, os.path.join(HERE, "train.py"), "--root", root, "--out", str(out), *FAST, *args,
-        *extra,
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    """`python train.py ...` with these flags, run in this process (`train.main`, as the command line runs
+    it; the tests that kill or spawn processes start real ones): its exit code and what it printed."""
+    import train as train_py
+
+    argv = ["--root", root, "--out", str(out), *FAST, *args, *extra]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            train_py.main(argv)
+        except SystemExit as e:  # sys.exit(n), and argparse's exit 2
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # what a process would print before dying with exit code 1
+            traceback.print_exc()
+            code = 1
+    p = subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
