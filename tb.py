@@ -37,19 +37,20 @@ def nt_xent(z1, z2, tau=0.1):
     return _nt_xent_rows(z1, z2, tau).mean()
 
 
-def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1):
+def invariant_loss(g_a, g_b, G_a, G_b, tau=0.1, w_dense=1.0):
     """Temporally-invariant objective (docs/method.md "Temporally-invariant objective"):
-        L_I = NTXent(g, g~) + 1/4 * sum over unordered pairs of distinct dense clips
+        L_I = NTXent(g, g~) + w_dense/4 * sum over unordered pairs of distinct dense clips
               (a, p) != (b, q) of NTXent(G_{a,p}, G_{b,q})
     Dense clips at different times of one video are positives: the features become time-invariant.
-    With 2 augmentations x 4 times there are 28 pairs, computed in one batched call."""
+    With 2 augmentations x 4 times there are 28 pairs, computed in one batched call. The authors' code sums
+    over the 56 ordered pairs, the same NT-Xent twice each: w_dense = 2 (`BALANCE`)."""
     if G_a.shape != G_b.shape or G_a.dim() != 3:
         raise ValueError(f"invariant_loss: dense clips must both be (B, 4, D), got {tuple(G_a.shape)} "
                          f"and {tuple(G_b.shape)}")
     dense = torch.cat([G_a, G_b], dim=1).transpose(0, 1)  # (8, B, D): slots A1..A4, B1..B4
     i, j = torch.triu_indices(8, 8, offset=1, device=dense.device)  # (28,) each: the pairs i < j in order
     L_dense = _nt_xent_rows(dense[i], dense[j], tau).mean(dim=-1).sum()  # (28, B, D) x 2 -> (28, 2B) -> ()
-    return nt_xent(g_a, g_b, tau) + L_dense / 4
+    return nt_xent(g_a, g_b, tau) + w_dense * L_dense / 4
 
 
 def local_local_loss(G_a, G_b, tau=0.1):
@@ -72,14 +73,22 @@ def global_local_loss(L, G, tau=0.1):
     return (rows + cols) / 2
 
 
-def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1):
-    """Temporally-distinctive objective L_D = L_LL + L_GL, L_GL summed over the 4 combinations of
-    sparse / dense augmentations (docs/method.md; released teacher config: both temporal weights 1).
-    The 4 combinations go through `global_local_loss` as one batch of 4B videos: the mean over it, times 4,
-    is the sum of the 4 means."""
+def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1, w_ll=1.0, w_gl=1.0):
+    """Temporally-distinctive objective L_D = w_ll L_LL + w_gl L_GL, L_GL summed over the 4 combinations of
+    sparse / dense augmentations (docs/method.md; released teacher config: both temporal weights 1, but
+    its code sums L_LL over the batch and each L_GL over a video's 4 anchors: `BALANCE`). The 4
+    combinations go through `global_local_loss` as one batch of 4B videos: the mean over it, times 4, is
+    the sum of the 4 means."""
     L = torch.cat([L_a, L_a, L_b, L_b])  # (4B, 4, D)
     G = torch.cat([G_a, G_b, G_a, G_b])  # (4B, 4, D): pairs (L_a, G_a), (L_a, G_b), (L_b, G_a), (L_b, G_b)
-    return local_local_loss(G_a, G_b, tau) + 4 * global_local_loss(L, G, tau)
+    return w_ll * local_local_loss(G_a, G_b, tau) + w_gl * 4 * global_local_loss(L, G, tau)
+
+
+# The weights of the self-supervised terms, (w_dense, w_ll, w_gl). "mean": every term a mean over its
+# anchors and videos. "authors": the balance of the authors' released code at its batch of 40 videos (the
+# dense pairs of L_I ordered, L_LL summed over the 40 videos, each L_GL summed over a video's 4 anchors),
+# kept fixed at any batch size, so that a batch of another size weighs the terms as the paper's runs did.
+BALANCE = {"mean": (1.0, 1.0, 1.0), "authors": (2.0, 40.0, 4.0)}
 
 
 def similarity_matrix(e_I, e_D):

@@ -55,16 +55,17 @@ def train_ssl(run, stage, resume=False):
     gather = GatherVideos.apply if run.world > 1 else None
 
     def terms(net, batch):
-        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather)
+        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather, a.balance)
 
     fit(run, stage, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume)
     knn_check(run, stage, model)
 
 
-def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None):
+def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, balance="mean"):
     """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each,
     clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`. `gather`
-    (several processes): every process's embeddings, so that the negatives are the whole batch's."""
+    (several processes): every process's embeddings, so that the negatives are the whole batch's.
+    `balance`: the terms' weights, a key of `tb.BALANCE`."""
     B = x.shape[0] // 10
     with autocast():
         g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
@@ -76,11 +77,12 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None):
     L_a, L_b = L[c["sparse_A"]], L[c["sparse_B"]]  # its 4 temporal slices L_1..L_4: (B, 4, D)
     G_a = g[c["dense_A"]].transpose(0, 1)  # the 4 dense clips G_1..G_4 under A: (B, 4, D)
     G_b = g[c["dense_B"]].transpose(0, 1)  # and under B
+    w_dense, w_ll, w_gl = tb.BALANCE[balance]
     terms = {}
     if stage in ("invariant", "both"):
-        terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, tau)
+        terms["L_I"] = tb.invariant_loss(g_a, g_b, G_a, G_b, tau, w_dense)
     if stage in ("distinctive", "both"):
-        terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, tau)
+        terms["L_D"] = tb.distinctive_loss(L_a, L_b, G_a, G_b, tau, w_ll, w_gl)
     return terms
 
 
@@ -790,7 +792,7 @@ DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", 
               "classes", "per_class", "test_per_class", "subset_seed", "holdout")
 DEFINING = {"data": DATA_FLAGS,
             "encoder": DATA_FLAGS + ("width", "layers"),
-            "ssl": DATA_FLAGS + ("width", "layers", "ssl_frames", "ssl_stride", "size"),
+            "ssl": DATA_FLAGS + ("width", "layers", "ssl_frames", "ssl_stride", "size", "balance"),
             "labeled": DATA_FLAGS + ("width", "layers", "frames", "stride", "size", "labeled", "labeled_list",
                                      "seed")}
 LABELED_STAGES = ("finetune", "supervised", "semisup")
@@ -1042,6 +1044,9 @@ def get_args(argv=None):
     a("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
     a = p.add_argument_group("method (docs/method.md)").add_argument
     a("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
+    a("--balance", choices=sorted(tb.BALANCE), default="mean",
+      help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
+           "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
     a("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")

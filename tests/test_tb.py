@@ -128,6 +128,54 @@ def test_distinctive_loss_is_ll_plus_four_gl():
     assert tb.distinctive_loss(L_a, L_b, G_a, G_b).item() == pytest.approx(expected, rel=1e-9)
 
 
+def authors_ssl_losses(g_a, g_b, L_a, L_b, G_a, G_b, tau):
+    """The self-supervised terms as the authors' released code computes them, restated as loops: SimCLR's
+    NT-Xent (a mean over the 2N anchors); the dense part of L_I summed over the 56 ordered pairs of distinct
+    dense clips, over 4; L_LL per video a mean over its 8 anchors, summed over the videos; L_GL per video
+    the cross-entropies of S's 4 rows and 4 columns summed and halved, a mean over the videos, for each of
+    the 4 sparse / dense augmentation pairs. Returns (L_I, L_LL, L_GL summed over the pairs)."""
+    dense = list(G_a.transpose(0, 1)) + list(G_b.transpose(0, 1))  # 8 slots of (B, D)
+    L_I = naive_nt_xent(g_a, g_b, tau) + sum(
+        naive_nt_xent(dense[i], dense[j], tau) for i in range(8) for j in range(8) if i != j
+    ) / 4
+    B = g_a.shape[0]
+    L_LL = sum(naive_nt_xent(G_a[v], G_b[v], tau) for v in range(B))
+    L_GL = 0.0
+    for L in (L_a, L_b):
+        for G in (G_a, G_b):
+            per_video = []
+            for v in range(B):
+                S = [[float(L[v, p] @ G[v, q]) / tau for q in range(4)] for p in range(4)]
+                rows = sum(-S[p][p] + math.log(sum(math.exp(x) for x in S[p])) for p in range(4))
+                cols = sum(-S[q][q] + math.log(sum(math.exp(S[p][q]) for p in range(4))) for q in range(4))
+                per_video.append((rows + cols) / 2)
+            L_GL += sum(per_video) / B
+    return L_I, L_LL, L_GL
+
+
+@pytest.mark.parametrize("B", [3, 40])
+def test_the_authors_balance(B):
+    """tb's terms with the weights (w_dense, w_ll, w_gl) = (2, B, 4) are the authors' terms exactly, at any
+    batch B; so BALANCE["authors"] = (2, 40, 4) weighs the terms as the authors' code does at its batch of
+    40, and the "mean" balance differs from it by 2x in L_I's dense part, B x in L_LL and 4x in L_GL."""
+    g_a, g_b = unit(B, 16, seed=40), unit(B, 16, seed=41)
+    L_a, L_b, G_a, G_b = (unit(B, 4, 16, seed=s) for s in range(42, 46))
+    L_I, L_LL, L_GL = authors_ssl_losses(g_a, g_b, L_a, L_b, G_a, G_b, 0.1)
+    assert tb.invariant_loss(g_a, g_b, G_a, G_b, 0.1, w_dense=2).item() == pytest.approx(L_I, rel=1e-9)
+    assert B * tb.local_local_loss(G_a, G_b, 0.1).item() == pytest.approx(L_LL, rel=1e-9)
+    assert tb.distinctive_loss(L_a, L_b, G_a, G_b, 0.1, w_ll=B, w_gl=4).item() == pytest.approx(
+        L_LL + L_GL, rel=1e-9
+    )
+    L_GL_tb = tb.distinctive_loss(L_a, L_b, G_a, G_b, 0.1, w_ll=0, w_gl=4).item()
+    assert L_GL_tb == pytest.approx(L_GL, rel=1e-9)
+    if B == 40:
+        w_dense, w_ll, w_gl = tb.BALANCE["authors"]
+        got = tb.distinctive_loss(L_a, L_b, G_a, G_b, 0.1, w_ll, w_gl) + tb.invariant_loss(
+            g_a, g_b, G_a, G_b, 0.1, w_dense
+        )
+        assert got.item() == pytest.approx(L_I + L_LL + L_GL, rel=1e-9)
+
+
 def naive_similarity(e_I, e_D):
     out = []
     for b in range(e_I.shape[0]):
