@@ -312,7 +312,7 @@ def bench_pipeline(args):
         "--dataset", "list", "--root", tmp, "--train-list", os.path.join(tmp, "train.txt"), "--test-list",
         os.path.join(tmp, "test.txt"), "--device", args.device, "--size", str(args.size), "--width",
         str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers), "--test-clips",
-        "2", "--log-every", "100000",
+        "2", "--log-every", "100000", "--labeled", "1",
     ]
     dev = torch.device(args.device)
     print(
