@@ -820,6 +820,15 @@ def _render(cls, n, H, W, g, scale=1.0):
     return torch.stack(frames)  # (n, H, W, 3)
 
 
+def toy_version(root):
+    """The version of the toy set in `root` (None: none there, damaged, or older than versions)."""
+    try:
+        with open(os.path.join(root, "toy.json")) as f:
+            return json.load(f).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def write_video(path, frames, fps=25, codec=None, gop=12):
     """Encodes (n, H, W, 3) uint8 frames. .avi: MPEG-4 part 2 (UCF101's format); .mp4: H.264 (Kinetics-like)
     or the `codec` given, with 2 B-frames, so that decode order differs from display order."""

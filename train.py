@@ -643,11 +643,7 @@ class Run:
         # the toy set is written where it is missing or of another version, into data/toy or with --demo
         # into --root: every process takes this branch or none, and rank 0 alone looks and writes
         if args.dataset == "toy" and (args.demo or args.root == DEFAULT_TOY):
-            try:
-                version = read_json(os.path.join(args.root, "toy.json")).get("version")
-            except ValueError:
-                version = None
-            if self.rank == 0 and version != data.TOY_VERSION:
+            if self.rank == 0 and data.toy_version(args.root) != data.TOY_VERSION:
                 print(f"generating the toy dataset in {args.root}", flush=True)
                 data.make_toy(args.root)
             self.barrier()
@@ -1025,9 +1021,9 @@ def get_args(argv=None):
     a = p.add_argument_group("schedule (left out: each step's own default)").add_argument
     a("--epochs", type=at_least(1), default=None, help=f"epochs of every step the command runs: {EPOCHS}")
     a("--batch-size", type=at_least(1), default=None,
-      help=f"videos per batch and process (semisup: labeled and unlabeled each): {BATCH}")
+      help=f"videos per batch and process (semisup: labeled and unlabeled each; authors' SSL: 40): {BATCH}")
     a("--lr", type=at_least(0, float, above=True), default=None,
-      help=f"Adam learning rate, cosine decay after 1 warm-up epoch (paper 1e-4): {LR}")
+      help=f"Adam learning rate, cosine decay after 1 warm-up epoch (authors: 5e-3 SSL, 1e-4 after): {LR}")
     a("--weight-decay", type=at_least(0, float), default=1e-4, help="Adam weight decay")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
       help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
