@@ -1050,3 +1050,34 @@ def test_two_processes_train_the_objective_of_one(tmp_path):
             assert two[rank][stage][0] == pytest.approx(terms, rel=1e-5), stage
             diff = (two[rank][stage][1] - grad).abs().max().item()
             assert diff <= 1e-5 * grad.abs().max().item(), (stage, diff)
+
+
+def toy_run_in_processes(rank, store, root, out):
+    """Process `rank` of 2 (gloo) builds a --demo run on a toy folder that does not exist yet; rank 1 only once
+    rank 0 has written the toy set, as a slow process would. Every process must pass the generation's
+    barrier (a timeout turns a hang into a failure)."""
+    import datetime
+    import functools
+
+    import train as train_py
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=30))
+    small = functools.partial(data.make_toy, train_per_class=4, test_per_class=1, frames=16, size=32)
+    train_py.data.make_toy = small  # the real writer, a smaller set
+    if rank == 1:
+        while not os.path.exists(os.path.join(root, "toy.json")):
+            time.sleep(0.05)
+    run = train_py.Run(train_py.get_args(["--demo", "--root", root, "--out", out, "--device", "cpu"]))
+    assert len(run.train) == 32
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_the_toy_set_is_written_once_and_every_process_waits_for_it(tmp_path):
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "toy"
+    mp.spawn(toy_run_in_processes, args=(str(tmp_path / "store"), str(root), str(tmp_path / "out")), nprocs=2)
+    assert data.toy_version(root) == data.TOY_VERSION and len(os.listdir(root / "Disk")) == 5
