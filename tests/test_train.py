@@ -1079,5 +1079,6 @@ def test_the_toy_set_is_written_once_and_every_process_waits_for_it(tmp_path):
     import torch.multiprocessing as mp
 
     root = tmp_path / "toy"
-    mp.spawn(toy_run_in_processes, args=(str(tmp_path / "store"), str(root), str(tmp_path / "out")), nprocs=2)
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    mp.spawn(toy_run_in_processes, args=(store, str(root), out), nprocs=2)
     assert data.toy_version(root) == data.TOY_VERSION and len(os.listdir(root / "Disk")) == 5
