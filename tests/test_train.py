@@ -1053,8 +1053,8 @@ def test_two_processes_train_the_objective_of_one(tmp_path):
 
 
 def toy_run_in_processes(rank, store, root, out):
-    """Process `rank` of 2 (gloo) builds a --demo run on a toy folder that does not exist yet; rank 1 only once
-    rank 0 has written the toy set, as a slow process would. Every process must pass the generation's
+    """Process `rank` of 2 (gloo) builds a --demo run on a toy folder that does not exist yet; rank 1 only
+    once rank 0 has written the toy set, as a slow process would. Every process must pass the generation's
     barrier (a timeout turns a hang into a failure)."""
     import datetime
     import functools
