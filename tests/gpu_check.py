@@ -71,7 +71,8 @@ def main():
     n = torch.cuda.device_count() if cuda else 2
     toy = os.path.join(args.out, "toy")
     if not os.path.exists(os.path.join(toy, "toy.json")):
-        data.make_toy(toy, train_per_class=8, test_per_class=2, frames=48, size=max(64, args.size * 8 // 7 + 8))
+        side = max(64, args.size * 8 // 7 + 8)  # frames a little larger than the crop's decoding size
+        data.make_toy(toy, train_per_class=8, test_per_class=2, frames=48, size=side)
     flags = ["--root", toy, "--device", args.device, "--width", str(args.width), "--layers",
              *map(str, args.layers), "--size", str(args.size), "--epochs", str(args.epochs), "--workers",
              str(args.workers), "--labeled", "2", "--batch-size", "4"]
@@ -90,11 +91,12 @@ def main():
                              args.device, "--width", str(args.width), "--layers", *map(str, args.layers),
                              "--size", str(args.size), "--workers", str(args.workers), "--videos", "48",
                              "--repeat", "2"], os.path.join(args.out, "bench.log"))
-        lines += [line for line in text.splitlines() if re.match(r"^(\||- |device)", line)] or ["bench FAILED"]
+        table = [line for line in text.splitlines() if re.match(r"^(\||- |device)", line)]
+        lines += table or ["bench FAILED"]
 
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, torch {torch.__version__}, R3D width {args.width} layers {args.layers}, {args.size} px, "
-          f"{args.epochs} epochs, {args.workers} workers, {time.strftime('%Y-%m-%d')}\n")
+    print(f"\n{name}, torch {torch.__version__}, R3D width {args.width} layers {args.layers}, "
+          f"{args.size} px, {args.epochs} epochs, {args.workers} workers, {time.strftime('%Y-%m-%d')}\n")
     print(f"| stage | 1 process | {n} processes (torchrun) |\n|---|---|---|")
     for stage, cells in rows.items():
         print(f"| {stage} | {cells.get('one', '-')} | {cells.get('many', '-')} |")
