@@ -237,7 +237,7 @@ def compute_scores(run, ckpts, source):
         encoders = [load_into(run.model(proj_dim=128), ckpt, run.path(name)).eval()  # init would then
                     for ckpt, name in zip(ckpts, ENCODERS)]  # depend on whether the scores were cached
     ds = run.dataset(run.train[run.rank :: run.world], "score")
-    raw, C, each, bad = {}, {}, {}, data.BadVideos()
+    rows, bad = [], data.BadVideos()
     # float32 on every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would
     # differ from run to run and from the CPU's, moving the ties that --score-norm rank relies on
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
@@ -247,15 +247,22 @@ def compute_scores(run, ckpts, source):
             C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
             s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
             s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
-            rows = torch.cat([idx.view(-1, 1).to(s.dtype), s.view(-1, 1), s_each, C_b.flatten(1)], dim=1)
-            for i, s_i, s_I, s_D, *C_i in rows.tolist():  # one read from the device a batch
-                p = ds.items[int(i)][0]
-                raw[p], each[p] = s_i, [s_I, s_D]
-                C[p] = [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]  # 4x4
-    if run.world > 1:
-        parts = [None] * run.world
-        dist.all_gather_object(parts, (raw, C, each))
-        raw, C, each = ({k: v for part in parts for k, v in part[j].items()} for j in range(3))
+            video = (idx * run.world + run.rank).view(-1, 1).to(s.dtype)  # (B, 1): its index in run.train
+            rows.append(torch.cat([video, s.view(-1, 1), s_each, C_b.flatten(1)], dim=1))  # (B, 20)
+    rows = torch.cat(rows)  # (N, 20): video, s, s from C_I alone, from C_D alone, C
+    if run.world > 1:  # every process's rows: gathered padded to the longest, then cut to each one's
+        counts = [torch.zeros(1, dtype=torch.long, device=run.device) for _ in range(run.world)]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=run.device))
+        padded = rows.new_zeros(int(max(counts)), rows.shape[1])
+        padded[: len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(run.world)]
+        dist.all_gather(parts, padded)
+        rows = torch.cat([part[: int(n)] for part, n in zip(parts, counts)])
+    raw, C, each = {}, {}, {}
+    for i, s_i, s_I, s_D, *C_i in rows.tolist():  # one read from the device
+        p = run.train[int(i)][0]
+        raw[p], each[p] = s_i, [s_I, s_D]
+        C[p] = [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]  # 4x4
     cache = {"source": source, "raw": raw, "C": C, "each": each}
     if run.rank == 0:
         write_json(os.path.join(run.args.out, "scores.json"), cache)
