@@ -635,7 +635,7 @@ class Run:
         self.args, self.stage = args, stage or args.stage
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.device = pick_device(args.device, self.world)
-        cuda = self.device.type == "cuda"
+        self.cuda = cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.set_device(self.device)  # where the pin-memory thread and bare "cuda" tensors go
             torch.backends.cudnn.benchmark = True  # every training shape is fixed: each conv's fastest kernel
@@ -706,7 +706,7 @@ class Run:
     def model(self, **kw):
         a = self.args
         m = R3D(a.width, a.layers, **kw).to(self.device)
-        return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.amp else m
+        return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.cuda else m
 
     def dataset(self, items, mode, stream=0):
         """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch. Its
@@ -728,7 +728,7 @@ class Run:
         return torch.utils.data.DataLoader(
             ds, batch_size, sampler=data.EpochSampler(len(ds), self.args.seed, shuffle, rank, world, length),
             drop_last=shuffle, num_workers=workers, collate_fn=data.collate,
-            pin_memory=self.stream is not None, persistent_workers=shuffle and workers > 0,
+            pin_memory=self.cuda, persistent_workers=shuffle and workers > 0,
             generator=torch.Generator().manual_seed(self.args.seed))
 
     def batches(self, loader, epoch):
@@ -739,9 +739,9 @@ class Run:
         loader.sampler.set_epoch(epoch)
         ahead, ssl = None, loader.dataset.mode == "ssl"
         for clips, params, y, idx, failed in loader:
-            with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
                 copied = [t.to(self.device, non_blocking=True) for t in (clips, params, y, idx)]
-                ready = self.stream.record_event() if self.stream else None
+                ready = self.stream.record_event() if self.cuda else None
             if ahead is not None:
                 yield self._on_device(*ahead, ssl)
             ahead = copied, ready, failed
@@ -762,7 +762,7 @@ class Run:
                 clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
             clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
         x = data.finish(clips, params)  # (N, 3, T, S, S) float
-        if self.args.channels_last and self.amp:
+        if self.args.channels_last and self.cuda:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x, y, idx, failed
 
