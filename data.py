@@ -162,15 +162,18 @@ def load_frames(path, indices, size=None):
 
 # Decoded videos kept in memory: a small dataset is decoded once per process instead of once an epoch.
 _KEPT = {}  # (path, short side) -> (frames counted by count_frames, (m, H, W, 3) uint8: the whole video)
+_FULL = set()  # the budgets reached: nothing more is decoded to be kept
 
 
 def keep_decoded(paths, size, budget):
     """Decodes each video of `paths` whole at short side `size` and keeps it for the datasets of this
     process while all that is kept fits in `budget` bytes; the first video that would not fit ends the
-    keeping, and what is not kept is decoded on demand as before. Run in the main process, before a
+    keeping for good, and what is not kept is decoded on demand as before. Run in the main process, before a
     DataLoader forks its workers, which then share the kept frames. Returns the bytes kept."""
     used = sum(frames.numel() for _, frames in _KEPT.values())
     for path in paths:
+        if budget in _FULL:
+            break
         if (path, size) in _KEPT:
             continue
         try:
@@ -178,6 +181,7 @@ def keep_decoded(paths, size, budget):
         except VideoError:
             continue  # unreadable: left to the dataset, which skips and counts it
         if used + frames.numel() > budget:
+            _FULL.add(budget)
             break
         _KEPT[(path, size)] = n, frames
         used += frames.numel()

@@ -566,3 +566,33 @@ def test_score_picture_against_hand(tmp_path):
     assert [tuple(p) for p in orange.tolist()] == [(40, 40, 40)] * 6 + [data.NORM_BAR] * 2
     data.write_png(str(tmp_path / "s.png"), img)
     assert torch.equal(read_png(str(tmp_path / "s.png")), img)  # lossless through PyAV's png encoder
+
+
+def test_kept_videos_give_what_decoding_gives(videos, toy_root, tmp_path):
+    """A video kept in memory (`keep_decoded`) gives the frames `load_frames` decodes, B-frames, a truncated
+    file and indices past the end included; a dataset gives the same clips and parameters with its videos
+    kept or not, in every mode; the keeping stops for good at the first video past the budget."""
+    raw = open(videos["avi"], "rb").read()
+    cut = tmp_path / "half.avi"
+    cut.write_bytes(raw[: len(raw) // 2])
+    for path in (videos["avi"], videos["mp4"], str(cut)):
+        n = data.count_frames(path)
+        assert data.keep_decoded([path], 40, 10**9) > 0
+        kept = data._KEPT[(path, 40)]
+        indices = [0, 5, 13, n // 2, n - 1, n + 3, 2]
+        assert kept[0] == n and torch.equal(kept[1][[min(k, len(kept[1]) - 1) for k in indices]],
+                                            data.load_frames(path, indices, 40))
+    train = data.read_ucf101(toy_root, toy_root, 1)[0][:6]
+    for mode in ("train", "ssl", "test", "score"):
+        ds = data.VideoDataset(train, toy_root, mode, 4, 2, 32, test_clips=3, seed=1)
+        before = [ds[(1, i)][:2] for i in range(len(train))]
+        data.keep_decoded([ds.path(i) for i in range(len(train))], ds.decode_size, 10**9)
+        fresh = data.VideoDataset(train, toy_root, mode, 4, 2, 32, test_clips=3, seed=1)
+        for i, (x, p) in enumerate(before):
+            y, q = fresh[(1, i)][:2]
+            assert torch.equal(x, y) and torch.equal(p, q), (mode, i)
+    data._KEPT.clear()
+    one = data.count_frames(videos["avi"]) * 30 * 40 * 3  # the avi's bytes at short side 30 (48x64 -> 30x40)
+    assert data.keep_decoded([videos["avi"], videos["mp4"]], 30, one + 1) == one and 1 + one in data._FULL
+    assert data.keep_decoded([str(cut)], 30, one + 1) == one  # nothing more once the budget was reached
+    data._KEPT.clear()
