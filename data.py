@@ -172,7 +172,7 @@ def keep_decoded(paths, size, budget):
     DataLoader forks its workers, which then share the kept frames. Returns the bytes kept."""
     used = sum(frames.numel() for _, frames in _KEPT.values())
     for path in paths:
-        if budget in _FULL:
+        if budget in _FULL or used >= budget:  # --cache-mb 0: nothing is decoded ahead
             break
         if (path, size) in _KEPT:
             continue
