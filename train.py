@@ -597,7 +597,8 @@ def mix_check(run):
     items = run.unlabeled[run.rank :: run.world]
     p_I, p_D = (clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), items)[0]
                 for t in (teacher(run, k) for k in ENCODERS))  # (N, K) each
-    s = torch.tensor([scores(run)["s"][p] for p, _ in items], device=run.device)  # (N,)
+    s_video = scores(run)["s"]
+    s = torch.tensor([s_video[p] for p, _ in items], device=run.device)  # (N,)
     counts = tb.mix_counts(p_I, p_D, s, torch.tensor([y for _, y in items], device=run.device))
     if run.world > 1:
         summed = torch.tensor(list(counts.values()), device=run.device)
