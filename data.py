@@ -571,12 +571,13 @@ def split_labeled(items, labeled, seed, classes):
 
 def hold_out(train, classes, n):
     """A validation split for tuning: the last `n` training videos of each class. Returns (train, held)."""
-    by_class = [[it for it in train if it[1] == c] for c in range(len(classes))]
+    by_class = [[j for j, (_, y) in enumerate(train) if y == c] for c in range(len(classes))]  # positions
     fewest = min(range(len(classes)), key=lambda c: len(by_class[c]))
     if len(by_class[fewest]) <= n:
         raise DataError(f"--holdout {n}: class {classes[fewest]} has {len(by_class[fewest])} training videos")
-    held = {it for videos in by_class for it in videos[len(videos) - n :]}
-    return [it for it in train if it not in held], [it for it in train if it in held]
+    held = {j for js in by_class for j in js[len(js) - n :]}  # by position: a video listed twice is two
+    kept = [it for j, it in enumerate(train) if j not in held]
+    return kept, [it for j, it in enumerate(train) if j in held]
 
 
 def labeled_from_list(train, path, classes):
