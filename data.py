@@ -594,6 +594,23 @@ def labeled_from_list(train, path, classes):
     return [it for it in train if it in listed], [it for it in train if it not in listed]
 
 
+def read_groups(root, classes):
+    """ROOT/groups.txt, lines 'ClassName group' (the toy writes one: repetitive or ordered), as each class's
+    group in class order; None without the file. What a group oracle needs to know of a dataset."""
+    path = os.path.join(root, "groups.txt")
+    if not os.path.exists(path):
+        return None
+    groups = {}
+    for n, words in _numbered_lines(path):
+        if len(words) != 2:
+            raise DataError(f"{path}:{n}: expected 'ClassName group', got {' '.join(words)!r}")
+        groups[words[0]] = words[1]
+    missing = [name for name in classes if name not in groups]
+    if missing:
+        raise DataError(f"{path}: no group for class {missing[0]}")
+    return [groups[name] for name in classes]
+
+
 def write_list(path, items):
     with open(path, "w") as f:
         f.writelines(f"{p} {label}\n" for p, label in items)
@@ -757,15 +774,20 @@ class BadVideos(dict):
 #     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same
 #     positions, sizes and directions of motion over the video: only their order tells them apart, and the
 #     clips of a video differ over time.
-# Never left/right: flips are augmentation.
+# Never left/right: flips are augmentation. Two other variants repeat and order otherwise: "pulse" (the
+# shapes pulse in size; the bar takes a two-leg path, a pair being one path and its reverse) and "blink"
+# (two shapes blink, two rock; the bar appears then moves or grows, or the reverse: moves, then vanishes).
 
-TOY_VERSION = 2  # raised whenever the videos make_toy writes change
+TOY_VERSION = 3  # raised whenever what make_toy writes changes
 TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "UpDown", "DownUp", "GrowShrink", "ShrinkGrow"]
+TOY_VARIANTS = {"bob": TOY_CLASSES,  # the first four classes repeat, the last four are ordered
+                "pulse": TOY_CLASSES[:4] + ["UpAcross", "AcrossDown", "DownAcross", "AcrossUp"],
+                "blink": TOY_CLASSES[:4] + ["AppearRise", "FallVanish", "AppearGrow", "ShrinkVanish"]}
 
 
-def _render(cls, n, H, W, g, scale=1.0):
-    """(n, H, W, 3) uint8 frames of one toy video of class `cls`; sizes and motions scale with H, object
-    sizes also with `scale`."""
+def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
+    """(n, H, W, 3) uint8 frames of one toy video of class `cls` of `variant` (a key of TOY_VARIANTS); sizes
+    and motions scale with H, object sizes also with `scale`."""
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
     # No per-video fingerprint: instance discrimination would tell videos apart by it instead of by what
     # is in them. One mid-grey background for all; the object's colour is random but its brightness is
@@ -776,11 +798,11 @@ def _render(cls, n, H, W, g, scale=1.0):
     tint = torch.rand(3, generator=g)
     tint = tint - tint.mean()
     fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
-    name = TOY_CLASSES[cls]
+    name = TOY_VARIANTS[variant][cls]
     # the temporal classes move a flat bar, a shape no appearance class has, nor anything like one at 32 px: a
     # disk (or a square, which a 3-labeled teacher took for one) moving up would, at every instant, look like
     # a Disk-class frame, and a time-invariant representation would have to call it Disk
-    shape = name if name in TOY_CLASSES[:4] else "Bar"
+    shape = name if cls < 4 else "Bar"
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
@@ -788,6 +810,7 @@ def _render(cls, n, H, W, g, scale=1.0):
     # the bobbing period, 3-7 frames, not a whole number: clips a fixed number of frames apart do not see
     # the same pixels, so a high temporal similarity has to be earned by the encoders
     period = 3 + 4 * float(torch.rand((), generator=g))
+    side = 1 if float(torch.rand((), generator=g)) < 0.5 else -1  # "pulse" paths: the turn left or right
     # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
     # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
     background = (bg + sky).clamp(0, 1)  # (H, W, 3)
@@ -795,9 +818,30 @@ def _render(cls, n, H, W, g, scale=1.0):
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
         there = a / turn if a < turn else (1 - a) / (1 - turn)  # 0 -> 1 (first sub-action) -> 0 (second)
-        r, cx, cy = 0.2 * H * scale, cx0, cy0
-        wobble = 0.06 * H * math.sin(phase + 6.283 * t / period)
-        if name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
+        r, cx, cy, angle, seen = 0.2 * H * scale, cx0, cy0, 0.0, 1.0
+        cycle = math.sin(phase + 6.283 * t / period)
+        wobble = 0.06 * H * cycle
+        if variant != "bob" and cls >= 4:  # an action (even classes) or its time reversal (odd ones)
+            b = a if cls % 2 == 0 else 1 - a
+            leg = b / turn if b < turn else (b - turn) / (1 - turn)  # 0 -> 1 in each of the two parts
+            if variant == "pulse":  # up (or down) 0.5 H, then across 0.4 W
+                down = 1 if cls >= 6 else -1
+                cx = cx0 - side * 0.2 * W + (side * 0.4 * W * leg if b >= turn else 0)
+                cy = cy0 - down * 0.25 * H + (down * 0.5 * H * leg if b < turn else down * 0.5 * H)
+            elif b < turn:  # "blink": nothing yet, then the bar rises 0.5 H or grows 0.08 H -> 0.32 H
+                seen = 0.0
+            elif cls < 6:
+                cy = cy0 + H * (0.25 - 0.5 * leg)
+            else:
+                r = H * scale * (0.08 + 0.24 * leg)
+        elif variant == "pulse" and cls < 4:  # in place, the size pulsing by +- 25 %
+            r = r * (1 + 0.25 * cycle)
+        elif variant == "blink" and cls < 4:  # in place: disk and ring blink, cross and square rock
+            if cls < 2:
+                seen = 0.625 + 0.375 * cycle
+            else:
+                angle = 0.5 * cycle
+        elif name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
             cy = cy0 + H * (0.25 - 0.5 * there)
         elif name == "DownUp":
             cy = cy0 + H * (-0.25 + 0.5 * there)
@@ -809,6 +853,8 @@ def _render(cls, n, H, W, g, scale=1.0):
             cy = cy0 + wobble
             cx = cx0 + 0.5 * wobble
         dx, dy = xx - cx, yy - cy
+        if angle:  # the shape turned by `angle` radians about its centre
+            dx, dy = dx * math.cos(angle) + dy * math.sin(angle), dy * math.cos(angle) - dx * math.sin(angle)
         if shape == "Disk":
             mask = dx**2 + dy**2 < r**2
         elif shape == "Ring":
@@ -818,9 +864,10 @@ def _render(cls, n, H, W, g, scale=1.0):
         elif shape == "Bar":  # 2r wide, r/2 high
             mask = (dx.abs() < r) & (dy.abs() < 0.25 * r)
         else:  # a square with horizontal stripes 6 % of the frame high
-            mask = (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & ((yy // (0.06 * H)) % 2 == 0)
+            row = dy + cy if angle else yy  # the stripes turn with the square
+            mask = (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & (row // (0.06 * H) % 2 == 0)
         img = background.clone()
-        img[mask] = fg
+        img[mask] = fg if seen == 1.0 else background[mask] + seen * (fg - background[mask])
         frames.append((img * 255).round().to(torch.uint8))
     return torch.stack(frames)  # (n, H, W, 3)
 
@@ -912,16 +959,19 @@ def score_picture(rows, P=64, gap=4):
     return img
 
 
-def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, seed=0, object_scale=1.0):
+def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, seed=0, object_scale=1.0,
+             variant="bob"):
     """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout:
     root/<Class>/v_<Class>_gNN_c01.{avi,mp4}, root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate
     videos are MPEG-4 part 2 in AVI (no B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here
     changed from one process to the next under CPU load (measured: 111 of 160 files differed), the MPEG-4
-    encoder's never did, so a toy set written anew is byte-identical and the figures reproduce."""
+    encoder's never did, so a toy set written anew is byte-identical and the figures reproduce. Also
+    root/groups.txt: each class's kind, repetitive or ordered (`read_groups`)."""
     H, W = (size, size) if isinstance(size, int) else size
     os.makedirs(root, exist_ok=True)
     train, test = [], []
-    for c, name in enumerate(TOY_CLASSES):
+    classes = TOY_VARIANTS[variant]
+    for c, name in enumerate(classes):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for k in range(train_per_class + test_per_class):
             rel = f"{name}/v_{name}_g{k:02d}_c01.{'mp4' if k % 2 else 'avi'}"
@@ -930,16 +980,19 @@ def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, se
             # videos of two sets with the same seed are the same
             split, j = (0, k) if k < train_per_class else (1, k - train_per_class)
             g = torch.Generator().manual_seed(((seed * 64 + c) * 2 + split) * 100_000 + j)
-            write_video(os.path.join(root, rel), _render(c, frames, H, W, g, object_scale), codec="mpeg4")
+            video = _render(c, frames, H, W, g, object_scale, variant)
+            write_video(os.path.join(root, rel), video, codec="mpeg4")
             (train if k < train_per_class else test).append(rel)
     # what made it: a default toy folder of another version is written anew
     with open(os.path.join(root, "toy.json"), "w") as f:
         json.dump(dict(version=TOY_VERSION, train_per_class=train_per_class, test_per_class=test_per_class,
-                       frames=frames, size=size, seed=seed, object_scale=object_scale), f)
+                       frames=frames, size=size, seed=seed, object_scale=object_scale, variant=variant), f)
     with open(os.path.join(root, "classInd.txt"), "w") as f:
-        f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(TOY_CLASSES))
+        f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(classes))
+    with open(os.path.join(root, "groups.txt"), "w") as f:
+        f.writelines(f"{name} {'repetitive' if c < 4 else 'ordered'}\n" for c, name in enumerate(classes))
     with open(os.path.join(root, "trainlist01.txt"), "w") as f:
-        f.writelines(f"{rel} {TOY_CLASSES.index(rel.split('/')[0]) + 1}\n" for rel in train)
+        f.writelines(f"{rel} {classes.index(rel.split('/')[0]) + 1}\n" for rel in train)
     with open(os.path.join(root, "testlist01.txt"), "w") as f:
         f.writelines(f"{rel}\n" for rel in test)
 
@@ -969,10 +1022,12 @@ def main():
     t.add_argument("--size", type=_frame_size, default=80,
                    help="frame size in pixels: S (square) or HxW, e.g. 96x128")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--variant", choices=sorted(TOY_VARIANTS), default="bob",
+                   help="how the classes repeat and order their actions (docs/toy.md)")
     args = p.parse_args()
     make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed,
-             args.object_scale)
-    print(f"wrote {len(TOY_CLASSES)} classes to {args.dir}")
+             args.object_scale, args.variant)
+    print(f"wrote {len(TOY_VARIANTS[args.variant])} classes to {args.dir}")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,12 @@ def mix_counts(p_I, p_D, s, y):
     return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
             "sim_fixes": int((sim_right & ~fixed_right).sum()),
             "sim_breaks": int((~sim_right & fixed_right).sum())}
+
+
+def group_auc(s, positive):
+    """How well scores s (N,) put the videos of one group above the others (positive (N,) bool): the
+    probability that a positive video's s exceeds a negative one's, ties counting half (the area under the
+    ROC curve, Mann-Whitney U / (n+ n-)). 1: every positive above every negative; 0.5: no separation."""
+    above = (s[positive].view(-1, 1) > s[~positive].view(1, -1)).float()  # (n+, n-)
+    tied = (s[positive].view(-1, 1) == s[~positive].view(1, -1)).float()
+    return (above + 0.5 * tied).mean().item()

@@ -26,6 +26,7 @@ from models import BACKBONE, R3D, load_backbone
 DEFAULT_TOY = "data/toy"
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
+MIXES = ("similarity", "fixed", "invariant", "distinctive", "group", "class")  # of the teachers: --mix
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict", "ablation")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
 EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 25}
@@ -148,8 +149,9 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 
 def train_student(run, name, resume=False):
     """Per step a labeled and an unlabeled batch go through the student in one forward; the frozen teachers
-    give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (--mix fixed:
-    s = 0.5); loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on unlabeled."""
+    give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (or as --mix
+    says, `mix_weights`); loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on
+    unlabeled."""
     a = run.args
     epochs, lr, bs = hparams(a, "semisup")
     init = need(run, a.student_init, "ssl")
@@ -157,7 +159,7 @@ def train_student(run, name, resume=False):
     cache = scores(run)
     if run.rank == 0:
         draw_scores(run, cache)
-    s_video = cache["s"] if a.mix == "similarity" else dict.fromkeys(cache["s"], 0.5)
+    s_video = mix_weights(run, a.mix, cache["s"], teachers)
     unl_ds = run.dataset(run.unlabeled, "train")
     steps = len(unl_ds) // (bs * run.world)
     bs_l = min(bs, len(run.labeled) // run.world)
@@ -206,6 +208,36 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
     return {"CE": F.cross_entropy(logits[:n_l], y_l),
             "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
             "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
+
+
+def mix_weights(run, mix, s, teachers):
+    """Each training video's weight of the invariant teacher under --mix: its score s (similarity), 0.5
+    (fixed), or a headroom mix that knows what the score has to guess (docs/method.md "Headroom"): 1 or 0
+    for every video (one teacher alone); 1 for the classes ROOT/groups.txt calls repetitive, 0 for the
+    ordered ones (group); per class, 1 or 0 for the teacher that gives the labeled videos of the class the
+    higher mean probability of their class (class). Both oracles read each video's own label."""
+    if mix == "similarity":
+        return s
+    if mix in ("fixed", "invariant", "distinctive"):
+        return dict.fromkeys(s, {"fixed": 0.5, "invariant": 1.0, "distinctive": 0.0}[mix])
+    if mix == "group":
+        groups = data.read_groups(run.args.root, run.classes)
+        if groups is None or not set(groups) <= {"repetitive", "ordered"}:
+            path = os.path.join(run.args.root, "groups.txt")
+            raise StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName ordered' "
+                             "(the toy writes one)")
+        s_class = [float(g == "repetitive") for g in groups]
+    else:
+        y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
+        right = [clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), run.labeled)[0]  # (N_l, K) each
+                 .gather(1, y.view(-1, 1)).squeeze(1) for t in teachers]  # (N_l,): p of the right class
+        K = len(run.classes)
+        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p) for p in right)  # (K,) sums
+        s_class = ((p_I > p_D).float() + 0.5 * (p_I == p_D).float()).tolist()
+        chosen = [c for c, w in zip(run.classes, s_class) if w == 1]
+        run.log(f"--mix class: the invariant teacher for {', '.join(chosen) or 'no class'}, the distinctive "
+                "one for the others (a tie: both)")
+    return {p: s_class[label] for p, label in run.train}
 
 
 def scores(run):
@@ -477,10 +509,9 @@ def semisup(run):
     for k in ENCODERS:
         steps.append((f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
                       lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])))
-    name = "student" if run.args.mix == "similarity" else "student_fixed"
-    mix = "the per-video mix" if run.args.mix == "similarity" else "the fixed 0.5 mix"
-    steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from {mix} of "
-                  "both teachers", lambda resume: train_student(run, name, resume)))
+    name = "student" if run.args.mix == "similarity" else f"student_{run.args.mix}"
+    steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
+                  f"teachers, --mix {run.args.mix}", lambda resume: train_student(run, name, resume)))
     for i, step in enumerate(steps):
         reuse_or_train(run, f"step {i + 1}/{len(steps)}", *step)
     results = read_json(os.path.join(run.args.out, "results.json"))
@@ -529,7 +560,9 @@ def ablation(args):
             run = Run(sub, stage)
             reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
                            lambda resume, run=run, stage=stage: train_ssl(run, stage, resume))
-        for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
+        headroom = [m for m in MIXES[2:] if m != "group" or data.read_groups(args.root, run.classes)]
+        for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed"),
+                           *(("semisup", m) for m in headroom if args.headroom)):
             run.log(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""))
             run = run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
             runs += [run] if mix == "similarity" else []
@@ -539,16 +572,17 @@ def ablation(args):
         for k, v in read_json(os.path.join(out, "per_class.json")).items():
             per_class.setdefault(k, []).append(v)
     if run.rank == 0:
-        print_ablation(args, table, per_class, mixes, runs)
+        auc = print_ablation(args, table, per_class, mixes, runs)
         write_json(os.path.join(args.out, "ablation.json"),
-                   {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes})
+                   {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes, "auc": auc})
         print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
               f"{args.out}/ablation.json")
 
 
 def print_ablation(args, table, per_class, mixes, runs):
-    """Mean +- std over the seeds, the paired differences the method's claims rest on, per class the
-    teachers' accuracy and the score, and where a per-video mix can change a target at all (`mix_check`)."""
+    """Mean +- std over the seeds, the paired differences the method's claims rest on, the headroom of a mix,
+    per class the teachers' accuracy and the score, how well the score separates the groups (returned), and
+    where a per-video mix can change a target at all (`mix_check`)."""
     joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
     seeds = " ".join(map(str, args.seeds))
     print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
@@ -556,6 +590,10 @@ def print_ablation(args, table, per_class, mixes, runs):
                        ("distinctive teacher", "teacher_distinctive"),
                        ("student, fixed mix s = 0.5", "student_fixed"),
                        ("TimeBalance student (similarity mix)", "student"),
+                       ("student, invariant teacher only (s = 1)", "student_invariant"),
+                       ("student, distinctive teacher only (s = 0)", "student_distinctive"),
+                       ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
+                       ("student, class oracle (better teacher on the labeled videos)", "student_class"),
                        ("kNN, invariant encoder", "knn_invariant"),
                        ("kNN, distinctive encoder", "knn_distinctive")):
         v = table.get(key, [])
@@ -572,6 +610,16 @@ def print_ablation(args, table, per_class, mixes, runs):
         d = [x - y for x, y in zip(table["student"], table[other])]
         print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
               f"{'yes' if all(map(met, d)) else 'no'} |")
+    mean = {k: statistics.mean(v) for k, v in table.items() if len(v) == len(args.seeds)}
+    rows = [k for k in ("student_fixed", *(f"student_{m}" for m in MIXES[2:])) if k in mean]
+    if len(rows) > 1:  # the headroom: how far a mix could go, and how much of it the score takes
+        best = max(rows, key=mean.get)
+        gain, share = mean[best] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
+        decides = {"student_fixed": "no mix beats the fixed one", "student_group": "the kind of action",
+                   "student_class": "which teacher suits each class"}.get(best, "one teacher's quality")
+        print(f"\nHeadroom: the best student is {best} ({gain:+.1f} over the fixed mix on the mean: "
+              f"{decides} decides); the similarity mix takes {share:+.1f}"
+              + (f", {100 * share / gain:.0f} % of it." if gain > 0 else "."))
     print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
           "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
     cache = [scores(r) for r in runs]
@@ -583,12 +631,24 @@ def print_ablation(args, table, per_class, mixes, runs):
             lambda s, p: s["s"][p], lambda s, p: s["each"][p][0], lambda s, p: s["each"][p][1]))
         print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
               f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
+    groups = data.read_groups(args.root, runs[-1].classes)
+    auc = None
+    if groups and {"repetitive", "ordered"} <= set(groups):  # raw s, from C, C_I alone, C_D alone
+        auc = {k: statistics.mean(tb.group_auc(torch.tensor([f(c, p) for p, _ in r.train]),
+                                               torch.tensor([groups[y] == "repetitive" for _, y in r.train]))
+                                  for c, r in zip(cache, runs))
+               for k, f in (("C", lambda c, p: c["raw"][p]), ("C_I", lambda c, p: c["each"][p][0]),
+                            ("C_D", lambda c, p: c["each"][p][1]))}
+        print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
+              f"over the seeds; 1: every repetitive video above every ordered one): s {auc['C']:.2f}, from "
+              f"C_I alone {auc['C_I']:.2f}, from C_D alone {auc['C_D']:.2f}.")
     total = {k: sum(m[k] for m in mixes.values()) for k in next(iter(mixes.values()))}
     print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): "
           f"the teachers disagree with one of them right on {total['one_right']}; the fixed mix's target is "
           f"wrong there (the wrong teacher the more confident) on {total['fixable']}; the similarity mix's "
           f"target is right where the fixed one is wrong on {total['sim_fixes']} and wrong where it is right "
           f"on {total['sim_breaks']}.")
+    return auc
 
 
 def mix_check(run):
@@ -1054,7 +1114,11 @@ def get_args(argv=None):
     a("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
-    a("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: per-video s, or 0.5")
+    a("--mix", choices=MIXES, default="similarity",
+      help="teacher mix: per-video s, or 0.5; the headroom: 1 (invariant teacher only), 0 (distinctive "
+           "only), by the class's group in ROOT/groups.txt, by the teacher better on the labeled ones")
+    a("--headroom", action="store_true",
+      help="ablation: also the students of the mixes beyond fixed and similarity (docs/method.md)")
     a("--student-init", choices=["distinctive", "both"], default="distinctive",
       help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
            "paper's; semisup trains it first)")

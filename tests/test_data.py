@@ -396,6 +396,40 @@ def test_toy_classes_are_what_the_premise_needs():
             assert abs(spans[0] - spans[1]) < 0.15 * max(spans)
 
 
+@pytest.mark.parametrize("variant", ["pulse", "blink"])
+def test_toy_variants_repeat_in_place_and_order_by_time(variant, tmp_path):
+    """The other variants: each repetitive object stays in place all video long and changes in a cycle
+    (pulse: its area; blink: the disk and ring their brightness, the cross and square their angle); each
+    ordered class is its partner's video played backwards, frame for frame, so only the order tells the two
+    apart, and a blink video shows nothing for part of it. make_toy writes groups.txt, and read_groups
+    reads it back in class order."""
+    n, H = 48, 64
+    for c in range(4):
+        v = data._render(c, n, H, 80, torch.Generator().manual_seed(c), variant=variant)
+        area, row, _, _ = _object(v)
+        assert row.max() - row.min() < 0.05 * H  # in place (the bob variant moves 0.12 H)
+        if variant == "pulse":
+            assert (area.max() - area.min()) / area.mean() > 0.5
+        elif c < 2:  # blinking: as large all along, its colour other from frame to frame
+            inside = (v.int() - v[:, :, :1].int()).abs().sum(-1).flatten(1).max(1).values  # (n,)
+            assert (area.max() - area.min()) / area.mean() < 0.25 and inside.max() > 1.5 * inside.min()
+        else:  # rocking: the shape's pixels move, its area stays
+            assert (area.max() - area.min()) / area.mean() < 0.25 and not torch.equal(v[0], v[n // 4])
+    for c in (4, 6):
+        forward, backward = (data._render(k, n, H, 80, torch.Generator().manual_seed(c), variant=variant)
+                             for k in (c, c + 1))
+        assert torch.equal(forward.flip(0), backward) and not torch.equal(forward, backward)
+        empty = [not (f.int() - f[:, :1].int()).any() for f in forward]  # no object in the frame
+        assert (0.35 * n < sum(empty) < 0.65 * n) if variant == "blink" else not any(empty)
+    data.make_toy(str(tmp_path), train_per_class=1, test_per_class=0, frames=8, size=32, variant=variant)
+    classes = data.TOY_VARIANTS[variant]
+    assert data.read_groups(str(tmp_path), classes[::-1]) == ["ordered"] * 4 + ["repetitive"] * 4
+    (tmp_path / "groups.txt").write_text("Disk repetitive\n")
+    with pytest.raises(data.DataError, match="groups.txt: no group for class Ring"):
+        data.read_groups(str(tmp_path), classes)
+    assert data.read_groups(str(tmp_path / "Disk"), classes) is None
+
+
 def test_toy_videos_depend_on_seed_class_split_and_index_only(tmp_path):
     """A set written with more training videos holds the smaller set's training videos, byte for byte, and
     its test videos are new videos, not training videos of the other set (tuning sets and report sets share
@@ -444,7 +478,7 @@ def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp
     files = sorted(
         os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs
     )
-    assert len(files) == 8 * 7 + 4  # videos, classInd.txt, the two lists, toy.json
+    assert len(files) == 8 * 7 + 5  # videos, classInd.txt, the two lists, toy.json, groups.txt
     for rel in files:
         assert (again / rel).read_bytes() == open(os.path.join(toy_root, rel), "rb").read(), rel
     mp4 = next(os.path.join(toy_root, f) for f in files if f.endswith(".mp4"))

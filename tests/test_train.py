@@ -254,6 +254,40 @@ def test_student_init_both(chain, toy_root, tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_headroom_mixes(chain, toy_root, tmp_path):
+    """--mix invariant / distinctive: every video 1 / 0; group: 1 for the classes groups.txt calls
+    repetitive (the toy's first four), 0 for the ordered ones; class: per class the teacher whose clips of
+    the labeled videos give the right class the higher mean probability, checked one video at a time; with
+    two equal teachers, 0.5 everywhere. `semisup --mix group` trains student_group.pt."""
+    import train as train_py
+
+    out, _ = chain
+    names = ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
+    copy_run(out, tmp_path, names)
+    args = train_py.get_args(["--stage", "semisup", "--root", toy_root, "--out", str(tmp_path), *FAST])
+    run = train_py.Run(args)
+    s = {p: 0.3 for p, _ in run.train}
+    teachers = [train_py.teacher(run, k) for k in train_py.ENCODERS]
+    weights = {mix: train_py.mix_weights(run, mix, s, teachers) for mix in train_py.MIXES}
+    assert weights["similarity"] is s and set(weights["fixed"].values()) == {0.5}
+    assert set(weights["invariant"].values()) == {1.0} and set(weights["distinctive"].values()) == {0.0}
+    assert weights["group"] == {p: float(y < 4) for p, y in run.train}
+    ds = run.dataset(run.labeled, "test")
+    right = torch.zeros(2, len(run.classes))  # per teacher and class: summed p of the right class
+    for i, (_, y) in enumerate(run.labeled):
+        clips, params = ds[i][:2]  # (K, 3, T, S, S), (K, P)
+        x = data.finish(clips, params)
+        with torch.no_grad():
+            for j, t in enumerate(teachers):
+                right[j, y] += t(x).softmax(dim=-1).mean(dim=0)[y]
+    want = [1.0 if a > b else 0.0 for a, b in zip(*right.tolist())]
+    assert 0 < sum(want) < len(want)  # both teachers win somewhere: the check has two sides
+    assert weights["class"] == {p: want[y] for p, y in run.train}
+    assert set(train_py.mix_weights(run, "class", s, teachers[:1] * 2).values()) == {0.5}
+    train("--stage", "semisup", "--mix", "group", root=toy_root, out=tmp_path)
+    assert "student_group" in json.load(open(tmp_path / "results.json"))
+
+
 def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
     """--finetune-backbone-lr 0 leaves every learned backbone weight of the SSL encoder as it was (only the
     new classifier and the BatchNorm statistics move); the default (0.3) moves them."""
@@ -968,13 +1002,24 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
     # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out
     # (less the kNN rows, measured where an encoder is trained)
+    # (less the kNN rows, measured where an encoder is trained); --headroom adds the students of the other
+    # mixes, and the AUC of the score's split of the groups, counted here pair by pair
     reused = tmp_path / "reused"
     copy_run(tmp_path / "seed0", reused / "seed0", ["invariant.pt", "distinctive.pt"])
-    p = train("--stage", "ablation", "--seeds", "0", root=toy_root, out=reused)
+    p = train("--stage", "ablation", "--seeds", "0", "--headroom", root=toy_root, out=reused)
     first = json.load(open(tmp_path / "seed0" / "results.json"))
-    assert json.load(open(reused / "seed0" / "results.json")) == {
+    again = json.load(open(reused / "seed0" / "results.json"))
+    assert {k: v for k, v in again.items() if k in first} == {
         k: v for k, v in first.items() if not k.startswith("knn_")
     }
+    assert {"student_invariant", "student_distinctive", "student_group", "student_class"} <= set(again)
+    assert "| student, group oracle (s = 1 repetitive, 0 ordered) |" in p.stdout and "Headroom: " in p.stdout
+    raw = json.load(open(reused / "seed0" / "scores.json"))["raw"]
+    repetitive = {p: data.TOY_CLASSES.index(p.split("/")[0]) < 4 for p in raw}
+    rep, order = ([s for p, s in raw.items() if repetitive[p] == r] for r in (True, False))
+    auc = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in rep for b in order) / (len(rep) * len(order))
+    assert json.load(open(reused / "ablation.json"))["auc"]["C"] == pytest.approx(auc)
+    assert f"every repetitive video above every ordered one): s {auc:.2f}," in p.stdout
     path = reused / "seed0" / "invariant.pt"
     reused_line = f"=== seed 0: invariant (self-supervised encoder): reusing {path}"
     assert reused_line in p.stdout
