@@ -798,11 +798,28 @@ def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
     tint = torch.rand(3, generator=g)
     tint = tint - tint.mean()
     fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
-    name = TOY_VARIANTS[variant][cls]
     # the temporal classes move a flat bar, a shape no appearance class has, nor anything like one at 32 px: a
     # disk (or a square, which a 3-labeled teacher took for one) moving up would, at every instant, look like
     # a Disk-class frame, and a time-invariant representation would have to call it Disk
-    shape = name if cls < 4 else "Bar"
+    shape = TOY_VARIANTS[variant][cls] if cls < 4 else "Bar"
+    # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
+    # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
+    background = (bg + sky).clamp(0, 1)  # (H, W, 3)
+    frames = []
+    for cx, cy, r, angle, seen in _motion(cls, variant, n, H, W, scale, g):
+        dx, dy = xx - cx, yy - cy
+        if angle:  # the shape turned by `angle` radians about its centre
+            dx, dy = dx * math.cos(angle) + dy * math.sin(angle), dy * math.cos(angle) - dx * math.sin(angle)
+        mask = _shape_mask(shape, dx, dy, r, dy + cy if angle else yy, H)
+        img = background.clone()
+        img[mask] = fg if seen == 1.0 else background[mask] + seen * (fg - background[mask])
+        frames.append((img * 255).round().to(torch.uint8))
+    return torch.stack(frames)  # (n, H, W, 3)
+
+
+def _motion(cls, variant, n, H, W, scale, g):
+    """Per frame of a toy video the object's centre (cx, cy), size r, angle and visibility (0-1)."""
+    name = TOY_VARIANTS[variant][cls]
     cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
     cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
     phase = 6.283 * float(torch.rand((), generator=g))
@@ -811,16 +828,11 @@ def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
     # the same pixels, so a high temporal similarity has to be earned by the encoders
     period = 3 + 4 * float(torch.rand((), generator=g))
     side = 1 if float(torch.rand((), generator=g)) < 0.5 else -1  # "pulse" paths: the turn left or right
-    # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
-    # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
-    background = (bg + sky).clamp(0, 1)  # (H, W, 3)
-    frames = []
     for t in range(n):
         a = t / (n - 1)  # 0 -> 1 over the video
         there = a / turn if a < turn else (1 - a) / (1 - turn)  # 0 -> 1 (first sub-action) -> 0 (second)
         r, cx, cy, angle, seen = 0.2 * H * scale, cx0, cy0, 0.0, 1.0
         cycle = math.sin(phase + 6.283 * t / period)
-        wobble = 0.06 * H * cycle
         if variant != "bob" and cls >= 4:  # an action (even classes) or its time reversal (odd ones)
             b = a if cls % 2 == 0 else 1 - a
             leg = b / turn if b < turn else (b - turn) / (1 - turn)  # 0 -> 1 in each of the two parts
@@ -837,10 +849,7 @@ def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
         elif variant == "pulse" and cls < 4:  # in place, the size pulsing by +- 25 %
             r = r * (1 + 0.25 * cycle)
         elif variant == "blink" and cls < 4:  # in place: disk and ring blink, cross and square rock
-            if cls < 2:
-                seen = 0.625 + 0.375 * cycle
-            else:
-                angle = 0.5 * cycle
+            seen, angle = (0.625 + 0.375 * cycle, 0.0) if cls < 2 else (1.0, 0.5 * cycle)
         elif name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
             cy = cy0 + H * (0.25 - 0.5 * there)
         elif name == "DownUp":
@@ -850,26 +859,23 @@ def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
         elif name == "ShrinkGrow":
             r = H * scale * (0.32 - 0.24 * there)
         else:  # appearance classes bob in place (a repetitive action), the same over the whole video
-            cy = cy0 + wobble
-            cx = cx0 + 0.5 * wobble
-        dx, dy = xx - cx, yy - cy
-        if angle:  # the shape turned by `angle` radians about its centre
-            dx, dy = dx * math.cos(angle) + dy * math.sin(angle), dy * math.cos(angle) - dx * math.sin(angle)
-        if shape == "Disk":
-            mask = dx**2 + dy**2 < r**2
-        elif shape == "Ring":
-            mask = (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.55 * r) ** 2)
-        elif shape == "Cross":
-            mask = (torch.minimum(dx.abs(), dy.abs()) < 0.3 * r) & (torch.maximum(dx.abs(), dy.abs()) < r)
-        elif shape == "Bar":  # 2r wide, r/2 high
-            mask = (dx.abs() < r) & (dy.abs() < 0.25 * r)
-        else:  # a square with horizontal stripes 6 % of the frame high
-            row = dy + cy if angle else yy  # the stripes turn with the square
-            mask = (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & (row // (0.06 * H) % 2 == 0)
-        img = background.clone()
-        img[mask] = fg if seen == 1.0 else background[mask] + seen * (fg - background[mask])
-        frames.append((img * 255).round().to(torch.uint8))
-    return torch.stack(frames)  # (n, H, W, 3)
+            wobble = 0.06 * H * cycle
+            cy, cx = cy0 + wobble, cx0 + 0.5 * wobble
+        yield cx, cy, r, angle, seen
+
+
+def _shape_mask(shape, dx, dy, r, row, H):
+    """(H, W) bool: the pixels of `shape` of size r at offsets (dx, dy) from its centre; `row`: each pixel's
+    row in the shape's own frame (the stripes turn with the square)."""
+    if shape == "Disk":
+        return dx**2 + dy**2 < r**2
+    if shape == "Ring":
+        return (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.55 * r) ** 2)
+    if shape == "Cross":
+        return (torch.minimum(dx.abs(), dy.abs()) < 0.3 * r) & (torch.maximum(dx.abs(), dy.abs()) < r)
+    if shape == "Bar":  # 2r wide, r/2 high
+        return (dx.abs() < r) & (dy.abs() < 0.25 * r)
+    return (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & (row // (0.06 * H) % 2 == 0)  # stripes 6 % of H
 
 
 def toy_version(root):

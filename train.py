@@ -572,17 +572,17 @@ def ablation(args):
         for k, v in read_json(os.path.join(out, "per_class.json")).items():
             per_class.setdefault(k, []).append(v)
     if run.rank == 0:
-        auc = print_ablation(args, table, per_class, mixes, runs)
+        print_ablation(args, table)
+        auc = print_scores(args, per_class, mixes, runs)
         write_json(os.path.join(args.out, "ablation.json"),
                    {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes, "auc": auc})
         print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
               f"{args.out}/ablation.json")
 
 
-def print_ablation(args, table, per_class, mixes, runs):
-    """Mean +- std over the seeds, the paired differences the method's claims rest on, the headroom of a mix,
-    per class the teachers' accuracy and the score, how well the score separates the groups (returned), and
-    where a per-video mix can change a target at all (`mix_check`)."""
+def print_ablation(args, table):
+    """Mean +- std over the seeds, the paired differences the method's claims rest on, and the headroom: the
+    best student of any mix against the fixed mix, and what the similarity mix takes of it."""
     joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
     seeds = " ".join(map(str, args.seeds))
     print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
@@ -620,6 +620,12 @@ def print_ablation(args, table, per_class, mixes, runs):
         print(f"\nHeadroom: the best student is {best} ({gain:+.1f} over the fixed mix on the mean: "
               f"{decides} decides); the similarity mix takes {share:+.1f}"
               + (f", {100 * share / gain:.0f} % of it." if gain > 0 else "."))
+
+
+def print_scores(args, per_class, mixes, runs):
+    """Per class the teachers' accuracy and the score, how well the score separates the dataset's groups
+    (returned: AUC of s from C, from C_I alone and from C_D alone, mean over the seeds), and where a per-video
+    mix can change a target at all (`mix_check`)."""
     print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
           "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
     cache = [scores(r) for r in runs]
@@ -633,12 +639,13 @@ def print_ablation(args, table, per_class, mixes, runs):
               f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
     groups = data.read_groups(args.root, runs[-1].classes)
     auc = None
-    if groups and {"repetitive", "ordered"} <= set(groups):  # raw s, from C, C_I alone, C_D alone
-        auc = {k: statistics.mean(tb.group_auc(torch.tensor([f(c, p) for p, _ in r.train]),
-                                               torch.tensor([groups[y] == "repetitive" for _, y in r.train]))
-                                  for c, r in zip(cache, runs))
-               for k, f in (("C", lambda c, p: c["raw"][p]), ("C_I", lambda c, p: c["each"][p][0]),
-                            ("C_D", lambda c, p: c["each"][p][1]))}
+    if groups and {"repetitive", "ordered"} <= set(groups):
+        per_seed = []
+        for c, r in zip(cache, runs):
+            repetitive = torch.tensor([groups[y] == "repetitive" for _, y in r.train])  # (N,)
+            s = torch.tensor([[c["raw"][p], *c["each"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
+            per_seed.append([tb.group_auc(s[:, j], repetitive) for j in range(3)])
+        auc = dict(zip(("C", "C_I", "C_D"), map(statistics.mean, zip(*per_seed))))
         print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
               f"over the seeds; 1: every repetitive video above every ordered one): s {auc['C']:.2f}, from "
               f"C_I alone {auc['C_I']:.2f}, from C_D alone {auc['C_D']:.2f}.")
