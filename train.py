@@ -615,11 +615,14 @@ def print_ablation(args, table):
     if len(rows) > 1:  # the headroom: how far a mix could go, and how much of it the score takes
         best = max(rows, key=mean.get)
         gain, share = mean[best] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
-        decides = {"student_fixed": "no mix beats the fixed one", "student_group": "the kind of action",
-                   "student_class": "which teacher suits each class"}.get(best, "one teacher's quality")
-        print(f"\nHeadroom: the best student is {best} ({gain:+.1f} over the fixed mix on the mean: "
-              f"{decides} decides); the similarity mix takes {share:+.1f}"
-              + (f", {100 * share / gain:.0f} % of it." if gain > 0 else "."))
+        if gain > 0:
+            what = {"student_group": "the action's kind", "student_class": "the class"}
+            what = what.get(best, "one teacher")
+            print(f"\nHeadroom: the best student is {best}, {gain:+.1f} over the fixed mix on the mean "
+                  f"({what} decides); the similarity mix takes {share:+.1f} of it, "
+                  f"{100 * share / gain:.0f} %.")
+        else:
+            print(f"\nHeadroom: no mix beat the fixed one on the mean; the similarity mix: {share:+.1f}.")
 
 
 def print_scores(args, per_class, mixes, runs):
