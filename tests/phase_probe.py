@@ -47,13 +47,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for v in range(a.videos):
             path = os.path.join(tmp, f"{v}.avi")
-            frames = data._render(a.cls, 48, 80, 80, torch.Generator().manual_seed(1000 + v), 1.0, a.variant)
-            data.write_video(path, frames)
+            g = torch.Generator().manual_seed(1000 + v)
+            data.write_video(path, data._render(a.cls, 48, 80, 80, g, 1.0, a.variant))
             period, starts = period_of(1000 + v), range(30)
             # 8 frames 1.5 apart, as a score clip of a 48-frame video takes them
             clips = [data.center_crop(data.load_frames(path, [o + round(1.5 * i) for i in range(T)],
                                                        round(S * 8 / 7)), S) for o in starts]
-            x = data.finish(torch.stack(clips), torch.tensor([data.IDENTITY] * len(clips)))  # (30, 3, T, S, S)
+            x = data.finish(torch.stack(clips), torch.tensor([data.IDENTITY] * 30))  # (30, 3, T, S, S)
             with torch.no_grad():
                 for name, enc in encoders.items():
                     e = enc(x, out="ssl")[0]  # (30, D), unit vectors
@@ -64,9 +64,9 @@ def main():
         r = float(torch.corrcoef(torch.tensor(p).T)[0, 1])
         near = statistics.mean(c for d, c in p if d < 0.1)
         far = statistics.mean(c for d, c in p if d > 0.4)
-        print(f"{a.variant} class {data.TOY_VARIANTS[a.variant][a.cls]}, {name} encoder: correlation of phase "
-              f"apart and cosine {r:+.2f}; cosine in phase (< 0.1 cycle) {near:.3f}, half a cycle apart "
-              f"(> 0.4) {far:.3f}")
+        cls = data.TOY_VARIANTS[a.variant][a.cls]
+        print(f"{a.variant} class {cls}, {name} encoder: correlation of phase apart and cosine {r:+.2f}; "
+              f"cosine in phase (< 0.1 cycle) {near:.3f}, half a cycle apart (> 0.4) {far:.3f}")
 
 
 if __name__ == "__main__":

@@ -1002,6 +1002,7 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
         assert load(tmp_path / f"seed{seed}" / "invariant.pt")["args"]["seed"] == seed
         mix = table["mix"][str(seed)]
         assert mix["videos"] == 24 and mix["fixable"] <= mix["one_right"]
+    assert not {"student_invariant", "student_group"} & set(table["top1"])  # those come with --headroom
     d = [a - b for a, b in zip(table["top1"]["student"], table["top1"]["supervised"])]
     assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
     # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out
