@@ -1006,7 +1006,6 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     d = [a - b for a, b in zip(table["top1"]["student"], table["top1"]["supervised"])]
     assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
     # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out
-    # (less the kNN rows, measured where an encoder is trained)
     # (less the kNN rows, measured where an encoder is trained); --headroom adds the students of the other
     # mixes, and the AUC of the score's split of the groups, counted here pair by pair
     reused = tmp_path / "reused"
