@@ -737,21 +737,11 @@ class EpochSampler(torch.utils.data.Sampler):
         return ((self.epoch, i) for i in order.tolist())
 
 
-def _stack(tensors):
-    """torch.stack; inside a DataLoader worker into shared memory, as torch's default collate does: the
-    worker queue hands a batch in shared memory over as it is, and copies any other batch into it first."""
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        t = tensors[0]
-        storage = t.untyped_storage()._new_shared(len(tensors) * t.numel() * t.element_size())
-        out = t.new_empty(0).set_(storage).view(len(tensors), *t.shape)  # (n, *t.shape)
-    return torch.stack(tensors, out=out)
-
-
 def collate(batch):
-    clips, params, labels, index, bad = zip(*batch)
-    return (_stack(clips), _stack(params), torch.tensor(labels), torch.tensor(index),
-            [b for bs in bad for b in bs])
+    """torch's default_collate (in a DataLoader worker it stacks into shared memory, which the worker queue
+    hands over without a copy) of all but the unreadable videos' lists, which are joined."""
+    clips, params, labels, index = torch.utils.data.default_collate([item[:4] for item in batch])
+    return clips, params, labels, index, [b for item in batch for b in item[4]]
 
 
 class BadVideos(dict):
