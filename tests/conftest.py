@@ -2,9 +2,12 @@
 
 import os
 import sys
+import warnings
 
 import pytest
-import torch
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, as in train.py
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
