@@ -555,6 +555,12 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
         out=tmp_path / "single",
     )
     assert f"test top-1 {results['teacher_invariant']:.2f}% over 16 videos" in p.stdout
+    # the scores, each process computing half of the training videos', are those of a single process
+    copy_run(tmp_path / "seed0", tmp_path / "single", [f"{k}.pt" for k in (
+        "invariant", "distinctive", "teacher_invariant", "teacher_distinctive")])
+    train("--stage", "semisup", root=toy_root, out=tmp_path / "single")
+    two, one = (json.load(open(tmp_path / d / "scores.json"))["raw"] for d in ("seed0", "single"))
+    assert two.keys() == one.keys() and all(abs(two[k] - one[k]) < 1e-6 for k in one)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
