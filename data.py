@@ -1,5 +1,5 @@
-"""Clips from real video files, the clip samplers of TimeBalance, augmentations, split formats and
-a small generated toy action dataset. Runtime imports: standard library, torch, av.
+"""Clips from real video files, the clip samplers of TimeBalance, augmentations and split formats.
+Runtime imports: standard library, torch, av.
 
     load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
     *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
@@ -7,11 +7,7 @@ a small generated toy action dataset. Runtime imports: standard library, torch, 
                                        half here (crop, resize, flip), the float half by finish(x, params)
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
-    python data.py toy DIR             writes the toy action dataset in the UCF101 layout
 """
-import argparse
-import ctypes
-import json
 import math
 import os
 import random
@@ -177,7 +173,8 @@ def keep_decoded(paths, size, budget):
         if (path, size) in _KEPT:
             continue
         try:
-            n, frames = count_frames(path), _decode_whole(path, size)
+            n = count_frames(path)
+            frames = load_frames(path, range(n), size)  # (n, H, W, 3): the whole video
         except VideoError:
             continue  # unreadable: left to the dataset, which skips and counts it
         if used + frames.numel() > budget:
@@ -186,30 +183,6 @@ def keep_decoded(paths, size, budget):
         _KEPT[(path, size)] = n, frames
         used += frames.numel()
     return used
-
-
-def _decode_whole(path, size):
-    """Every frame of `path`, as `load_frames` gives them: (m, H, W, 3) uint8, frame k the one whose
-    timestamp says k, a gap filled by the frame before it."""
-    container, stream = _open_video(path)
-    out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
-    rate, tb, start = stream.average_rate or stream.guessed_rate, stream.time_base, stream.start_time or 0
-    got = {}
-    try:
-        for k, frame in enumerate(container.decode(stream)):
-            index = round((frame.pts - start) * tb * rate) if frame.pts is not None and rate and tb else k
-            if index not in got:
-                got[index] = _to_tensor(frame, out_hw).clone()
-    except AV_ERROR:
-        pass  # a truncated file: what could be decoded
-    finally:
-        container.close()
-    if not got:
-        raise VideoError(f"{path}: no frame could be decoded")
-    frames = []
-    for index in range(max(got) + 1):  # before the first decoded frame: that frame (as `load_frames`)
-        frames.append(got.get(index, frames[-1] if frames else got[min(got)]))
-    return torch.stack(frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,14 +377,14 @@ def _need(path, what):
     return path
 
 
-def _numbered_lines(path):
+def numbered_lines(path):
     """(line number, words) of each non-empty line; CRLF line ends are fine."""
     with open(_need(path, "split file")) as f:
         return [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _lines(path):
-    return [words for _, words in _numbered_lines(path)]
+    return [words for _, words in numbered_lines(path)]
 
 
 def _check_classes(root, classes):
@@ -434,7 +407,7 @@ def _class_index(path):
     """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index
     order."""
     names = {}
-    rows = _numbered_lines(path)
+    rows = numbered_lines(path)
     for n, words in rows:
         if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
             raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, "
@@ -506,7 +479,7 @@ def read_list(root, train_list, test_list, class_names=None):
 
 def _parse_list(path, num_classes=None):
     items = []
-    for n, words in _numbered_lines(path):
+    for n, words in numbered_lines(path):
         if len(words) != 2:
             raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
         items.append((words[0], _label(path, n, words[1], num_classes)))
@@ -594,26 +567,10 @@ def labeled_from_list(train, path, classes):
     return [it for it in train if it in listed], [it for it in train if it not in listed]
 
 
-def read_groups(root, classes):
-    """ROOT/groups.txt, lines 'ClassName group' (the toy writes one: repetitive or ordered), as each class's
-    group in class order; None without the file. What a group oracle needs to know of a dataset."""
-    path = os.path.join(root, "groups.txt")
-    if not os.path.exists(path):
-        return None
-    groups = {}
-    for n, words in _numbered_lines(path):
-        if len(words) != 2:
-            raise DataError(f"{path}:{n}: expected 'ClassName group', got {' '.join(words)!r}")
-        groups[words[0]] = words[1]
-    missing = [name for name in classes if name not in groups]
-    if missing:
-        raise DataError(f"{path}: no group for class {missing[0]}")
-    return [groups[name] for name in classes]
-
-
-def write_list(path, items):
+def write_lines(path, lines):
+    """A text file of `lines`, each ended by a newline: lists, class names, split files."""
     with open(path, "w") as f:
-        f.writelines(f"{p} {label}\n" for p, label in items)
+        f.writelines(f"{line}\n" for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,279 +709,3 @@ class BadVideos(dict):
             if i not in self:
                 print(f"warning: skipping unreadable video: {msg}", file=sys.stderr, flush=True)
             self[i] = msg
-
-
-# ----------------------------------------------------------------------------------------------
-# Toy action dataset, built on the paper's premise (docs/method.md "The idea"; docs/toy.md):
-#   appearance classes: a shape bobbing in place, the same cycle all video long (repetitive: every clip of
-#     a video looks alike, though not pixel for pixel: the period and phase are drawn per video, so the
-#     score's clips catch the cycle at different points, as in real repetitions); what tells them apart is
-#     the shape, which no time of the video lacks;
-#   temporal classes: two sub-actions in order, the second undoing the first (up then down, down then up,
-#     grow then shrink, shrink then grow), all with a flat bar. The two classes of a pair hold the same
-#     positions, sizes and directions of motion over the video: only their order tells them apart, and the
-#     clips of a video differ over time.
-# Never left/right: flips are augmentation. Two other variants repeat and order otherwise: "pulse" (the
-# shapes pulse in size; the bar takes a two-leg path, a pair being one path and its reverse) and "blink"
-# (two shapes blink, two rock; the bar appears then moves or grows, or the reverse: moves, then vanishes).
-
-TOY_VERSION = 3  # raised whenever what make_toy writes changes
-TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "UpDown", "DownUp", "GrowShrink", "ShrinkGrow"]
-TOY_VARIANTS = {"bob": TOY_CLASSES,  # the first four classes repeat, the last four are ordered
-                "pulse": TOY_CLASSES[:4] + ["UpAcross", "AcrossDown", "DownAcross", "AcrossUp"],
-                "blink": TOY_CLASSES[:4] + ["AppearRise", "FallVanish", "AppearGrow", "ShrinkVanish"]}
-
-
-def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
-    """(n, H, W, 3) uint8 frames of one toy video of class `cls` of `variant` (a key of TOY_VARIANTS); sizes
-    and motions scale with H, object sizes also with `scale`."""
-    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
-    # No per-video fingerprint: instance discrimination would tell videos apart by it instead of by what
-    # is in them. One mid-grey background for all; the object's colour is random but its brightness is
-    # always the background's - 0.3 (a random brightness survives colour jitter and greyscale).
-    bg = torch.full((3,), 0.5)
-    sky = (0.5 - yy / (H - 1)).unsqueeze(-1) * 0.4  # (H, W, 1): light above, dark below, in every video,
-    # so that where an object is shows in what surrounds it, even after spatial pooling
-    tint = torch.rand(3, generator=g)
-    tint = tint - tint.mean()
-    fg = 0.2 + 0.2 * tint / tint.abs().max()  # channels in [0, 0.4], mean 0.2 (background 0.5)
-    # the temporal classes move a flat bar, a shape no appearance class has, nor anything like one at 32 px: a
-    # disk (or a square, which a 3-labeled teacher took for one) moving up would, at every instant, look like
-    # a Disk-class frame, and a time-invariant representation would have to call it Disk
-    shape = TOY_VARIANTS[variant][cls] if cls < 4 else "Bar"
-    # no noise, static or per frame: a fixed texture lets instance discrimination fingerprint a video, and
-    # fresh noise in every frame lets L_D tell time slots apart by it instead of by what happens in them
-    background = (bg + sky).clamp(0, 1)  # (H, W, 3)
-    frames = []
-    for cx, cy, r, angle, seen in _motion(cls, variant, n, H, W, scale, g):
-        dx, dy = xx - cx, yy - cy
-        if angle:  # the shape turned by `angle` radians about its centre
-            dx, dy = dx * math.cos(angle) + dy * math.sin(angle), dy * math.cos(angle) - dx * math.sin(angle)
-        mask = _shape_mask(shape, dx, dy, r, dy + cy if angle else yy, H)
-        img = background.clone()
-        img[mask] = fg if seen == 1.0 else background[mask] + seen * (fg - background[mask])
-        frames.append((img * 255).round().to(torch.uint8))
-    return torch.stack(frames)  # (n, H, W, 3)
-
-
-def _motion(cls, variant, n, H, W, scale, g):
-    """Per frame of a toy video the object's centre (cx, cy), size r, angle and visibility (0-1)."""
-    name = TOY_VARIANTS[variant][cls]
-    cx0 = W * (0.35 + 0.3 * float(torch.rand((), generator=g)))
-    cy0 = H * (0.4 + 0.2 * float(torch.rand((), generator=g)))
-    phase = 6.283 * float(torch.rand((), generator=g))
-    turn = 0.4 + 0.2 * float(torch.rand((), generator=g))  # when the second sub-action starts (fraction)
-    # the bobbing period, 3-7 frames, not a whole number: clips a fixed number of frames apart do not see
-    # the same pixels, so a high temporal similarity has to be earned by the encoders
-    period = 3 + 4 * float(torch.rand((), generator=g))
-    side = 1 if float(torch.rand((), generator=g)) < 0.5 else -1  # "pulse" paths: the turn left or right
-    for t in range(n):
-        a = t / (n - 1)  # 0 -> 1 over the video
-        there = a / turn if a < turn else (1 - a) / (1 - turn)  # 0 -> 1 (first sub-action) -> 0 (second)
-        r, cx, cy, angle, seen = 0.2 * H * scale, cx0, cy0, 0.0, 1.0
-        cycle = math.sin(phase + 6.283 * t / period)
-        if variant != "bob" and cls >= 4:  # an action (even classes) or its time reversal (odd ones)
-            b = a if cls % 2 == 0 else 1 - a
-            leg = b / turn if b < turn else (b - turn) / (1 - turn)  # 0 -> 1 in each of the two parts
-            if variant == "pulse":  # up (or down) 0.5 H, then across 0.4 W
-                down = 1 if cls >= 6 else -1
-                cx = cx0 - side * 0.2 * W + (side * 0.4 * W * leg if b >= turn else 0)
-                cy = cy0 - down * 0.25 * H + (down * 0.5 * H * leg if b < turn else down * 0.5 * H)
-            elif b < turn:  # "blink": nothing yet, then the bar rises 0.5 H or grows 0.08 H -> 0.32 H
-                seen = 0.0
-            elif cls < 6:
-                cy = cy0 + H * (0.25 - 0.5 * leg)
-            else:
-                r = H * scale * (0.08 + 0.24 * leg)
-        elif variant == "pulse" and cls < 4:  # in place, the size pulsing by +- 25 %
-            r = r * (1 + 0.25 * cycle)
-        elif variant == "blink" and cls < 4:  # in place: disk and ring blink, cross and square rock
-            seen, angle = (0.625 + 0.375 * cycle, 0.0) if cls < 2 else (1.0, 0.5 * cycle)
-        elif name == "UpDown":  # rises 0.5 H, then falls back: positions cy0 +- 0.25 H, like DownUp's
-            cy = cy0 + H * (0.25 - 0.5 * there)
-        elif name == "DownUp":
-            cy = cy0 + H * (-0.25 + 0.5 * there)
-        elif name == "GrowShrink":  # radius 0.08 H -> 0.32 H -> 0.08 H, ShrinkGrow the other way
-            r = H * scale * (0.08 + 0.24 * there)
-        elif name == "ShrinkGrow":
-            r = H * scale * (0.32 - 0.24 * there)
-        else:  # appearance classes bob in place (a repetitive action), the same over the whole video
-            wobble = 0.06 * H * cycle
-            cy, cx = cy0 + wobble, cx0 + 0.5 * wobble
-        yield cx, cy, r, angle, seen
-
-
-def _shape_mask(shape, dx, dy, r, row, H):
-    """(H, W) bool: the pixels of `shape` of size r at offsets (dx, dy) from its centre; `row`: each pixel's
-    row in the shape's own frame (the stripes turn with the square)."""
-    if shape == "Disk":
-        return dx**2 + dy**2 < r**2
-    if shape == "Ring":
-        return (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.55 * r) ** 2)
-    if shape == "Cross":
-        return (torch.minimum(dx.abs(), dy.abs()) < 0.3 * r) & (torch.maximum(dx.abs(), dy.abs()) < r)
-    if shape == "Bar":  # 2r wide, r/2 high
-        return (dx.abs() < r) & (dy.abs() < 0.25 * r)
-    return (torch.maximum(dx.abs(), dy.abs()) < r * 0.9) & (row // (0.06 * H) % 2 == 0)  # stripes 6 % of H
-
-
-def toy_version(root):
-    """The version of the toy set in `root` (None: none there, damaged, or older than versions)."""
-    try:
-        with open(os.path.join(root, "toy.json")) as f:
-            return json.load(f).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def write_video(path, frames, fps=25, codec=None, gop=12):
-    """Encodes (n, H, W, 3) uint8 frames. .avi: MPEG-4 part 2 (UCF101's format); .mp4: H.264 (Kinetics-like)
-    or the `codec` given, with 2 B-frames, so that decode order differs from display order."""
-    codec = codec or ("libx264" if path.endswith(".mp4") else "mpeg4")
-    n, H, W, _ = frames.shape
-    with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.codec_context.gop_size = gop
-        options = {"bf": "2"} if path.endswith(".mp4") else {}
-        if codec == "libx264":
-            options.update(preset="veryfast", crf="20", threads="1")
-        else:
-            stream.codec_context.bit_rate = 2_000_000
-        stream.options = options
-        for f in frames:
-            for packet in stream.encode(_video_frame(f)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _video_frame(img):
-    """(H, W, 3) uint8 tensor -> av.VideoFrame, without NumPy (from_bytes takes RGBA)."""
-    H, W, _ = img.shape
-    rgba = torch.cat([img, torch.full((H, W, 1), 255, dtype=torch.uint8)], dim=-1).contiguous()  # (H, W, 4)
-    return av.VideoFrame.from_bytes(ctypes.string_at(rgba.data_ptr(), rgba.numel()), W, H, format="rgba")
-
-
-def write_png(path, img):
-    """(H, W, 3) uint8 tensor -> a lossless PNG file, with PyAV's png encoder (no imaging library)."""
-    H, W, _ = img.shape
-    with av.open(path, "w", format="image2", options={"update": "1"}) as container:
-        stream = container.add_stream("png", rate=1)
-        stream.width, stream.height, stream.pix_fmt = W, H, "rgb24"
-        for packet in list(stream.encode(_video_frame(img))) + list(stream.encode()):
-            container.mux(packet)
-
-
-def score_frames(path, T, P=64):
-    """The middle frame of each of the 4 score clips of a video of T-frame clips (`score_indices`), centre
-    cropped to P: (4, P, P, 3) uint8, grey where the video cannot be read."""
-    try:
-        middles = [clip[len(clip) // 2] for clip in score_indices(count_frames(path), T)]
-        return center_crop(load_frames(path, middles, P), P).permute(1, 2, 3, 0)  # (4, P, P, 3)
-    except VideoError:
-        return torch.full((4, P, P, 3), 128, dtype=torch.uint8)
-
-
-RAW_BAR, NORM_BAR = (70, 130, 255), (255, 150, 30)  # colours of the raw and normalised score bars
-
-
-def score_picture(rows, P=64, gap=4):
-    """The temporal similarity score, drawn without fonts: one row per video, rows = [(frames (4, P, P, 3)
-    uint8, C (4, 4), raw s, normalised s)]. Each row shows the middle frame of each of the 4 score clips,
-    then C as a 4x4 heat map in a black frame (grey level 255 * clamp(C_ij, 0, 1): white = the same,
-    black = orthogonal or opposite), then the raw s as a blue bar and the normalised s as an orange bar
-    (full height = 1).
-    Returns (H, W, 3) uint8. P must be a multiple of 4."""
-    bar = P // 5
-    W = gap + 5 * (P + gap) + 2 * (bar + gap)
-    img = torch.full((gap + len(rows) * (P + gap), W, 3), 255, dtype=torch.uint8)
-    for r, (frames, C, s_raw, s_norm) in enumerate(rows):
-        y = gap + r * (P + gap)
-        for k in range(4):
-            img[y : y + P, gap + k * (P + gap) : gap + k * (P + gap) + P] = frames[k]
-        x = gap + 4 * (P + gap)
-        img[y - 1 : y + P + 1, x - 1 : x + P + 1] = 0  # a black frame: a white matrix on the white page
-        cells = (torch.as_tensor(C).float().clamp(0, 1) * 255).round().to(torch.uint8)  # (4, 4)
-        img[y : y + P, x : x + P] = cells.repeat_interleave(P // 4, 0).repeat_interleave(P // 4, 1)[..., None]
-        for j, (s, colour) in enumerate(((s_raw, RAW_BAR), (s_norm, NORM_BAR))):
-            x = gap + 5 * (P + gap) + j * (bar + gap)
-            img[y : y + P, x : x + bar] = 40  # the bar's empty part
-            h = round(P * min(max(s, 0.0), 1.0))
-            img[y + P - h : y + P, x : x + bar] = torch.tensor(colour, dtype=torch.uint8)
-    return img
-
-
-def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, seed=0, object_scale=1.0,
-             variant="bob"):
-    """Writes the toy action dataset, frames `size` pixels square or (H, W), in the UCF101 layout:
-    root/<Class>/v_<Class>_gNN_c01.{avi,mp4}, root/classInd.txt, trainlist01.txt, testlist01.txt. Alternate
-    videos are MPEG-4 part 2 in AVI (no B-frames) and in MP4 (2 B-frames). Not H.264: x264's output here
-    changed from one process to the next under CPU load (measured: 111 of 160 files differed), the MPEG-4
-    encoder's never did, so a toy set written anew is byte-identical and the figures reproduce. Also
-    root/groups.txt: each class's kind, repetitive or ordered (`read_groups`)."""
-    H, W = (size, size) if isinstance(size, int) else size
-    os.makedirs(root, exist_ok=True)
-    train, test = [], []
-    classes = TOY_VARIANTS[variant]
-    for c, name in enumerate(classes):
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        for k in range(train_per_class + test_per_class):
-            rel = f"{name}/v_{name}_g{k:02d}_c01.{'mp4' if k % 2 else 'avi'}"
-            # each video draws from its own generator, keyed by (seed, class, split, index in the split): a
-            # test video is never a training video of a set written with other counts, and the training
-            # videos of two sets with the same seed are the same
-            split, j = (0, k) if k < train_per_class else (1, k - train_per_class)
-            g = torch.Generator().manual_seed(((seed * 64 + c) * 2 + split) * 100_000 + j)
-            video = _render(c, frames, H, W, g, object_scale, variant)
-            write_video(os.path.join(root, rel), video, codec="mpeg4")
-            (train if k < train_per_class else test).append(rel)
-    # what made it: a default toy folder of another version is written anew
-    with open(os.path.join(root, "toy.json"), "w") as f:
-        json.dump(dict(version=TOY_VERSION, train_per_class=train_per_class, test_per_class=test_per_class,
-                       frames=frames, size=size, seed=seed, object_scale=object_scale, variant=variant), f)
-    with open(os.path.join(root, "classInd.txt"), "w") as f:
-        f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(classes))
-    with open(os.path.join(root, "groups.txt"), "w") as f:
-        f.writelines(f"{name} {'repetitive' if c < 4 else 'ordered'}\n" for c, name in enumerate(classes))
-    with open(os.path.join(root, "trainlist01.txt"), "w") as f:
-        f.writelines(f"{rel} {classes.index(rel.split('/')[0]) + 1}\n" for rel in train)
-    with open(os.path.join(root, "testlist01.txt"), "w") as f:
-        f.writelines(f"{rel}\n" for rel in test)
-
-
-def _frame_size(text):
-    """--size: "80" -> 80, "96x128" -> (96, 128)."""
-    try:
-        size = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        size = ()
-    if len(size) not in (1, 2) or min(size) < 16:
-        raise argparse.ArgumentTypeError(f"expected S or HxW in pixels, each >= 16, got {text!r}")
-    return size[0] if len(size) == 1 else size
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("toy", help="write the toy action dataset (UCF101 layout)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("dir", type=str, help="output folder")
-    t.add_argument("--train-per-class", type=int, default=20, help="training videos per class")
-    t.add_argument("--test-per-class", type=int, default=25,
-                   help="test videos per class (25 x 8: one video is 0.5 points)")
-    t.add_argument("--object-scale", type=float, default=1.0, help="object sizes, times the default")
-    t.add_argument("--frames", type=int, default=48, help="frames per video (25 fps)")
-    t.add_argument("--size", type=_frame_size, default=80,
-                   help="frame size in pixels: S (square) or HxW, e.g. 96x128")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--variant", choices=sorted(TOY_VARIANTS), default="bob",
-                   help="how the classes repeat and order their actions (docs/toy.md)")
-    args = p.parse_args()
-    make_toy(args.dir, args.train_per_class, args.test_per_class, args.frames, args.size, args.seed,
-             args.object_scale, args.variant)
-    print(f"wrote {len(TOY_VARIANTS[args.variant])} classes to {args.dir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -164,28 +164,3 @@ def knn_top1(bank, bank_y, queries, query_y, num_classes, k=20, t=0.07):
     votes = torch.zeros(len(queries), num_classes, device=sim.device)  # (Q, K)
     votes.scatter_add_(1, bank_y[j], (top / t).exp())
     return 100 * (votes.argmax(dim=1) == query_y).float().mean().item()
-
-
-def mix_counts(p_I, p_D, s, y):
-    """Where a per-video teacher mix can change the student's target at all (docs/method.md). The argmax
-    of p_T = s p_I + (1 - s) p_D is wrong at s = 0.5 while one teacher is right only where the wrong
-    teacher is the more confident: those are the videos a per-video weight is for. p_I, p_D (N, K), s, y (N,).
-    Returns counts: videos; one_right (exactly one teacher right); fixable (that, and the s = 0.5 target
-    wrong); sim_fixes / sim_breaks (the target under s right where the s = 0.5 one is wrong / wrong where
-    it is right)."""
-    right_I, right_D = p_I.argmax(1) == y, p_D.argmax(1) == y
-    fixed_right = mix_teachers(p_I, p_D, torch.full_like(s, 0.5)).argmax(1) == y
-    sim_right = mix_teachers(p_I, p_D, s).argmax(1) == y
-    one = right_I ^ right_D
-    return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
-            "sim_fixes": int((sim_right & ~fixed_right).sum()),
-            "sim_breaks": int((~sim_right & fixed_right).sum())}
-
-
-def group_auc(s, positive):
-    """How well scores s (N,) put the videos of one group above the others (positive (N,) bool): the
-    probability that a positive video's s exceeds a negative one's, ties counting half (the area under the
-    ROC curve, Mann-Whitney U / (n+ n-)). 1: every positive above every negative; 0.5: no separation."""
-    above = (s[positive].view(-1, 1) > s[~positive].view(1, -1)).float()  # (n+, n-)
-    tied = (s[positive].view(-1, 1) == s[~positive].view(1, -1)).float()
-    return (above + 0.5 * tied).mean().item()

@@ -8,8 +8,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
-import statistics
 import sys
 import time
 import warnings
@@ -23,11 +21,10 @@ import data
 import tb
 from models import BACKBONE, R3D, load_backbone
 
-DEFAULT_TOY = "data/toy"
+DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
-MIXES = ("similarity", "fixed", "invariant", "distinctive", "group", "class")  # of the teachers: --mix
-STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict", "ablation")
+STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict")
 # Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
 EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 25}
 LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3,
@@ -147,19 +144,17 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 # The student (docs/method.md "Student") and the temporal similarity scores
 
 
-def train_student(run, name, resume=False):
+def train_student(run, name, resume=False, s_video=None):
     """Per step a labeled and an unlabeled batch go through the student in one forward; the frozen teachers
-    give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (or as --mix
-    says, `mix_weights`); loss = CE(student, y) + w_l MSE(p_S, p_T) on labeled + w_u MSE(p_S, p_T) on
-    unlabeled."""
+    give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (--mix fixed:
+    0.5; `s_video` {path: s}: given for every training video); loss = CE(student, y) + w_l MSE(p_S, p_T) on
+    labeled + w_u MSE(p_S, p_T) on unlabeled."""
     a = run.args
     epochs, lr, bs = hparams(a, "semisup")
     init = need(run, a.student_init, "ssl")
     teachers = [teacher(run, k) for k in ENCODERS]
-    cache = scores(run)
-    if run.rank == 0:
-        draw_scores(run, cache)
-    s_video = mix_weights(run, a.mix, cache["s"], teachers)
+    if s_video is None:
+        s_video = scores(run)["s"] if a.mix == "similarity" else {p: 0.5 for p, _ in run.train}
     unl_ds = run.dataset(run.unlabeled, "train")
     steps = len(unl_ds) // (bs * run.world)
     bs_l = min(bs, len(run.labeled) // run.world)
@@ -210,49 +205,14 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
             "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
 
 
-def mix_weights(run, mix, s, teachers):
-    """Each training video's weight of the invariant teacher under --mix: its score s (similarity), 0.5
-    (fixed), or a headroom mix that knows what the score has to guess (docs/method.md "Headroom"): 1 or 0
-    for every video (one teacher alone); 1 for the classes ROOT/groups.txt calls repetitive, 0 for the
-    ordered ones (group); per class, 1 or 0 for the teacher that gives the labeled videos of the class the
-    higher mean probability of their class (class). Both oracles read each video's own label."""
-    if mix == "similarity":
-        return s
-    if mix in ("fixed", "invariant", "distinctive"):
-        return dict.fromkeys(s, {"fixed": 0.5, "invariant": 1.0, "distinctive": 0.0}[mix])
-    if mix == "group":
-        groups = data.read_groups(run.args.root, run.classes)
-        if groups is None or not set(groups) <= {"repetitive", "ordered"}:
-            path = os.path.join(run.args.root, "groups.txt")
-            raise StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName ordered' "
-                             "(the toy writes one)")
-        s_class = [float(g == "repetitive") for g in groups]
-    else:
-        y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
-        right = [clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), run.labeled)[0]  # (N_l, K) each
-                 .gather(1, y.view(-1, 1)).squeeze(1) for t in teachers]  # (N_l,): p of the right class
-        K = len(run.classes)
-        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p) for p in right)  # (K,) sums
-        s_class = ((p_I > p_D).float() + 0.5 * (p_I == p_D).float()).tolist()
-        chosen = [c for c, w in zip(run.classes, s_class) if w == 1]
-        run.log(f"--mix class: the invariant teacher for {', '.join(chosen) or 'no class'}, the distinctive "
-                "one for the others (a tie: both)")
-    return {p: s_class[label] for p, label in run.train}
-
-
 def scores(run):
     """The temporal similarity score of every training video (docs/method.md "Temporal similarity score"),
     cached in OUT/scores.json with the times of the encoders it came from. Returns {"raw": {path: s},
     "C": {path: 4x4}, "each": {path: [s of C_I alone, s of C_D alone]}, "s": {path: s normalised over the
     training videos (--score-norm)}}."""
-    path = os.path.join(run.args.out, "scores.json")
-    ckpts = [need(run, k, "ssl") for k in ENCODERS]
+    ckpts = encoders(run)
     source = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}
-    try:
-        cache = read_json(path)
-    except ValueError as e:  # a cache: recomputed, never fatal
-        run.log(f"warning: {e}: recomputing the scores", file=sys.stderr)
-        cache = {}
+    cache = read_json(os.path.join(run.args.out, "scores.json"))
     raw, C, each = (cache.get(k) for k in ("raw", "C", "each"))
     if not (cache.get("source") == source and all(isinstance(d, dict) for d in (raw, C, each))
             and all(isinstance(raw.get(p), float) and p in C and p in each for p, _ in run.train)):
@@ -265,9 +225,9 @@ def scores(run):
 @torch.no_grad()
 def compute_scores(run, ckpts, source):
     """s of each training video from 4 consecutive clips embedded by both SSL encoders' projection heads."""
-    with torch.random.fork_rng():  # building the encoders must not move the global RNG: the student's
-        encoders = [load_into(run.model(proj_dim=128), ckpt, run.path(name)).eval()  # init would then
-                    for ckpt, name in zip(ckpts, ENCODERS)]  # depend on whether the scores were cached
+    with torch.random.fork_rng(devices=[run.device] if run.cuda else []):  # building the encoders must not move the global RNG: the student's
+        f_I, f_D = (load_into(run.model(proj_dim=128), ckpts[k], run.path(k)).eval()  # init would then
+                    for k in ENCODERS)  # depend on whether the scores were cached
     ds = run.dataset(run.train[run.rank :: run.world], "score")
     rows, bad = [], data.BadVideos()
     # float32 on every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would
@@ -275,7 +235,7 @@ def compute_scores(run, ckpts, source):
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
             bad.add(failed)
-            e_I, e_D = (enc(x, out="ssl")[0].view(len(idx), 4, -1) for enc in encoders)  # (B, 4, D)
+            e_I, e_D = (f(x, out="ssl")[0].view(len(idx), 4, -1) for f in (f_I, f_D))  # (B, 4, D)
             C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
             s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
             s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
@@ -301,21 +261,6 @@ def compute_scores(run, ckpts, source):
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if bad else ""))
     return cache
-
-
-def draw_scores(run, cache, P=64):
-    """OUT/scores.png (`data.score_picture`): per class its median-score training video, the middle frames
-    of its 4 score clips, C, raw and normalised s."""
-    rows = []
-    for c in range(len(run.classes)):
-        videos = sorted((cache["raw"][p], p) for p, y in run.train if y == c)
-        if videos:
-            p = videos[len(videos) // 2][1]
-            rows.append((data.score_frames(os.path.join(run.args.root, p), run.args.frames, P), cache["C"][p],
-                         cache["raw"][p], cache["s"][p]))
-    data.write_png(os.path.join(run.args.out, "scores.png"), data.score_picture(rows, P))
-    run.log(f"wrote {os.path.join(run.args.out, 'scores.png')}: per class, the median-score video's 4 score "
-            "clips, C, raw and normalised s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,10 +330,7 @@ def lr_at(step, total, base, warmup):
 def read_means(run, sums, steps, where):
     """The loss sums read from the device at once, all-reduced over the processes first (so that every
     process stops together), as means over `steps`; a non-finite one stops the run naming `where`."""
-    values = torch.stack(list(sums.values()))  # (terms,)
-    if run.world > 1:
-        dist.all_reduce(values)
-        values = values / run.world
+    values = all_sum(run, torch.stack(list(sums.values())))[0] / run.world  # (terms,)
     means = {k: v / steps for k, v in zip(sums, values.tolist())}
     for k, v in means.items():
         if not math.isfinite(v):
@@ -412,7 +354,7 @@ def hparams(args, stage):
 def clip_average(run, fn, items):
     """fn of each video's --test-clips clips (centre crop), averaged over its clips: (N, ...) on the device
     in item order, and {index: message} of the videos that could not be read. fn: (B*n, 3, T, S, S) ->
-    (B*n, ...). Evaluation, the kNN check, the mix counts and predict all see a video this way."""
+    (B*n, ...). Evaluation, the kNN check and predict all see a video this way."""
     out, bad = [], data.BadVideos()
     for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "test"), 4, shuffle=False), 0):
         bad.add(failed)
@@ -420,6 +362,19 @@ def clip_average(run, fn, items):
             v = fn(x).float()  # (B*n, ...)
         out.append(v.view(len(idx), -1, *v.shape[1:]).mean(dim=1))  # (B, ...)
     return torch.cat(out), bad
+
+
+def probabilities(run, model, items):
+    """Each video's class probabilities, the softmax of its clips averaged: (N, K), and the unreadable."""
+    return clip_average(run, lambda x: model(x).softmax(dim=-1), items)
+
+
+def all_sum(run, *tensors):
+    """Each process's tensors summed over the processes, in place (a process takes every world-th item)."""
+    if run.world > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors
 
 
 @torch.no_grad()
@@ -431,16 +386,14 @@ def evaluate(run, model, name):
         for b in model.buffers():  # last step they differ by one update: evaluate with rank 0's (saved)
             dist.broadcast(b, 0)
     items, K = run.test[run.rank :: run.world], len(run.classes)
-    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), items)  # (N, K)
+    p, bad = probabilities(run, model, items)  # (N, K)
     y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
     hit = (p.argmax(dim=1) == y).float() * torch.tensor([float(i not in bad) for i in range(len(items))],
                                                          device=run.device)  # (N,)
     correct = torch.zeros(K, device=run.device).index_add_(0, y, hit)  # (K,)
     total = torch.zeros(K, device=run.device).index_add_(0, y, torch.ones_like(hit))  # (K,)
     n_bad = torch.tensor(float(len(bad)), device=run.device)
-    if run.world > 1:
-        for t in (correct, total, n_bad):
-            dist.all_reduce(t)
+    all_sum(run, correct, total, n_bad)
     top1 = 100 * correct.sum().item() / total.sum().item()
     record(run, name, top1, dict(zip(run.classes, (100 * correct / total.clamp(min=1)).tolist())))
     unreadable = f" ({int(n_bad)} unreadable, counted wrong)" if n_bad else ""
@@ -474,7 +427,7 @@ def record(run, name, top1, per_class=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands: a stage, semisup's steps, predict, the seed ablation (and --demo)
+# Commands: a stage, semisup's steps, predict
 
 
 def run_stage(args, stage):
@@ -485,23 +438,21 @@ def run_stage(args, stage):
     if stage in SSL_STAGES:
         train_ssl(run, stage, args.resume)
     elif stage == "finetune":
-        inits = {k: need(run, k, "ssl") for k in ENCODERS}  # both present before any work
-        for k, init in inits.items():
+        for k, init in encoders(run).items():  # both present before any work
             train_classifier(run, f"teacher_{k}", args.resume, init=init)
     elif stage == "supervised":
         train_classifier(run, "supervised", args.resume)
     elif stage == "semisup":
         semisup(run)
     elif stage == "eval":  # recorded as eval_<name>: a training stage's own figure stays
-        model = load_into(run.model(num_classes=len(run.classes), dropout=0.5), ckpt, args.ckpt)
-        evaluate(run, model, "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
+        evaluate(run, run.classifier(ckpt, args.ckpt), "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
     return run
 
 
 def semisup(run):
     """`--stage semisup`: the method downstream of the two self-supervised encoders, each step not done yet,
     in order (with --student-init both, first the student's initial encoder); then the table of figures."""
-    inits = {k: need(run, k, "ssl") for k in ENCODERS}  # both present before any work
+    inits = encoders(run)  # both present before any work
     steps = []  # (name, checkpoint kind, what it is, train(resume))
     if run.args.student_init == "both":
         steps.append(("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
@@ -509,7 +460,7 @@ def semisup(run):
     for k in ENCODERS:
         steps.append((f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
                       lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])))
-    name = "student" if run.args.mix == "similarity" else f"student_{run.args.mix}"
+    name = "student" if run.args.mix == "similarity" else "student_fixed"
     steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
                   f"teachers, --mix {run.args.mix}", lambda resume: train_student(run, name, resume)))
     for i, step in enumerate(steps):
@@ -536,8 +487,8 @@ def predict(args):
     and the others are still answered (exit 1 if any was)."""
     ckpt = load_checkpoint(args.ckpt, "classifier")
     run = Run(argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""}), "predict")
-    model = load_into(run.model(num_classes=len(ckpt["classes"]), dropout=0.5), ckpt, args.ckpt).eval()
-    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), [(v, -1) for v in args.videos])  # (N, K)
+    model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
+    p, bad = probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)
     for i, video in enumerate(args.videos):
         top = p[i].topk(min(5, p.shape[1]))
         named = ", ".join(f"{ckpt['classes'][c]} {100 * v:.1f}%"
@@ -547,146 +498,16 @@ def predict(args):
         sys.exit(1)
 
 
-def ablation(args):
-    """`--demo` on the toy set, `--stage ablation` on any: for each of --seeds, in OUT/seed<seed>, the whole
-    method with that seed (its own encoders, labeled split, initialisations and augmentation), the supervised
-    baseline and the fixed-mix student; then the tables of `print_ablation`, also in OUT/ablation.json."""
-    t0 = time.time()
-    table, per_class, mixes, runs = {}, {}, {}, []
-    for seed in args.seeds:
-        out = os.path.join(args.out, f"seed{seed}")
-        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": subset_seed(args)})
-        for stage in ENCODERS:
-            run = Run(sub, stage)
-            reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
-                           lambda resume, run=run, stage=stage: train_ssl(run, stage, resume))
-        headroom = []  # --headroom: the other mixes, the group oracle where the dataset declares its groups
-        if args.headroom:
-            headroom = [m for m in MIXES[2:] if m != "group" or data.read_groups(args.root, run.classes)]
-        for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed"),
-                           *(("semisup", m) for m in headroom)):
-            run.log(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""))
-            run = run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
-            runs += [run] if mix == "similarity" else []
-        mixes[seed] = mix_check(runs[-1])
-        for k, v in read_json(os.path.join(out, "results.json")).items():
-            table.setdefault(k, []).append(v)
-        for k, v in read_json(os.path.join(out, "per_class.json")).items():
-            per_class.setdefault(k, []).append(v)
-    if run.rank == 0:
-        print_ablation(args, table)
-        auc = print_scores(args, per_class, mixes, runs)
-        write_json(os.path.join(args.out, "ablation.json"),
-                   {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes, "auc": auc})
-        print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
-              f"{args.out}/ablation.json")
-
-
-def print_ablation(args, table):
-    """Mean +- std over the seeds, the paired differences the method's claims rest on, and the headroom: the
-    best student of any mix against the fixed mix, and what the similarity mix takes of it."""
-    joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
-    seeds = " ".join(map(str, args.seeds))
-    print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
-    for label, key in (("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
-                       ("distinctive teacher", "teacher_distinctive"),
-                       ("student, fixed mix s = 0.5", "student_fixed"),
-                       ("TimeBalance student (similarity mix)", "student"),
-                       ("student, invariant teacher only (s = 1)", "student_invariant"),
-                       ("student, distinctive teacher only (s = 0)", "student_distinctive"),
-                       ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
-                       ("student, class oracle (better teacher on the labeled videos)", "student_class"),
-                       ("kNN, invariant encoder", "knn_invariant"),
-                       ("kNN, distinctive encoder", "knn_distinctive")):
-        v = table.get(key, [])
-        if len(v) == len(args.seeds):  # kNN is measured where an encoder is trained, not where one is reused
-            mean, std = statistics.mean(v), statistics.pstdev(v)
-            print(f"| {label} | {mean:.1f} +- {std:.1f} | {joined(v, '{:.1f}')} |")
-    print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n"
-          "|---|---|---|---|---|")
-    claims = (("student - supervised-only", "supervised", ">= +15", lambda d: d >= 15),
-              ("student - invariant teacher", "teacher_invariant", "> 0", lambda d: d > 0),
-              ("student - distinctive teacher", "teacher_distinctive", "> 0", lambda d: d > 0),
-              ("similarity mix - fixed mix", "student_fixed", ">= 0", lambda d: d >= 0))
-    for label, other, goal, met in claims:
-        d = [x - y for x, y in zip(table["student"], table[other])]
-        print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
-              f"{'yes' if all(map(met, d)) else 'no'} |")
-    mean = {k: statistics.mean(v) for k, v in table.items() if len(v) == len(args.seeds)}
-    rows = [k for k in ("student_fixed", *(f"student_{m}" for m in MIXES[2:])) if k in mean]
-    if len(rows) > 1:  # the headroom: how far a mix could go, and how much of it the score takes
-        best = max(rows, key=mean.get)
-        gain, share = mean[best] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
-        if gain > 0:
-            deciders = {"student_group": "the action's kind", "student_class": "the class"}
-            print(f"\nHeadroom: the best student is {best}, {gain:+.1f} over the fixed mix on the mean "
-                  f"({deciders.get(best, 'one teacher')} decides); the similarity mix takes {share:+.1f} of "
-                  f"it, {100 * share / gain:.0f} %.")
-        else:
-            print(f"\nHeadroom: no mix beat the fixed one on the mean; the similarity mix: {share:+.1f}.")
-
-
-def print_scores(args, per_class, mixes, runs):
-    """Per class the teachers' accuracy and the score, how well the score separates the dataset's groups
-    (returned: AUC of s from C, from C_I alone and from C_D alone, mean over the seeds), and where a per-video
-    mix can change a target at all (`mix_check`)."""
-    print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
-          "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
-    cache = [scores(r) for r in runs]
-    for c, name in enumerate(runs[-1].classes):
-        acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in ENCODERS]
-        videos = [(cache[j], p) for j, r in enumerate(runs) for p, y in r.train if y == c]
-        r = [s["raw"][p] for s, p in videos]
-        norm, s_I, s_D = (statistics.mean(f(s, p) for s, p in videos) for f in (
-            lambda s, p: s["s"][p], lambda s, p: s["each"][p][0], lambda s, p: s["each"][p][1]))
-        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
-              f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
-    groups = data.read_groups(args.root, runs[-1].classes)
-    auc = None
-    if groups and {"repetitive", "ordered"} <= set(groups):
-        per_seed = []
-        for c, r in zip(cache, runs):
-            repetitive = torch.tensor([groups[y] == "repetitive" for _, y in r.train])  # (N,)
-            s = torch.tensor([[c["raw"][p], *c["each"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
-            per_seed.append([tb.group_auc(s[:, j], repetitive) for j in range(3)])
-        auc = dict(zip(("C", "C_I", "C_D"), map(statistics.mean, zip(*per_seed))))
-        print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
-              f"over the seeds; 1: every repetitive video above every ordered one): s {auc['C']:.2f}, from "
-              f"C_I alone {auc['C_I']:.2f}, from C_D alone {auc['C_D']:.2f}.")
-    total = {k: sum(m[k] for m in mixes.values()) for k in next(iter(mixes.values()))}
-    print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): "
-          f"the teachers disagree with one of them right on {total['one_right']}; the fixed mix's target is "
-          f"wrong there (the wrong teacher the more confident) on {total['fixable']}; the similarity mix's "
-          f"target is right where the fixed one is wrong on {total['sim_fixes']} and wrong where it is right "
-          f"on {total['sim_breaks']}.")
-    return auc
-
-
-def mix_check(run):
-    """`tb.mix_counts` on the unlabeled training videos of a finished run, summed over the processes (each
-    takes every world-th video): each teacher's prediction as in evaluation, each video's score."""
-    items = run.unlabeled[run.rank :: run.world]
-    p_I, p_D = (clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), items)[0]
-                for t in (teacher(run, k) for k in ENCODERS))  # (N, K) each
-    s_video = scores(run)["s"]
-    s = torch.tensor([s_video[p] for p, _ in items], device=run.device)  # (N,)
-    counts = tb.mix_counts(p_I, p_D, s, torch.tensor([y for _, y in items], device=run.device))
-    if run.world > 1:
-        summed = torch.tensor(list(counts.values()), device=run.device)
-        dist.all_reduce(summed)
-        counts = dict(zip(counts, summed.tolist()))
-    return counts
-
-
 def main(argv=None):
     args = get_args(argv)
+    command(lambda: predict(args) if args.stage == "predict" else run_stage(args, args.stage))
+
+
+def command(fn):
+    """fn() as a command (train.py's, a tool's): a bad input ends it with one line and exit code 2, and the
+    process group is ended however it ends."""
     try:
-        if args.stage == "ablation":
-            ablation(args)
-        elif args.stage == "predict":
-            predict(args)
-        else:
-            run_stage(args, args.stage)
+        return fn()
     except (data.DataError, StageError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -705,34 +526,21 @@ class Run:
 
     def __init__(self, args, stage=None):
         self.args, self.stage = args, stage or args.stage
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.device = pick_device(args.device, self.world)
-        self.cuda = cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(self.device)  # where the pin-memory thread and bare "cuda" tensors go
-            torch.backends.cudnn.benchmark = True  # every training shape is fixed: each conv's fastest kernel
-        if self.world > 1 and not dist.is_initialized():  # NCCL for CUDA tensors, gloo for Python objects
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-        self.amp = cuda and not args.no_amp
-        self.stream = torch.cuda.Stream(self.device) if cuda else None  # copies to the GPU, beside the steps
+        self.world, self.rank, self.device = start_processes(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda and not args.no_amp
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart
         if self.stage == "predict":  # no dataset: the videos are named on the command line
             return
-        os.makedirs(args.out, exist_ok=True)
-        # the toy set is written where it is missing or of another version, into data/toy or with --demo
-        # into --root: every process takes this branch or none, and rank 0 alone looks and writes
-        if args.dataset == "toy" and (args.demo or args.root == DEFAULT_TOY):
-            if self.rank == 0 and data.toy_version(args.root) != data.TOY_VERSION:
-                print(f"generating the toy dataset in {args.root}", flush=True)
-                data.make_toy(args.root)
-            self.barrier()
+        if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
+            raise data.DataError(f"no toy set in {args.root}: write it with python tools/toy.py {args.root}")
         self.train, self.test, self.classes = read_splits(args)
         subset = args.classes is not None or args.per_class or args.test_per_class
         if subset:
             self.train, self.test, self.classes = data.take_subset(
                 self.train, self.test, self.classes, args.classes, args.per_class, args.test_per_class,
                 subset_seed(args))
-        taken = self.train, self.test
+        lists = {"train": self.train, "test": self.test} if subset else {}  # a list dataset that repeats it
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             self.train, self.test = data.hold_out(self.train, self.classes, args.holdout)
         if args.labeled_list:
@@ -740,26 +548,27 @@ class Run:
         else:
             self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed,
                                                               self.classes)
-        # OUT/run.json: the flags that define the stages run here; a stage with other values stops
-        path = os.path.join(args.out, "run.json")
+        if self.stage in LABELED_STAGES:
+            lists.update(labeled=self.labeled, unlabeled=self.unlabeled)
+        self.open_folder(lists, subset)
+
+    def open_folder(self, lists, subset):
+        """OUT/run.json: the flags that define the stages run here; a stage with other values stops. Its
+        summaries are read once before any work (a damaged one stops the stage); the lists are written."""
+        a = self.args
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, "run.json")
+        recorded = read_json(path)
         kind = "ssl" if self.stage in SSL_STAGES else "labeled" if self.stage in LABELED_STAGES else "data"
-        try:
-            recorded = read_json(path)
-        except ValueError as e:
-            raise StageError(f"{e}: remove it, or use another --out") from None
-        current = check_flags(recorded, args, kind, f"{path} by this run's earlier stages")  # every rank
+        current = check_flags(recorded, a, kind, f"{path} by this run's earlier stages")  # every rank
+        for summary in ("results.json", "per_class.json", "scores.json"):
+            read_json(os.path.join(a.out, summary))
         if self.rank == 0:
             write_json(path, {**recorded, **current})
-            for summary in ("results.json", "per_class.json"):  # before any training, not when recording
-                set_aside_if_damaged(os.path.join(args.out, summary))
-            written = [("train", taken[0]), ("test", taken[1])] if subset else []  # a list dataset of the
-            if self.stage in LABELED_STAGES:  # videos taken, to repeat the run: --dataset list ...
-                written += [("labeled", self.labeled), ("unlabeled", self.unlabeled)]
-            for name, items in written:
-                data.write_list(os.path.join(args.out, f"{name}.txt"), items)
+            for name, items in lists.items():
+                data.write_lines(os.path.join(a.out, f"{name}.txt"), (f"{p} {label}" for p, label in items))
             if subset:
-                with open(os.path.join(args.out, "classes.txt"), "w") as f:
-                    f.writelines(f"{name}\n" for name in self.classes)
+                data.write_lines(os.path.join(a.out, "classes.txt"), self.classes)
 
     def barrier(self):
         if self.world > 1:
@@ -779,6 +588,11 @@ class Run:
         a = self.args
         m = R3D(a.width, a.layers, **kw).to(self.device)
         return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.cuda else m
+
+    def classifier(self, ckpt, path, classes=None):
+        """The classifier saved in `ckpt` (read from `path`), for this run's classes or `classes`."""
+        model = self.model(num_classes=len(classes or self.classes), dropout=0.5)
+        return load_into(model, ckpt, path)
 
     def dataset(self, items, mode, stream=0):
         """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch. Its
@@ -805,38 +619,33 @@ class Run:
 
     def batches(self, loader, epoch):
         """The batches of `epoch` as (x, y, index, failed), x (N, 3, T, S, S) float on the device, finished
-        there (`data.finish`). On CUDA each batch is copied on the run's copy stream without blocking, the
-        next one's copy issued before this one is handed out, and the step waits for a copy only when it
-        takes the batch."""
+        there (`data.finish`); on CUDA copied from pinned memory without making the host wait. A batch of
+        clip sets (B, n, ...) is flattened clip-major for SSL (n*B: clip c of every video together, as
+        `ssl_terms` reads them), else video-major (B*n)."""
         loader.sampler.set_epoch(epoch)
-        ahead, ssl = None, loader.dataset.mode == "ssl"
         for clips, params, y, idx, failed in loader:
-            with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-                copied = [t.to(self.device, non_blocking=True) for t in (clips, params, y, idx)]
-                ready = self.stream.record_event() if self.cuda else None
-            if ahead is not None:
-                yield self._on_device(*ahead, ssl)
-            ahead = copied, ready, failed
-        if ahead is not None:
-            yield self._on_device(*ahead, ssl)
+            clips, params, y, idx = (t.to(self.device, non_blocking=True) for t in (clips, params, y, idx))
+            if clips.dim() == 6:  # (B, n, 3, T, S, S)
+                if loader.dataset.mode == "ssl":
+                    clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
+                clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
+            x = data.finish(clips, params)  # (N, 3, T, S, S) float
+            if self.args.channels_last and self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            yield x, y, idx, failed
 
-    def _on_device(self, copied, ready, failed, ssl):
-        """A copied batch once its copy is done, its clips (B, n, ...) flattened clip-major for SSL (n*B:
-        clip c of every video together, as `ssl_terms` reads them), else video-major (B*n)."""
-        clips, params, y, idx = copied
-        if ready is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(ready)
-            for t in copied:  # made on the copy stream, used on this one: kept until this one is done
-                t.record_stream(compute)
-        if clips.dim() == 6:  # (B, n, 3, T, S, S)
-            if ssl:
-                clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
-            clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
-        x = data.finish(clips, params)  # (N, 3, T, S, S) float
-        if self.args.channels_last and self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x, y, idx, failed
+
+def start_processes(device):
+    """(world, rank, device) of this process: under torchrun the process group is started (NCCL for CUDA
+    tensors, gloo for the rest), CUDA set up (cudnn.benchmark: every training shape is fixed)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(device, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # where the pin-memory thread and bare "cuda" tensors go
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
 
 
 def pick_device(name, world=1):
@@ -932,11 +741,15 @@ def need(run, name, kind, stage=None):
     return ckpt
 
 
+def encoders(run):
+    """{k: the finished checkpoint of encoder k} for both self-supervised encoders of this run folder."""
+    return {k: need(run, k, "ssl") for k in ENCODERS}
+
+
 def teacher(run, k):
     """The finished teacher_<k>.pt of this run folder, frozen, in eval mode."""
     ckpt = need(run, f"teacher_{k}", "classifier", stage="finetune")
-    model = load_into(run.model(num_classes=len(run.classes), dropout=0.5), ckpt, run.path(f"teacher_{k}"))
-    return model.eval().requires_grad_(False)
+    return run.classifier(ckpt, run.path(f"teacher_{k}")).eval().requires_grad_(False)
 
 
 def load_into(model, ckpt, path):
@@ -987,14 +800,8 @@ def load_checkpoint(path, kind=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, KeyError, OSError...
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["the file ended early"]
-        code = [line for line in lines if "global" in line.lower()]  # a class or function the file would call
-        if isinstance(e, pickle.UnpicklingError) and code:
-            raise StageError(f"{path}: refused: it holds Python objects beyond weights, which could run code "
-                             f"when loaded ({code[0]})") from None
-        why = next((line for line in lines if "unsupported" in line.lower()), lines[0])
-        raise StageError(f"{path}: not a readable checkpoint, damaged or truncated? "
-                         f"({type(e).__name__}: {why[:120]})") from None
+        raise StageError(f"{path}: refused: not a checkpoint of weights alone (damaged, truncated, or holding "
+                         f"Python objects that could run code when loaded; {type(e).__name__})") from None
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if not isinstance(arch, dict):
         raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
@@ -1011,16 +818,18 @@ def load_checkpoint(path, kind=None):
 
 
 def read_json(path):
-    """The JSON object stored in `path`, or {} if there is no file; ValueError if the file is damaged."""
+    """The JSON object stored in `path`, or {} if there is no file. The run's files are written atomically
+    (`write_json`): a damaged one was changed from outside, and stops the stage with one line naming it."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path) as f:
             obj = json.load(f)
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+        raise StageError(f"{path} is damaged ({type(e).__name__}): remove it, or use another --out") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
+        raise StageError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object): remove it, or use "
+                         "another --out")
     return obj
 
 
@@ -1028,19 +837,6 @@ def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
-
-
-def set_aside_if_damaged(path):
-    """A damaged summary file is renamed to PATH.damaged (then .damaged.1, ...), never deleted, and a fresh
-    one started, so that the figure of the run about to start is not lost when it records."""
-    try:
-        read_json(path)
-    except ValueError as e:
-        aside = next(f"{path}.damaged" + (f".{k}" if k else "") for k in range(10**6)
-                     if not os.path.exists(f"{path}.damaged" + (f".{k}" if k else "")))
-        os.replace(path, aside)
-        write_json(path, {})
-        print(f"warning: {e}: moved it to {aside} and started a new one", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1065,19 +861,19 @@ def at_least(lo, kind=int, above=False):
     return parse
 
 
-def get_args(argv=None):
+def parser(command=True):
+    """train.py's flags; `command`: also --stage, --ckpt and the videos of predict. A tool adds its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--stage", choices=STAGES,
-                   help="invariant, distinctive, semisup: the method (README); finetune, supervised, both: "
-                        "single steps; eval, predict: a trained classifier; ablation: --seeds of everything")
-    p.add_argument("--demo", action="store_true",
-                   help="--stage ablation on the toy set in --root, written there if missing")
-    p.add_argument("--out", type=str, default="runs/default",
-                   help="run folder: checkpoints, scores, logs, results.json")
-    p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
+    if command:
+        p.add_argument("--stage", choices=STAGES, required=True,
+                       help="invariant, distinctive, semisup: the method (README); finetune, supervised, both: "
+                            "single steps; eval, predict: a trained classifier")
+        p.add_argument("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
+        p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
+    p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
     a = p.add_argument_group("data (data.py)").add_argument
     a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    a("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY}, written there if missing)")
+    a("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
     a("--splits", type=str, default=None,
       help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits (if not --root)")
     a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
@@ -1096,7 +892,6 @@ def get_args(argv=None):
       help="labeled subset: fraction (<1) or videos per class (>=1)")
     a("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
     a("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
-    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="ablation and demo: the seeds to run")
     a = p.add_argument_group("schedule (left out: each step's own default)").add_argument
     a("--epochs", type=at_least(1), default=None, help=f"epochs of every step the command runs: {EPOCHS}")
     a("--batch-size", type=at_least(1), default=None,
@@ -1125,20 +920,16 @@ def get_args(argv=None):
     a("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
     a("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
-    a("--mix", choices=MIXES, default="similarity",
-      help="teacher mix: per-video s, or 0.5; the headroom: 1 (invariant teacher only), 0 (distinctive "
-           "only), by the class's group in ROOT/groups.txt, by the teacher better on the labeled ones")
-    a("--headroom", action="store_true",
-      help="ablation: also the students of the mixes beyond fixed and similarity (docs/method.md)")
+    a("--mix", choices=["similarity", "fixed"], default="similarity",
+      help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
     a("--student-init", choices=["distinctive", "both"], default="distinctive",
       help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
            "paper's; semisup trains it first)")
     a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
       help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     a = p.add_argument_group("running").add_argument
-    a("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
     a("--resume", action="store_true",
-      help="continue the stage from its last saved epoch (semisup and ablation resume their steps anyway)")
+      help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
     a("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
     a("--cache-mb", type=at_least(0), default=1024,
       help="decoded videos kept in memory, in MiB: a dataset that fits is decoded once, not every epoch")
@@ -1146,25 +937,30 @@ def get_args(argv=None):
     a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
     a("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+    return p
+
+
+def get_args(argv=None, p=None):
+    """The flags of `p` (default: `parser()`), checked; the dataset's paths made absolute, so that a run
+    continued from another directory compares them as they were meant."""
+    p = p or parser()
     args = p.parse_args(argv)
-    if args.demo and args.stage:
-        p.error(f"--demo runs --stage ablation on the toy set: give --demo or --stage {args.stage}, not both")
-    if args.demo:
-        args.stage, args.dataset = "ablation", "toy"
-    if not args.stage:
-        p.error("give --stage NAME or --demo")
+    stage, videos = getattr(args, "stage", None), getattr(args, "videos", [])
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "
                 f"got {args.ssl_stride}")
-    if args.stage in ("eval", "predict") and not args.ckpt:
-        p.error(f"--stage {args.stage} needs --ckpt")
-    if args.stage == "predict" and not args.videos:
+    if stage in ("eval", "predict") and not args.ckpt:
+        p.error(f"--stage {stage} needs --ckpt")
+    if stage == "predict" and not videos:
         p.error("--stage predict needs one or more video files")
-    if args.videos and args.stage != "predict":
-        p.error(f"unrecognized arguments: {' '.join(args.videos)} (video files are for --stage predict)")
+    if videos and stage != "predict":
+        p.error(f"unrecognized arguments: {' '.join(videos)} (video files are for --stage predict)")
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
-    if args.root is None and args.stage != "predict":
+    if args.root is None and stage != "predict":
         p.error(f"--dataset {args.dataset} needs --root")
+    for flag in PATH_FLAGS:
+        if getattr(args, flag) is not None:
+            setattr(args, flag, os.path.abspath(getattr(args, flag)))
     return args
 
 

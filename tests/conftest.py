@@ -1,4 +1,4 @@
-"""Real encoded videos for the tests, written with PyAV by data.py's own encoder."""
+"""Real encoded videos for the tests, written with PyAV by the toy tool's encoder."""
 
 import os
 import sys
@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import data  # noqa: E402
+from tools import toy  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -47,7 +47,7 @@ def videos(tmp_path_factory):
     out = {}
     for name in ("clip.avi", "clip.mp4"):
         path = str(d / name)
-        data.write_video(path, moving_frames(60, seed=len(name)), gop=12)
+        toy.write_video(path, moving_frames(60, seed=len(name)), gop=12)
         out[name.split(".")[1]] = path
     return out
 
@@ -56,7 +56,7 @@ def videos(tmp_path_factory):
 def toy_root(tmp_path_factory):
     """A small toy action set: 8 classes x (5 train + 2 test) videos of 40 frames at 64 px."""
     root = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(root, train_per_class=5, test_per_class=2, frames=40, size=64, seed=1)
+    toy.make_toy(root, train_per_class=5, test_per_class=2, frames=40, size=64, seed=1)
     return root
 
 
@@ -77,10 +77,10 @@ def ucf_root(tmp_path_factory):
         os.makedirs(root / name)
         for k in range(7):
             rel = f"{name}/v_{name}_g{k + 1:02d}_c01.avi"
-            frames = data._render(
-                c % len(data.TOY_CLASSES), 20, 240, 320, torch.Generator().manual_seed(10 * c + k)
+            frames = toy._render(
+                c % len(toy.TOY_CLASSES), 20, 240, 320, torch.Generator().manual_seed(10 * c + k)
             )
-            data.write_video(str(root / rel), frames)
+            toy.write_video(str(root / rel), frames)
             (train if k < 5 else test).append(rel)
     (root / "classInd.txt").write_bytes(
         "".join(f"{c + 1} {n}\r\n" for c, n in enumerate(UCF_CLASSES)).encode()

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench import count_flops
+from tools.bench import count_flops
 from models import R3D, load_backbone
 
 

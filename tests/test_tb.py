@@ -247,14 +247,3 @@ def test_distillation_loss_by_hand():
     with pytest.raises(ValueError, match="unknown kind"):
         tb.distillation_loss(logits, p_T, "l1")
 
-
-def test_group_auc_against_counting_pairs():
-    """The AUC is the share of (positive, negative) pairs in order, a tie half: counted pair by pair."""
-    g = torch.Generator().manual_seed(0)
-    s = (torch.rand(30, generator=g) * 4).round() / 4  # few values: many ties
-    positive = torch.rand(30, generator=g) < 0.4
-    pairs = [(float(a), float(b)) for a, p in zip(s, positive) for b, q in zip(s, positive) if p and not q]
-    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-    assert tb.group_auc(s, positive) == pytest.approx(expected)
-    assert tb.group_auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, True, False])) == 1.0
-    assert tb.group_auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, True, False])) == 0.0

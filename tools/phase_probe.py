@@ -4,7 +4,7 @@ the first clip (cosine of the projection head's embeddings), against how far apa
 cycle (its phase, known from the video's own draws). An encoder that tells the phases of a cycle apart puts
 a repetitive video's score clips apart, and so gives it a low temporal similarity.
 
-    python tests/phase_probe.py RUN_DIR --variant pulse --cls 0
+    python tools/phase_probe.py RUN_DIR --variant pulse --cls 0
 """
 import argparse
 import os
@@ -17,10 +17,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 from models import R3D  # noqa: E402
+from tools import toy  # noqa: E402
 
 
 def period_of(seed):
-    """The cycle's period in frames of the toy video drawn from `seed` (the draws of `data._render`)."""
+    """The cycle's period in frames of the toy video drawn from `seed` (the draws of `toy._render`)."""
     g = torch.Generator().manual_seed(seed)
     torch.rand(3, generator=g)  # the colour
     for _ in range(4):  # centre x, centre y, phase, turn
@@ -31,7 +32,7 @@ def period_of(seed):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run folder with invariant.pt and distinctive.pt")
-    p.add_argument("--variant", choices=sorted(data.TOY_VARIANTS), default="bob")
+    p.add_argument("--variant", choices=sorted(toy.TOY_VARIANTS), default="bob")
     p.add_argument("--cls", type=int, default=0, help="a repetitive class: 0-3")
     p.add_argument("--videos", type=int, default=8)
     a = p.parse_args()
@@ -48,7 +49,7 @@ def main():
         for v in range(a.videos):
             path = os.path.join(tmp, f"{v}.avi")
             g = torch.Generator().manual_seed(1000 + v)
-            data.write_video(path, data._render(a.cls, 48, 80, 80, g, 1.0, a.variant))
+            toy.write_video(path, toy._render(a.cls, 48, 80, 80, g, 1.0, a.variant))
             period, starts = period_of(1000 + v), range(30)
             # 8 frames 1.5 apart, as a score clip of a 48-frame video takes them
             clips = [data.center_crop(data.load_frames(path, [o + round(1.5 * i) for i in range(T)],
@@ -64,7 +65,7 @@ def main():
         r = float(torch.corrcoef(torch.tensor(p).T)[0, 1])
         near = statistics.mean(c for d, c in p if d < 0.1)
         far = statistics.mean(c for d, c in p if d > 0.4)
-        cls = data.TOY_VARIANTS[a.variant][a.cls]
+        cls = toy.TOY_VARIANTS[a.variant][a.cls]
         print(f"{a.variant} class {cls}, {name} encoder: correlation of phase apart and cosine {r:+.2f}; "
               f"cosine in phase (< 0.1 cycle) {near:.3f}, half a cycle apart (> 0.4) {far:.3f}")
 

@@ -1,6 +1,6 @@
-"""Benchmarks that print figures (never timed tests): `python tests/bench.py` on the CPU (data path and
-training steps), `python tests/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d), and
-`python tests/bench.py --pipeline` for whether the data path keeps up with the training step: on UCF-like
+"""Benchmarks that print figures (never timed tests): `python tools/bench.py` on the CPU (data path and
+training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d), and
+`python tools/bench.py --pipeline` for whether the data path keeps up with the training step: on UCF-like
 videos it writes itself, the step alone, the loader alone and the real stage, in clips/s
 (docs/performance.md; on a GPU: `--pipeline --device cuda --width 64 --layers 2 2 2 2 --size 112
 --workers 15 --videos 480 --repeat 5`).
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models import R3D  # noqa: E402
+from tools import toy  # noqa: E402
 
 SIZE = 32  # train.py's --size default
 
@@ -98,7 +99,7 @@ def bench_decoding(reps):
         "Kinetics-like 340x256 H.264 MP4": (os.path.join(tmp, "kin.mp4"), 256, 340),
     }
     for path, H, W in files.values():  # 10 s at 25 fps, keyframe every 12 frames
-        data.write_video(path, data._render(4, 250, H, W, g), gop=12)
+        toy.write_video(path, toy._render(4, 250, H, W, g), gop=12)
     print("\n## Decoding (ms; floor = bare PyAV doing only the necessary work; size 128 short side)")
     print("| file | what | load_frames | floor | ratio | decode all from start | ratio |")
     print("|---|---|---|---|---|---|---|")
@@ -285,7 +286,7 @@ def write_ucf_like(path, seed, n=175, H=240, W=320):
         cy, cx = (H / 2 + v[0] * t) % H, (W / 2 + v[1] * t) % W
         img[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 900] = torch.tensor([0.9, 0.2, 0.1]).view(3, 1)
         frames.append((img.permute(1, 2, 0) * 255).to(torch.uint8))
-    data.write_video(path, torch.stack(frames), gop=12)
+    toy.write_video(path, torch.stack(frames), gop=12)
 
 
 def bench_pipeline(args):
@@ -421,7 +422,7 @@ def main():
     import data
 
     if not os.path.exists(os.path.join(args.toy, "classInd.txt")):
-        data.make_toy(args.toy)
+        toy.make_toy(args.toy)
     bench_decoding(args.reps)
     step = bench_steps_cpu(args.reps)
     bench_toy_loader(args.toy, (0, 1, 2), step)

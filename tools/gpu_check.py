@@ -3,8 +3,8 @@ and under torchrun on every visible GPU, and the pipeline bench, on data it writ
 at 112 px by default: under 10 minutes on one H100); it ends with one table. `--device cpu` with tiny sizes
 runs the same steps on a CPU (2 gloo processes), which is how it is tested:
 
-    python tests/gpu_check.py                                    # a CUDA machine
-    python tests/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
+    python tools/gpu_check.py                                    # a CUDA machine
+    python tools/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+from tools import toy  # noqa: E402
 
 STAGES = (("invariant", "invariant"), ("distinctive", "distinctive"), ("semisup", "student"),
           ("supervised", "supervised"))  # (stage, the log.jsonl name of its last step)
@@ -72,13 +73,13 @@ def main():
     toy = os.path.join(args.out, "toy")
     if not os.path.exists(os.path.join(toy, "toy.json")):
         side = max(64, args.size * 8 // 7 + 8)  # frames a little larger than the crop's decoding size
-        data.make_toy(toy, train_per_class=8, test_per_class=2, frames=48, size=side)
+        toy.make_toy(toy, train_per_class=8, test_per_class=2, frames=48, size=side)
     flags = ["--root", toy, "--device", args.device, "--width", str(args.width), "--layers",
              *map(str, args.layers), "--size", str(args.size), "--epochs", str(args.epochs), "--workers",
              str(args.workers), "--labeled", "2", "--batch-size", "4"]
 
     # 1. the CUDA tests (skipped on a CPU)
-    code, _, text = run([sys.executable, "-m", "pytest", "-q", os.path.join(HERE, "test_train.py"), "-k",
+    code, _, text = run([sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "tests", "test_train.py"), "-k",
                          "cuda or gpus or nccl"], os.path.join(args.out, "tests.log"))
     lines.append(f"CUDA tests: {(text.strip().splitlines() or ['no output'])[-1]}")
     # 2. each stage in one process, 3. under torchrun on every GPU (2 gloo processes on a CPU)

@@ -1,0 +1,229 @@
+"""The tools beside the four modules: the toy sets, the score picture, the ablation's measures."""
+
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+
+import data
+from tools import ablation, score_picture, toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _object(v):
+    """(n, H, W, 3) toy frames -> per frame the object's area (pixels), centre row, the share of its bounding
+    box it fills, and the box's width / height. The background is the same along a row and the object never
+    reaches column 0."""
+    mask = (v.int() - v[:, :, :1].int()).abs().sum(-1) > 0  # (n, H, W)
+    rows = torch.arange(v.shape[1]).float().view(1, -1, 1)
+    area = mask.sum((1, 2)).float()
+    box = [m.nonzero() for m in mask]  # per frame (k, 2) pixels
+    hw = torch.stack(
+        [(b.max(0).values - b.min(0).values + 1).float() for b in box]
+    )  # (n, 2) box height, width
+    return area, (mask * rows).sum((1, 2)) / area, area / hw.prod(1), hw[:, 1] / hw[:, 0]
+
+
+def test_toy_classes_are_what_the_premise_needs():
+    """Appearance classes repeat: the same area and place all video long, bobbing with a period and phase
+    of their own, so the score's 4 clips of such a video do not start on the same pixels. Each temporal
+    class is two sub-actions in order, of a shape no appearance class has, and a pair (UpDown / DownUp,
+    GrowShrink / ShrinkGrow) visits the same rows or sizes, the other way round: only the order tells the
+    two apart."""
+    g, n, H = torch.Generator().manual_seed(0), 48, 64
+    video = {
+        name: [toy._render(c, n, H, 80, g) for _ in range(4)] for c, name in enumerate(toy.TOY_CLASSES)
+    }
+    for name in toy.TOY_CLASSES[:4]:
+        for v in video[name]:
+            area, row, fill, aspect = _object(v)
+            assert (
+                fill.max() < 0.85 and aspect.max() < 1.3
+            )  # disk, ring, cross, stripes: round or square, never filled
+            assert (
+                area.max() - area.min()
+            ) / area.mean() < 0.25 and row.max() - row.min() < 0.15 * H  # pixel rounding
+            assert row.max() - row.min() > 0.04 * H  # it bobs
+            # the cycle is not locked to the score's clips: their first frames differ in pixels
+            starts = [clip[0] for clip in data.score_indices(n, 8)]
+            assert any(not torch.equal(v[starts[0]], v[t]) for t in starts[1:])
+    for first, second, what in (("UpDown", "DownUp", "row"), ("GrowShrink", "ShrinkGrow", "area")):
+        for up, down in zip(video[first], video[second]):
+            objects = [_object(v) for v in (up, down)]  # (area, row, fill, aspect) each
+            # a flat bar, like no appearance class: no instant of a temporal video looks like one of theirs
+            assert all(fill.min() > 0.95 and aspect.min() >= 3 for _, _, fill, aspect in objects)
+            a, b = (o[0 if what == "area" else 1] for o in objects)
+            if what == "row":  # rows grow downwards: UpDown's row falls to its least at the turn
+                a, b = -a, -b
+            k, m = int(a.argmax()), int(b.argmin())  # the turn: 40 % to 60 % of the video
+            assert 0.35 * n <= k <= 0.65 * n and 0.35 * n <= m <= 0.65 * n
+            for v in (a, b):  # both sweep the same span, there and back
+                span = v.max() - v.min()
+                assert abs(v[0] - v[-1]) < 0.1 * span
+            assert a[k] - a[0] > 0.3 * (a.max() - a.min()) and b[0] - b[m] > 0.3 * (b.max() - b.min())
+            spans = [float(v.max() - v.min()) for v in (a, b)]
+            assert abs(spans[0] - spans[1]) < 0.15 * max(spans)
+
+
+@pytest.mark.parametrize("variant", ["pulse", "blink"])
+def test_toy_variants_repeat_in_place_and_order_by_time(variant, tmp_path):
+    """The other variants: each repetitive object stays in place all video long and changes in a cycle
+    (pulse: its area; blink: the disk and ring their brightness, the cross and square their angle); each
+    ordered class is its partner's video played backwards, frame for frame, so only the order tells the two
+    apart, and a blink video shows nothing for part of it. make_toy writes groups.txt, and read_groups
+    reads it back in class order."""
+    n, H = 48, 64
+    for c in range(4):
+        v = toy._render(c, n, H, 80, torch.Generator().manual_seed(c), variant=variant)
+        area, row, _, _ = _object(v)
+        assert row.max() - row.min() < 0.05 * H  # in place (the bob variant moves 0.12 H)
+        if variant == "pulse":
+            assert (area.max() - area.min()) / area.mean() > 0.5
+        elif c < 2:  # blinking: as large all along, its colour other from frame to frame
+            inside = (v.int() - v[:, :, :1].int()).abs().sum(-1).flatten(1).max(1).values  # (n,)
+            assert (area.max() - area.min()) / area.mean() < 0.25 and inside.max() > 1.5 * inside.min()
+        else:  # rocking: the shape's pixels move, its area stays
+            assert (area.max() - area.min()) / area.mean() < 0.25 and not torch.equal(v[0], v[n // 4])
+    for c in (4, 6):
+        forward, backward = (toy._render(k, n, H, 80, torch.Generator().manual_seed(c), variant=variant)
+                             for k in (c, c + 1))
+        assert torch.equal(forward.flip(0), backward) and not torch.equal(forward, backward)
+        empty = [not (f.int() - f[:, :1].int()).any() for f in forward]  # no object in the frame
+        assert (0.35 * n < sum(empty) < 0.65 * n) if variant == "blink" else not any(empty)
+    toy.make_toy(str(tmp_path), train_per_class=1, test_per_class=0, frames=8, size=32, variant=variant)
+    classes = toy.TOY_VARIANTS[variant]
+    assert toy.read_groups(str(tmp_path), classes[::-1]) == ["ordered"] * 4 + ["repetitive"] * 4
+    (tmp_path / "groups.txt").write_text("Disk repetitive\n")
+    with pytest.raises(data.DataError, match="groups.txt: no group for class Ring"):
+        toy.read_groups(str(tmp_path), classes)
+    assert toy.read_groups(str(tmp_path / "Disk"), classes) is None
+
+
+def test_toy_videos_depend_on_seed_class_split_and_index_only(tmp_path):
+    """A set written with more training videos holds the smaller set's training videos, byte for byte, and
+    its test videos are new videos, not training videos of the other set (tuning sets and report sets share
+    nothing unless asked to)."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    toy.make_toy(str(small), train_per_class=1, test_per_class=1, frames=8, size=32, seed=3)
+    toy.make_toy(str(large), train_per_class=2, test_per_class=1, frames=8, size=32, seed=3)
+    for name in toy.TOY_CLASSES:
+        g00, g01 = f"{name}/v_{name}_g00_c01.avi", f"{name}/v_{name}_g01_c01.mp4"
+        assert (small / g00).read_bytes() == (large / g00).read_bytes()
+        # small's test video is g01 (test index 0), large's g01 is training index 1: different videos
+        assert (small / g01).read_bytes() != (large / g01).read_bytes()
+
+
+def test_toy_cli_frame_size(tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable, os.path.join(ROOT, "tools", "toy.py"), str(tmp_path / "t"), "--train-per-class",
+            "1", "--test-per-class", "0", "--frames", "8", "--size", "48x64",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    with av.open(str(tmp_path / "t" / "Disk" / "v_Disk_g00_c01.avi")) as c:
+        frame = next(c.decode(video=0))
+    assert (frame.height, frame.width) == (48, 64)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "toy.py"), str(tmp_path / "u"), "--size", "48x"],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 2 and "--size" in p.stderr and "48x" in p.stderr and not (tmp_path / "u").exists()
+
+
+def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp_path):
+    """README figures must reproduce from a fresh clone, which writes its own toy set."""
+    again = tmp_path / "again"
+    subprocess.run(
+        [
+            sys.executable, os.path.join(ROOT, "tools", "toy.py"), str(again), "--train-per-class", "5",
+            "--test-per-class", "2", "--frames", "40", "--size", "64", "--seed", "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), toy_root) for d, _, fs in os.walk(toy_root) for f in fs
+    )
+    assert len(files) == 8 * 7 + 5  # videos, classInd.txt, the two lists, toy.json, groups.txt
+    for rel in files:
+        assert (again / rel).read_bytes() == open(os.path.join(toy_root, rel), "rb").read(), rel
+    mp4 = next(os.path.join(toy_root, f) for f in files if f.endswith(".mp4"))
+    with av.open(mp4) as c:  # the MP4 half keeps B-frames: packets arrive out of display order
+        pts = [p.pts for p in c.demux(c.streams.video[0]) if p.pts is not None]
+    assert pts != sorted(pts)
+
+
+def read_png(path):
+    """(H, W, 3) uint8 of a PNG file, decoded by PyAV."""
+    with av.open(path) as c:
+        frame = next(c.decode(video=0)).reformat(format="rgb24")
+    plane = frame.planes[0]
+    rows = torch.frombuffer(bytearray(bytes(plane)), dtype=torch.uint8).view(frame.height, plane.line_size)
+    return rows[:, : frame.width * 3].reshape(frame.height, frame.width, 3)
+
+
+def test_score_picture_against_hand(tmp_path):
+    P, gap = 8, 4
+    frames = torch.arange(4 * P * P * 3).remainder(256).to(torch.uint8).view(4, P, P, 3)
+    C = torch.tensor(
+        [[1.0, 0.5, 0.25, -0.5], [0.5, 1.0, 0.75, 0.0], [0.25, 0.75, 1.0, 0.1], [-0.5, 0.0, 0.1, 1.0]]
+    )
+    img = score_picture.score_picture([(frames, C, 0.75, 0.25), (frames, C.tolist(), 1.0, 0.0)], P, gap)
+    bar = P // 5
+    assert img.shape == (gap + 2 * (P + gap), gap + 5 * (P + gap) + 2 * (bar + gap), 3)
+    assert torch.equal(
+        img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2]
+    )  # third clip
+    x0 = gap + 4 * (P + gap)
+    assert (img[gap - 1, x0 - 1 : x0 + P + 1] == 0).all() and (
+        img[gap + P, x0 - 1 : x0 + P + 1] == 0
+    ).all()  # frame
+    for i in range(4):
+        for j in range(4):  # cell (i, j): P/4 x P/4 pixels of grey round(255 * clamp(C_ij, 0, 1))
+            cell = img[gap + i * 2 : gap + i * 2 + 2, x0 + j * 2 : x0 + j * 2 + 2]
+            assert (cell == round(255 * min(max(float(C[i, j]), 0), 1))).all()
+    blue = img[gap : gap + P, gap + 5 * (P + gap) + bar // 2]  # raw s 0.75 of row 0: the lower 6 of 8 pixels
+    assert [tuple(p) for p in blue.tolist()] == [(40, 40, 40)] * 2 + [score_picture.RAW_BAR] * 6
+    orange = img[gap : gap + P, gap + 5 * (P + gap) + bar + gap + bar // 2]  # normalised 0.25: 2 of 8
+    assert [tuple(p) for p in orange.tolist()] == [(40, 40, 40)] * 6 + [score_picture.NORM_BAR] * 2
+    score_picture.write_png(str(tmp_path / "s.png"), img)
+    assert torch.equal(read_png(str(tmp_path / "s.png")), img)  # lossless through PyAV's png encoder
+
+
+def test_group_auc_against_counting_pairs():
+    """The AUC is the share of (positive, negative) pairs in order, a tie half: counted pair by pair."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.rand(30, generator=g) * 4).round() / 4  # few values: many ties
+    positive = torch.rand(30, generator=g) < 0.4
+    pairs = [(float(a), float(b)) for a, p in zip(s, positive) for b, q in zip(s, positive) if p and not q]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert ablation.group_auc(s, positive) == pytest.approx(expected)
+    assert ablation.group_auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, True, False])) == 1.0
+    assert ablation.group_auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, True, False])) == 0.0
+
+
+def test_mix_counts_against_a_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    N, K = 200, 4
+    p_I, p_D = (torch.rand(N, K, generator=g).pow(3).softmax(-1) for _ in range(2))
+    s, y = torch.rand(N, generator=g), torch.randint(0, K, (N,), generator=g)
+    want = dict(videos=N, one_right=0, fixable=0, sim_fixes=0, sim_breaks=0)
+    for i in range(N):
+        a, b, label = p_I[i].tolist(), p_D[i].tolist(), int(y[i])
+        argmax = lambda v: max(range(K), key=lambda k: v[k])  # noqa: E731
+        right_I, right_D = argmax(a) == label, argmax(b) == label
+        fixed = argmax([0.5 * u + 0.5 * v for u, v in zip(a, b)]) == label
+        sim = argmax([float(s[i]) * u + (1 - float(s[i])) * v for u, v in zip(a, b)]) == label
+        want["one_right"] += right_I != right_D
+        want["fixable"] += right_I != right_D and not fixed
+        want["sim_fixes"] += sim and not fixed
+        want["sim_breaks"] += fixed and not sim
+    got = ablation.mix_counts(p_I, p_D, s, y)
+    assert got == want and got["fixable"] > 0 and got["sim_fixes"] > 0

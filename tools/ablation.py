@@ -1,0 +1,231 @@
+"""The seed ablation on any dataset: for each of --seeds, in OUT/seed<seed>, the whole method with that seed
+(its own encoders, labeled split, initialisations and augmentation), the supervised baseline and the student
+of a fixed 0.5 mix; then the paired tables the method's claims rest on, per class the teachers and the score,
+and where a per-video mix can change a target. Also in OUT/ablation.json. Every flag of train.py applies:
+
+    python tools/ablation.py --seeds 0 1 2                       # on the toy set in data/toy
+    python tools/ablation.py --seeds 1 2 --dataset ucf101 --root R --splits S --labeled 3 [--headroom]
+
+--headroom adds the students of mixes that know what the score has to guess (docs/method.md "Headroom").
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules
+import tb  # noqa: E402
+import train  # noqa: E402
+from tools import toy  # noqa: E402
+
+HEADROOM = ("invariant", "distinctive", "group", "class")  # --headroom: the students of these mixes too
+
+
+def parser():
+    p = train.parser(command=False)
+    p.description = __doc__
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds to run")
+    p.add_argument("--headroom", action="store_true",
+                   help="also the students of the mixes beyond fixed and similarity (docs/method.md)")
+    return p
+
+
+def ablation(args):
+    """Each seed's runs (finished checkpoints reused, unfinished ones resumed), then the tables."""
+    t0 = time.time()
+    table, per_class, mixes, runs = {}, {}, {}, []
+    for seed in args.seeds:
+        out = os.path.join(args.out, f"seed{seed}")
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": train.subset_seed(args)})
+        for stage in train.ENCODERS:
+            run = train.Run(sub, stage)
+            train.reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
+                                 lambda resume, run=run, stage=stage: train.train_ssl(run, stage, resume))
+        for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
+            run.log(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""))
+            run = train.run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
+            runs += [run] if mix == "similarity" else []
+        if args.headroom:
+            headroom(runs[-1], seed)
+        mixes[seed] = mix_check(runs[-1])
+        for k, v in train.read_json(os.path.join(out, "results.json")).items():
+            table.setdefault(k, []).append(v)
+        for k, v in train.read_json(os.path.join(out, "per_class.json")).items():
+            per_class.setdefault(k, []).append(v)
+    if run.rank == 0:
+        print_ablation(args, table)
+        auc = print_scores(args, per_class, mixes, runs)
+        train.write_json(os.path.join(args.out, "ablation.json"),
+                         {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes, "auc": auc})
+        print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
+              f"{args.out}/ablation.json")
+    return runs
+
+
+def headroom(run, seed):
+    """The students of the HEADROOM mixes in `run`'s folder (group only where ROOT/groups.txt exists)."""
+    teachers = [train.teacher(run, k) for k in train.ENCODERS]
+    for mix in HEADROOM:
+        if mix == "group" and toy.read_groups(run.args.root, run.classes) is None:
+            continue
+        run.log(f"=== seed {seed}: semisup --mix {mix}")
+        name = f"student_{mix}"
+        train.reuse_or_train(run, "headroom:", name, "classifier", f"the student of --mix {mix}",
+                             lambda resume: train.train_student(run, name, resume, mix_weights(run, mix, teachers)))
+
+
+def print_ablation(args, table):
+    """Mean +- std over the seeds, the paired differences the method's claims rest on, and the headroom: the
+    best student of any mix against the fixed mix, and what the similarity mix takes of it."""
+    joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
+    seeds = " ".join(map(str, args.seeds))
+    print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
+    for label, key in (("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
+                       ("distinctive teacher", "teacher_distinctive"),
+                       ("student, fixed mix s = 0.5", "student_fixed"),
+                       ("TimeBalance student (similarity mix)", "student"),
+                       ("student, invariant teacher only (s = 1)", "student_invariant"),
+                       ("student, distinctive teacher only (s = 0)", "student_distinctive"),
+                       ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
+                       ("student, class oracle (better teacher on the labeled videos)", "student_class"),
+                       ("kNN, invariant encoder", "knn_invariant"),
+                       ("kNN, distinctive encoder", "knn_distinctive")):
+        v = table.get(key, [])
+        if len(v) == len(args.seeds):  # kNN is measured where an encoder is trained, not where one is reused
+            mean, std = statistics.mean(v), statistics.pstdev(v)
+            print(f"| {label} | {mean:.1f} +- {std:.1f} | {joined(v, '{:.1f}')} |")
+    print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n"
+          "|---|---|---|---|---|")
+    claims = (("student - supervised-only", "supervised", ">= +15", lambda d: d >= 15),
+              ("student - invariant teacher", "teacher_invariant", "> 0", lambda d: d > 0),
+              ("student - distinctive teacher", "teacher_distinctive", "> 0", lambda d: d > 0),
+              ("similarity mix - fixed mix", "student_fixed", ">= 0", lambda d: d >= 0))
+    for label, other, goal, met in claims:
+        d = [x - y for x, y in zip(table["student"], table[other])]
+        print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
+              f"{'yes' if all(map(met, d)) else 'no'} |")
+    mean = {k: statistics.mean(v) for k, v in table.items() if len(v) == len(args.seeds)}
+    rows = [k for k in ("student_fixed", *(f"student_{m}" for m in HEADROOM)) if k in mean]
+    if len(rows) > 1:  # the headroom: how far a mix could go, and how much of it the score takes
+        best = max(rows, key=mean.get)
+        gain, share = mean[best] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
+        if gain > 0:
+            deciders = {"student_group": "the action's kind", "student_class": "the class"}
+            print(f"\nHeadroom: the best student is {best}, {gain:+.1f} over the fixed mix on the mean "
+                  f"({deciders.get(best, 'one teacher')} decides); the similarity mix takes {share:+.1f} of "
+                  f"it, {100 * share / gain:.0f} %.")
+        else:
+            print(f"\nHeadroom: no mix beat the fixed one on the mean; the similarity mix: {share:+.1f}.")
+
+
+def print_scores(args, per_class, mixes, runs):
+    """Per class the teachers' accuracy and the score, how well the score separates the dataset's groups
+    (returned: AUC of s from C, from C_I alone and from C_D alone, mean over the seeds), and where a per-video
+    mix can change a target at all (`mix_check`)."""
+    print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
+          "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
+    cache = [train.scores(r) for r in runs]
+    for c, name in enumerate(runs[-1].classes):
+        acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in train.ENCODERS]
+        videos = [(cache[j], p) for j, r in enumerate(runs) for p, y in r.train if y == c]
+        r = [s["raw"][p] for s, p in videos]
+        norm, s_I, s_D = (statistics.mean(f(s, p) for s, p in videos) for f in (
+            lambda s, p: s["s"][p], lambda s, p: s["each"][p][0], lambda s, p: s["each"][p][1]))
+        print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
+              f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
+    groups = toy.read_groups(args.root, runs[-1].classes)
+    auc = None
+    if groups and {"repetitive", "ordered"} <= set(groups):
+        per_seed = []
+        for c, r in zip(cache, runs):
+            repetitive = torch.tensor([groups[y] == "repetitive" for _, y in r.train])  # (N,)
+            s = torch.tensor([[c["raw"][p], *c["each"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
+            per_seed.append([group_auc(s[:, j], repetitive) for j in range(3)])
+        auc = dict(zip(("C", "C_I", "C_D"), map(statistics.mean, zip(*per_seed))))
+        print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
+              f"over the seeds; 1: every repetitive video above every ordered one): s {auc['C']:.2f}, from "
+              f"C_I alone {auc['C_I']:.2f}, from C_D alone {auc['C_D']:.2f}.")
+    total = {k: sum(m[k] for m in mixes.values()) for k in next(iter(mixes.values()))}
+    print(f"\nWhere the mix can matter (unlabeled training videos, all seeds, {total['videos']} in all): "
+          f"the teachers disagree with one of them right on {total['one_right']}; the fixed mix's target is "
+          f"wrong there (the wrong teacher the more confident) on {total['fixable']}; the similarity mix's "
+          f"target is right where the fixed one is wrong on {total['sim_fixes']} and wrong where it is right "
+          f"on {total['sim_breaks']}.")
+    return auc
+
+
+def mix_weights(run, mix, teachers):
+    """Each training video's weight of the invariant teacher under a mix that knows what the score has to
+    guess (docs/method.md "Headroom"): 1 or 0 for every video (one teacher alone); 1 for the classes
+    ROOT/groups.txt calls repetitive, 0 for the ordered ones (group); per class, 1 or 0 for the teacher that
+    gives the labeled videos of the class the higher mean probability of their class (class). Both oracles
+    read each video's own label."""
+    if mix in ("invariant", "distinctive"):
+        return {p: float(mix == "invariant") for p, _ in run.train}
+    if mix == "group":
+        groups = toy.read_groups(run.args.root, run.classes)
+        if groups is None or not set(groups) <= {"repetitive", "ordered"}:
+            path = os.path.join(run.args.root, "groups.txt")
+            raise train.StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName "
+                                   "ordered' (the toy writes one)")
+        s_class = [float(g == "repetitive") for g in groups]
+    else:
+        y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
+        right = [train.probabilities(run, t, run.labeled)[0]  # (N_l, K) each
+                 .gather(1, y.view(-1, 1)).squeeze(1) for t in teachers]  # (N_l,): p of the right class
+        K = len(run.classes)
+        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p) for p in right)  # (K,) sums
+        s_class = ((p_I > p_D).float() + 0.5 * (p_I == p_D).float()).tolist()
+        chosen = [c for c, w in zip(run.classes, s_class) if w == 1]
+        run.log(f"--mix class: the invariant teacher for {', '.join(chosen) or 'no class'}, the distinctive "
+                "one for the others (a tie: both)")
+    return {p: s_class[label] for p, label in run.train}
+
+
+def mix_check(run):
+    """`mix_counts` on the unlabeled training videos of a finished run, summed over the processes (each
+    takes every world-th video): each teacher's prediction as in evaluation, each video's score."""
+    items = run.unlabeled[run.rank :: run.world]
+    p_I, p_D = (train.probabilities(run, train.teacher(run, k), items)[0] for k in train.ENCODERS)  # (N, K)
+    s_video = train.scores(run)["s"]
+    s = torch.tensor([s_video[p] for p, _ in items], device=run.device)  # (N,)
+    counts = mix_counts(p_I, p_D, s, torch.tensor([y for _, y in items], device=run.device))
+    summed = train.all_sum(run, torch.tensor(list(counts.values()), device=run.device))[0]
+    return dict(zip(counts, summed.tolist()))
+
+
+def mix_counts(p_I, p_D, s, y):
+    """Where a per-video teacher mix can change the student's target at all (docs/method.md). The argmax
+    of p_T = s p_I + (1 - s) p_D is wrong at s = 0.5 while one teacher is right only where the wrong
+    teacher is the more confident: those are the videos a per-video weight is for. p_I, p_D (N, K), s, y (N,).
+    Returns counts: videos; one_right (exactly one teacher right); fixable (that, and the s = 0.5 target
+    wrong); sim_fixes / sim_breaks (the target under s right where the s = 0.5 one is wrong / wrong where
+    it is right)."""
+    right_I, right_D = p_I.argmax(1) == y, p_D.argmax(1) == y
+    fixed_right = tb.mix_teachers(p_I, p_D, torch.full_like(s, 0.5)).argmax(1) == y
+    sim_right = tb.mix_teachers(p_I, p_D, s).argmax(1) == y
+    one = right_I ^ right_D
+    return {"videos": len(y), "one_right": int(one.sum()), "fixable": int((one & ~fixed_right).sum()),
+            "sim_fixes": int((sim_right & ~fixed_right).sum()),
+            "sim_breaks": int((~sim_right & fixed_right).sum())}
+
+
+def group_auc(s, positive):
+    """How well scores s (N,) put the videos of one group above the others (positive (N,) bool): the
+    probability that a positive video's s exceeds a negative one's, ties counting half (the area under the
+    ROC curve, Mann-Whitney U / (n+ n-)). 1: every positive above every negative; 0.5: no separation."""
+    above = (s[positive].view(-1, 1) > s[~positive].view(1, -1)).float()  # (n+, n-)
+    tied = (s[positive].view(-1, 1) == s[~positive].view(1, -1)).float()
+    return (above + 0.5 * tied).mean().item()
+
+
+def main(argv=None):
+    args = train.get_args(argv, parser())
+    train.command(lambda: ablation(args))
+
+
+if __name__ == "__main__":
+    main()
