@@ -1118,3 +1118,21 @@ def test_the_toy_set_is_written_once_and_every_process_waits_for_it(tmp_path):
     root = tmp_path / "toy"
     mp.spawn(toy_in_processes, args=(str(tmp_path / "store"), str(root)), nprocs=2)
     assert toy.toy_version(root) == toy.TOY_VERSION and len(os.listdir(root / "Disk")) == 5
+
+
+def test_a_run_continued_from_another_directory(chain, toy_root, tmp_path, monkeypatch):
+    """Paths given relative in one directory name the same folders when the run is continued from another:
+    the encoders trained from `first` with a relative --root and --out, the steps after them from `second`
+    with the absolute paths, reusing them."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    os.makedirs(first)
+    os.makedirs(second)
+    out = first / "runs" / "r"
+    copy_run(chain[0], out, ["invariant.pt"])
+    monkeypatch.chdir(first)
+    train("--stage", "distinctive", root=os.path.relpath(toy_root, first), out="runs/r")
+    assert load(out / "distinctive.pt")["args"]["root"] == toy_root
+    assert json.load(open(out / "run.json"))["root"] == toy_root
+    monkeypatch.chdir(second)
+    p = train("--stage", "finetune", root=toy_root, out=out)
+    assert "teacher_distinctive: test top-1" in p.stdout and not (second / "runs").exists()
