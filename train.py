@@ -225,9 +225,10 @@ def scores(run):
 @torch.no_grad()
 def compute_scores(run, ckpts, source):
     """s of each training video from 4 consecutive clips embedded by both SSL encoders' projection heads."""
-    with torch.random.fork_rng(devices=[run.device] if run.cuda else []):  # building the encoders must not move the global RNG: the student's
-        f_I, f_D = (load_into(run.model(proj_dim=128), ckpts[k], run.path(k)).eval()  # init would then
-                    for k in ENCODERS)  # depend on whether the scores were cached
+    # building the encoders must not move the global RNG: the student's init would then depend on whether
+    # the scores were cached
+    with torch.random.fork_rng(devices=[run.device] if run.cuda else []):
+        f_I, f_D = (load_into(run.model(proj_dim=128), ckpts[k], run.path(k)).eval() for k in ENCODERS)
     ds = run.dataset(run.train[run.rank :: run.world], "score")
     rows, bad = [], data.BadVideos()
     # float32 on every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would
@@ -241,15 +242,12 @@ def compute_scores(run, ckpts, source):
             s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
             video = (idx * run.world + run.rank).view(-1, 1).to(s.dtype)  # (B, 1): its index in run.train
             rows.append(torch.cat([video, s.view(-1, 1), s_each, C_b.flatten(1)], dim=1))  # (B, 20)
-    rows = torch.cat(rows)  # (N, 20): video, s, s from C_I alone, from C_D alone, C
-    if run.world > 1:  # every process's rows: gathered padded to the longest, then cut to each one's
-        counts = [torch.zeros(1, dtype=torch.long, device=run.device) for _ in range(run.world)]
-        dist.all_gather(counts, torch.tensor([len(rows)], device=run.device))
-        padded = rows.new_zeros(int(max(counts)), rows.shape[1])
-        padded[: len(rows)] = rows
-        parts = [torch.empty_like(padded) for _ in range(run.world)]
-        dist.all_gather(parts, padded)
-        rows = torch.cat([part[: int(n)] for part, n in zip(parts, counts)])
+    rows = torch.cat(rows) if rows else torch.zeros(0, 20, device=run.device)  # (N, 20): video, s, s from
+    if run.world > 1:  # C_I alone, from C_D alone, C; every process's share, padded to the first's (longest)
+        shares = [len(run.train[r :: run.world]) for r in range(run.world)]
+        parts = [rows.new_zeros(shares[0], rows.shape[1]) for _ in shares]
+        dist.all_gather(parts, torch.cat([rows, rows.new_zeros(shares[0] - len(rows), rows.shape[1])]))
+        rows = torch.cat([part[:n] for part, n in zip(parts, shares)])
     raw, C, each = {}, {}, {}
     for i, s_i, s_I, s_D, *C_i in rows.tolist():  # one read from the device
         p = run.train[int(i)][0]

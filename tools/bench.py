@@ -1,28 +1,21 @@
 """Benchmarks that print figures (never timed tests): `python tools/bench.py` on the CPU (data path and
-training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d), and
-`python tools/bench.py --pipeline` for whether the data path keeps up with the training step: on UCF-like
-videos it writes itself, the step alone, the loader alone and the real stage, in clips/s
-(docs/performance.md; on a GPU: `--pipeline --device cuda --width 64 --layers 2 2 2 2 --size 112
---workers 15 --videos 480 --repeat 5`).
+training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d);
+`tools/pipeline.py` whether the data path keeps up with the training step (docs/performance.md).
 
 Decoding floors: the necessary work only - seek to the keyframe before the first wanted frame, decode to
 the last wanted frame, convert each wanted frame once, single-threaded - written here as a bare PyAV loop.
 """
 
 import argparse
-import json
-import multiprocessing
+import itertools
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models import R3D  # noqa: E402
@@ -49,9 +42,10 @@ def count_flops(model, x):
     return total
 
 
-def timed(fn, reps, sync=lambda: None):
-    """Seconds per call of fn, after one warm-up call; `sync` waits for queued GPU work."""
-    fn()
+def timed(fn, reps, sync=lambda: None, warmup=1):
+    """Seconds per call of fn, after `warmup` calls; `sync` waits for queued GPU work."""
+    for _ in range(warmup):
+        fn()
     sync()
     t = time.perf_counter()
     for _ in range(reps):
@@ -108,9 +102,8 @@ def bench_decoding(reps):
         out = data._output_size(128, W, H)
         sets = {
             "train clip (8 x stride 2, random start)": lambda: data.train_indices(n, 8, 2, g),
-            "SSL clip set (16 x 4 sparse + 4 dense)": lambda: (lambda s, d: s + sum(d, []))(
-                *data.ssl_indices(n, 16, 4, g)
-            ),
+            "SSL clip set (16 x 4 sparse + 4 dense)":
+                lambda: (lambda s, d: s + sum(d, []))(*data.ssl_indices(n, 16, 4, g)),
             "test video (10 clips of 8 x 2)": lambda: sum(data.test_indices(n, 8, 2, 10), []),
             "score clip set (4 x 8)": lambda: sum(data.score_indices(n, 8), []),
         }
@@ -119,10 +112,8 @@ def bench_decoding(reps):
             ours = sum(timed(lambda: data.load_frames(path, d, 128), 1) for d in draws) / reps
             floor = sum(timed(lambda: floor_decode(av, path, d, out), 1) for d in draws) / reps
             naive = sum(timed(lambda: from_start(av, path, max(d), out), 1) for d in draws) / reps
-            print(
-                f"| {name} | {what} | {1000 * ours:.1f} | {1000 * floor:.1f} | {ours / floor:.2f} "
-                f"| {1000 * naive:.1f} | {ours / naive:.2f} |"
-            )
+            print(f"| {name} | {what} | {1000 * ours:.1f} | {1000 * floor:.1f} | {ours / floor:.2f} "
+                  f"| {1000 * naive:.1f} | {ours / naive:.2f} |")
 
 
 def bench_toy_loader(root, workers_list, steps_clips):
@@ -140,10 +131,8 @@ def bench_toy_loader(root, workers_list, steps_clips):
         loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
         t = time.perf_counter()
         n = sum(data.finish(x, p).shape[0] for x, p, *_ in loader)  # the float half too, as train.py does
-        print(
-            f"- workers {w}: loader {n / (time.perf_counter() - t):.0f} clips/s vs supervised step "
-            f"{steps_clips:.0f} clips/s"
-        )
+        print(f"- workers {w}: loader {n / (time.perf_counter() - t):.0f} clips/s vs supervised step "
+              f"{steps_clips:.0f} clips/s")
 
 
 def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
@@ -197,10 +186,8 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     return {
         "ssl": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "invariant", 0.1, autocast), 10 * h),
         "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y, autocast), B),
-        "semisup": loop_step(
-            opt_c,
-            lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s, args, autocast), B,
-        ),
+        "semisup": loop_step(opt_c, lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s,
+                                                                args, autocast), B),
         "_student": loop_step(opt_c, student_only, B),
         "_teachers": (teacher_fwd, B),
     }
@@ -209,183 +196,37 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
 def bench_steps_cpu(reps, size=SIZE):
     dev = torch.device("cpu")
     m = R3D(16, (1, 1, 1, 1), num_classes=8)
-    print(
-        f"\n## Default model (width 16, 1 block per stage) at 8x{size}x{size}: "
-        f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters (classifier), "
-        f"{count_flops(m, torch.zeros(1, 3, 8, size, size)) / 1e9:.3f} GFLOPs per clip forward"
-    )
+    print(f"\n## Default model (width 16, 1 block per stage) at 8x{size}x{size}: "
+          f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters (classifier), "
+          f"{count_flops(m, torch.zeros(1, 3, 8, size, size)) / 1e9:.3f} GFLOPs per clip forward")
     fns = step_fns(16, (1, 1, 1, 1), size, dev)
     times = {k: timed(fn, reps) for k, (fn, _) in fns.items()}
     print("| step | clips/s (forward + backward) |\n|---|---|")
     for k in ("supervised", "ssl", "semisup"):  # ssl: the invariant stage's step (L_I)
         print(f"| {k} | {fns[k][1] / times[k]:.0f} |")
     parts = times["_student"] + times["_teachers"]
-    print(
-        f"- semisup step {1000 * times['semisup']:.0f} ms vs its parts (student fwd+bwd "
-        f"{1000 * times['_student']:.0f} ms + both teachers no-grad fwd {1000 * times['_teachers']:.0f} ms): "
-        f"ratio {times['semisup'] / parts:.2f}"
-    )
-    print(
-        "- peak resident memory of this process: "
-        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
-    )
+    print(f"- semisup step {1000 * times['semisup']:.0f} ms vs its parts (student fwd+bwd "
+          f"{1000 * times['_student']:.0f} ms + both teachers no-grad fwd {1000 * times['_teachers']:.0f} ms): "
+          f"ratio {times['semisup'] / parts:.2f}")
+    print(f"- peak resident memory of this process: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return fns["supervised"][1] / times["supervised"]
 
 
 def bench_gpu():
     dev = torch.device("cuda")
     print(f"\n## GPU: {torch.cuda.get_device_name()} (torch {torch.__version__})")
-    print(
-        "| model | input | AMP bf16 | channels_last_3d | supervised clips/s | SSL clips/s | semisup clips/s "
-        "| peak GiB |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for width, layers, label in ((64, (2, 2, 2, 2), "R3D-18 (width 64, 2-2-2-2)"),):
-        for size in (112, 224):
-            for amp in (False, True):
-                for cl in (False, True):
-                    torch.cuda.reset_peak_memory_stats()
-                    fns = step_fns(width, layers, size, dev, amp, cl)
-                    row = []
-                    for k in ("supervised", "ssl", "semisup"):
-                        fn, n = fns[k]
-                        for _ in range(3):
-                            fn()
-                        torch.cuda.synchronize()
-                        t = time.perf_counter()
-                        for _ in range(10):
-                            fn()
-                        torch.cuda.synchronize()
-                        row.append(n * 10 / (time.perf_counter() - t))
-                    peak = torch.cuda.max_memory_allocated() / 2**30
-                    print(
-                        f"| {label} | 8x{size}x{size} | {amp} | {cl} | "
-                        + " | ".join(f"{v:.0f}" for v in row)
-                        + f" | {peak:.1f} |",
-                        flush=True,
-                    )
-                    del fns
-                    torch.cuda.empty_cache()
-
-
-def write_ucf_like(path, seed, n=175, H=240, W=320):
-    """7 s at 25 fps, 320x240, MPEG-4 part 2 in AVI with a keyframe every 12 frames (UCF101's format): a
-    texture drifting across the frame and a blob moving over it, so that every frame costs a real decode."""
-    import data
-
-    torch.set_num_threads(1)  # one process per core
-    g = torch.Generator().manual_seed(seed)
-    texture = F.interpolate(torch.rand(1, 3, H // 8, W // 8, generator=g), size=(H, W), mode="bilinear")[
-        0
-    ]  # (3, H, W)
-    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
-    v = torch.randn(2, generator=g) * 2
-    frames = []
-    for t in range(n):
-        img = texture.roll(shifts=(t // 2, t), dims=(1, 2)).clone()  # (3, H, W)
-        cy, cx = (H / 2 + v[0] * t) % H, (W / 2 + v[1] * t) % W
-        img[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 900] = torch.tensor([0.9, 0.2, 0.1]).view(3, 1)
-        frames.append((img.permute(1, 2, 0) * 255).to(torch.uint8))
-    toy.write_video(path, torch.stack(frames), gop=12)
-
-
-def bench_pipeline(args):
-    """Three rows per mode, in clips/s: the training step alone (random input on the device), the loader
-    alone (VideoDataset -> DataLoader with persistent workers -> copy and `finish` on the device, no model;
-    second epoch, workers warm), and the real stage (`train.py --stage ...`, its OUT/log.jsonl figure over
-    2 epochs, worker start-up included)."""
-    import data
-    import train
-
-    tmp = tempfile.mkdtemp()
-    K = 8  # classes
-    rels = [f"v{i:04d}.avi" for i in range(args.videos)]
-    t = time.perf_counter()
-    with multiprocessing.Pool(os.cpu_count()) as pool:
-        pool.starmap(write_ucf_like, [(os.path.join(tmp, r), i) for i, r in enumerate(rels)])
-    print(
-        f"\n## Pipeline: {args.videos} UCF-like videos (320x240, 7 s, MPEG-4 AVI) written in "
-        f"{time.perf_counter() - t:.0f} s; train list = them x {args.repeat}"
-    )
-    data.write_list(os.path.join(tmp, "train.txt"), [(r, i % K) for i, r in enumerate(rels)] * args.repeat)
-    data.write_list(os.path.join(tmp, "test.txt"), [(r, i % K) for i, r in enumerate(rels[:K])])
-    flags = [
-        "--dataset", "list", "--root", tmp, "--train-list", os.path.join(tmp, "train.txt"), "--test-list",
-        os.path.join(tmp, "test.txt"), "--device", args.device, "--size", str(args.size), "--width",
-        str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers), "--test-clips",
-        "2", "--log-every", "100000", "--labeled", "1",
-    ]
-    dev = torch.device(args.device)
-    print(
-        f"device {dev} "
-        f"({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-        f"width {args.width}, layers {args.layers}, 8x{args.size}x{args.size}, {args.workers} workers, "
-        f"AMP {'bf16' if dev.type == 'cuda' else 'off'}"
-    )
-
-    # 1. the step alone, with the kernels the stages choose (train.Run turns cudnn.benchmark on)
-    torch.backends.cudnn.benchmark = dev.type == "cuda"
-    fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", K=K)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    step = {
-        mode: fns[mode][1] / timed(fns[mode][0], args.reps, sync) for mode in ("ssl", "supervised", "semisup")
-    }
-    del fns
-
-    # 2. the loader alone: the stage's own Run, dataset, loader and batches, no model
-    run = train.Run(train.get_args(["--stage", "supervised", "--out", os.path.join(tmp, "loader"), *flags]))
-    loader_rate = {}
-    for mode, bs in (("ssl", 8), ("supervised", 16)):
-        ds = run.dataset(run.train, "ssl" if mode == "ssl" else "train")
-        loader = run.loader(ds, bs)
-        for epoch in range(2):
-            t, n = time.perf_counter(), 0
-            for x, *_ in run.batches(loader, epoch):
-                n += x.shape[0]
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        loader_rate[mode] = n / (time.perf_counter() - t)
-        del loader
-
-    # 3. the stage: invariant (SSL), supervised, semisup (its student; the teachers run first)
-    out = os.path.join(tmp, "stages")
-    stage_rate = {}
-    for stage, key, log_name in (
-        ("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),
-        ("semisup", "semisup", "student"),
-    ):
-        if stage == "semisup":  # the second encoder only feeds the scores and a teacher: a copy will do
-            shutil.copy(os.path.join(out, "invariant.pt"), os.path.join(out, "distinctive.pt"))
-        p = subprocess.run(
-            [
-                sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage", stage,
-                "--out", out, "--epochs", "2", *flags,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if p.returncode:
-            sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
-        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        stage_rate[key] = [r for r in records if r["stage"] == log_name][-1]["clips_per_s"]
-    print(
-        "| clips/s | invariant SSL (10 clips / video, 8 videos) | supervised (16 clips) "
-        "| semisup (8 + 8 clips) |"
-    )
-    print("|---|---|---|---|")
-    print(f"| step alone | {step['ssl']:.0f} | {step['supervised']:.0f} | {step['semisup']:.0f} |")
-    print(f"| loader alone | {loader_rate['ssl']:.0f} | {loader_rate['supervised']:.0f} | - |")
-    print(
-        f"| the stage | {stage_rate['ssl']:.0f} | {stage_rate['supervised']:.0f} "
-        f"| {stage_rate['semisup']:.0f} |"
-    )
-    for key in ("ssl", "supervised"):
-        bound = min(step[key], loader_rate[key])
-        print(
-            f"- {key}: loader / step {loader_rate[key] / step[key]:.2f}, "
-            f"stage / min(loader, step) {stage_rate[key] / bound:.2f}"
-        )
-    print(f"- semisup: stage / step {stage_rate['semisup'] / step['semisup']:.2f}")
+    print("| model | input | AMP bf16 | channels_last_3d | supervised clips/s | SSL clips/s | semisup clips/s "
+          "| peak GiB |\n|---|---|---|---|---|---|---|---|")
+    for size, amp, cl in itertools.product((112, 224), (False, True), (False, True)):
+        torch.cuda.reset_peak_memory_stats()
+        fns = step_fns(64, (2, 2, 2, 2), size, dev, amp, cl)
+        row = [fns[k][1] / timed(fns[k][0], 10, torch.cuda.synchronize, 3) for k in ("supervised", "ssl", "semisup")]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| R3D-18 (width 64, 2-2-2-2) | 8x{size}x{size} | {amp} | {cl} | "
+              + " | ".join(f"{v:.0f}" for v in row) + f" | {peak:.1f} |", flush=True)
+        del fns
+        torch.cuda.empty_cache()
 
 
 def main():
@@ -393,34 +234,10 @@ def main():
     p.add_argument("--gpu", action="store_true", help="benchmark the GPU-scale model instead")
     p.add_argument("--reps", type=int, default=10, help="repetitions per figure")
     p.add_argument("--toy", type=str, default="data/toy", help="toy dataset folder (generated if missing)")
-    p.add_argument(
-        "--pipeline", action="store_true",
-        help="step alone, loader alone and the real stage, on UCF-like videos",
-    )
-    p.add_argument(
-        "--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-        help="--pipeline: device",
-    )
-    p.add_argument("--width", type=int, default=16, help="--pipeline: model width (R3D-18: 64)")
-    p.add_argument(
-        "--layers", type=int, nargs=4, default=[1, 1, 1, 1],
-        help="--pipeline: blocks per stage (R3D-18: 2 2 2 2)",
-    )
-    p.add_argument("--size", type=int, default=SIZE, help="--pipeline: crop size")
-    p.add_argument("--workers", type=int, default=2, help="--pipeline: DataLoader workers")
-    p.add_argument("--videos", type=int, default=32, help="--pipeline: UCF-like videos to write")
-    p.add_argument(
-        "--repeat", type=int, default=2, help="--pipeline: times the train list repeats them (one epoch)"
-    )
     args = p.parse_args()
     if args.gpu:
         bench_gpu()
         return
-    if args.pipeline:
-        bench_pipeline(args)
-        return
-    import data
-
     if not os.path.exists(os.path.join(args.toy, "classInd.txt")):
         toy.make_toy(args.toy)
     bench_decoding(args.reps)
