@@ -505,7 +505,10 @@ def command(fn):
     """fn() as a command (train.py's, a tool's): a bad input ends it with one line and exit code 2, and the
     process group is ended however it ends."""
     try:
-        return fn()
+        result = fn()
+        if dist.is_initialized():  # every process ends together: none tears down the group under a busy one
+            dist.barrier()
+        return result
     except (data.DataError, StageError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -541,6 +544,9 @@ class Run:
         lists = {"train": self.train, "test": self.test} if subset else {}  # a list dataset that repeats it
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             self.train, self.test = data.hold_out(self.train, self.classes, args.holdout)
+        if self.world > min(len(self.train), len(self.test)):  # each process evaluates and scores its share
+            raise data.DataError(f"{len(self.train)} training and {len(self.test)} test videos for {self.world} "
+                                 "processes: each process needs one of each")
         if args.labeled_list:
             self.labeled, self.unlabeled = data.labeled_from_list(self.train, args.labeled_list, self.classes)
         else:

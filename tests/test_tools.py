@@ -227,3 +227,23 @@ def test_mix_counts_against_a_naive_loop():
         want["sim_breaks"] += fixed and not sim
     got = ablation.mix_counts(p_I, p_D, s, y)
     assert got == want and got["fixable"] > 0 and got["sim_fixes"] > 0
+
+
+def test_gpu_check_fails_loudly(tmp_path):
+    """tools/gpu_check.py on a CPU: a part that fails and a part past its time limit are FAILED rows, printed as
+    they end, and the check exits 1; the parts left when the time is spent are FAILED too, never skipped; each
+    check writes its own folder, so no figure of an earlier one is reported."""
+    tiny = ["--device", "cpu", "--width", "8", "--layers", "1", "1", "1", "1", "--size", "32", "--epochs", "1",
+            "--workers", "0", "--out", str(tmp_path), "--no-tests", "--no-bench"]
+    runs = []
+    for extra in (["--timeout", "2", "--budget", "3"], ["--width", "0", "--budget", "12"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), *tiny, *extra],
+                           capture_output=True, text=True, timeout=300)
+        rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert p.returncode == 1 and rows and all("FAILED" in row for row in rows), p.stdout + p.stderr
+        assert len(rows) == 12 and f"{len(rows)} part(s) FAILED" in p.stdout
+        runs.append(rows)
+    assert runs[0][0].startswith("| invariant, 1 process | FAILED (timed out after 2 s)")
+    assert runs[0][-1].startswith("| predict, 2 processes | FAILED (no time left)")
+    assert runs[1][0].startswith("| invariant, 1 process | FAILED (exit 2: ") and "--width" in runs[1][0]
+    assert len(os.listdir(tmp_path)) == 2

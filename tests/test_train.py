@@ -1136,3 +1136,19 @@ def test_a_run_continued_from_another_directory(chain, toy_root, tmp_path, monke
     monkeypatch.chdir(second)
     p = train("--stage", "finetune", root=toy_root, out=out)
     assert "teacher_distinctive: test top-1" in p.stdout and not (second / "runs").exists()
+
+
+def test_a_process_without_a_test_video_stops_every_process(toy_root, tmp_path):
+    """One test video for two processes: each process would evaluate a share, and one share is empty. Both
+    stop at once with the same line, exit code 2, none left waiting in a collective."""
+    train_list, test_list = tmp_path / "train.txt", tmp_path / "test.txt"
+    train_items, test_items, _ = data.read_ucf101(toy_root, toy_root, 1)
+    data.write_lines(train_list, (f"{p} {y}" for p, y in train_items))
+    data.write_lines(test_list, [f"{test_items[0][0]} {test_items[0][1]}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), "--stage", "supervised", "--device", "cpu", "--dataset", "list",
+           "--root", toy_root, "--train-list", str(train_list), "--test-list", str(test_list), "--out",
+           str(tmp_path / "out"), *FAST]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    line = "error: 40 training and 1 test videos for 2 processes: each process needs one of each"
+    assert p.returncode != 0 and p.stderr.count(line) == 2, p.stderr[-2000:]

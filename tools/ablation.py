@@ -178,7 +178,10 @@ def mix_weights(run, mix, teachers):
                  .gather(1, y.view(-1, 1)).squeeze(1) for t in teachers]  # (N_l,): p of the right class
         K = len(run.classes)
         p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p) for p in right)  # (K,) sums
-        s_class = ((p_I > p_D).float() + 0.5 * (p_I == p_D).float()).tolist()
+        s_class = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,)
+        if run.world > 1:  # the first process decides for all: a near tie could go either way on another GPU
+            train.dist.broadcast(s_class, 0)
+        s_class = s_class.tolist()
         chosen = [c for c, w in zip(run.classes, s_class) if w == 1]
         run.log(f"--mix class: the invariant teacher for {', '.join(chosen) or 'no class'}, the distinctive "
                 "one for the others (a tie: both)")

@@ -24,6 +24,15 @@ from tools import toy  # noqa: E402
 SIZE = 32  # train.py's --size default
 
 
+def model_flags(p, width, layers, size, workers):
+    """The flags of a bench's model and data path, with its defaults (the pipeline bench, the GPU check)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--width", type=int, default=width, help="R3D width (64: the R3D-18 layout)")
+    p.add_argument("--layers", type=int, nargs=4, default=layers, help="residual blocks per stage (R3D-18: 2 2 2 2)")
+    p.add_argument("--size", type=int, default=size, help="crop size in pixels")
+    p.add_argument("--workers", type=int, default=workers, help="DataLoader workers a process")
+
+
 def count_flops(model, x):
     """Multiply-accumulates x2 of the conv and linear layers for one forward of input x."""
     total = 0

@@ -1,109 +1,129 @@
-"""Every GPU check in one run, for a machine with CUDA: the CUDA tests, each stage for --epochs in one process
-and under torchrun on every visible GPU, and the pipeline bench, on data it writes itself (the R3D-18 layout
-at 112 px by default: under 10 minutes on one H100); it ends with one table. `--device cpu` with tiny sizes
-runs the same steps on a CPU (2 gloo processes), which is how it is tested:
+"""The GPU check, one command for a CUDA machine (under 8 minutes on one H100/H200 at the defaults), on data
+it writes itself into a fresh folder OUT/<date-time>-<pid>:
 
-    python tools/gpu_check.py                                    # a CUDA machine
+    python tools/gpu_check.py                                   # a CUDA machine: R3D-18 layout at 112 px
     python tools/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
+
+Its parts, each printed as a row the moment it ends: each stage in one process (clips/s of its last epoch),
+eval and predict of the student; the same stages in N processes under torchrun where N >= 2 GPUs are
+visible (NCCL; on a CPU, 2 gloo processes; with one GPU the row says NOT RUN); the CUDA tests; the pipeline
+bench. Every part runs under a time limit and is FAILED past it; the check exits 1 if any part FAILED.
 """
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
 from tools import toy  # noqa: E402
+from tools.bench import model_flags  # noqa: E402
 
 STAGES = (("invariant", "invariant"), ("distinctive", "distinctive"), ("semisup", "student"),
           ("supervised", "supervised"))  # (stage, the log.jsonl name of its last step)
 
 
-def run(cmd, log):
-    """Runs cmd, its output into `log`; returns (exit code, seconds, output)."""
-    t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    with open(log, "w") as f:
-        f.write(p.stdout + p.stderr)
-    return p.returncode, time.time() - t, p.stdout + p.stderr
+class Check:
+    """The rows of the check: each part runs under the time left (at most --timeout), and its row is printed
+    as soon as it ends."""
+
+    def __init__(self, args, out):
+        self.args, self.out, self.t0, self.failed = args, out, time.time(), []
+
+    def part(self, name, cmd, how=None):
+        """Runs cmd (output into OUT/<name>.log); the row is how(output) or "ok", FAILED on a non-zero exit
+        or past the time limit. Returns the output, or None if the part failed."""
+        limit = min(self.args.timeout, self.args.budget - (time.time() - self.t0))
+        t, log = time.time(), os.path.join(self.out, name.replace(" ", "_") + ".log")
+        try:
+            if limit <= 0:
+                raise subprocess.TimeoutExpired(cmd, 0)
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            text, code = p.stdout + p.stderr, p.returncode
+            result = f"FAILED (exit {code}: {(text.strip().splitlines() or ['no output'])[-1][:70]})" if code \
+                else (how(text) if how else "ok")
+        except subprocess.TimeoutExpired as e:
+            text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            result = f"FAILED (timed out after {limit:.0f} s)" if limit > 0 else "FAILED (no time left)"
+        with open(log, "w") as f:
+            f.write(text)
+        self.row(name, result, time.time() - t)
+        return None if result.startswith("FAILED") else text
+
+    def row(self, name, result, seconds=0.0):
+        if result.startswith("FAILED"):
+            self.failed.append(name)
+        print(f"| {name} | {result} | {seconds:.0f} s |", flush=True)
 
 
-def stages(args, flags, out, launcher, rows, key):
-    """Each stage of STAGES with `launcher`, then eval and predict of the student: rows[stage][key] = clips/s
-    of its last epoch, or the failure."""
-    for stage, name in STAGES + (("eval", None), ("predict", None)):
-        extra = ["--ckpt", os.path.join(out, "student.pt")] if name is None else []
-        if stage == "predict":
-            extra += [os.path.join(args.out, "toy", "Disk", "v_Disk_g00_c01.avi")]
-            cmd = [sys.executable, "train.py", "--stage", stage, "--device", args.device, *extra]
-        else:
-            cmd = [*launcher, "train.py", "--stage", stage, *flags, "--out", out, *extra]
-        code, seconds, text = run(cmd, os.path.join(out + f"_{stage}.log"))
-        if code:
-            rows.setdefault(stage, {})[key] = f"FAILED ({text.strip().splitlines()[-1][:60]})"
-        elif name is None:
-            rows.setdefault(stage, {})[key] = f"ok, {seconds:.0f} s"
-        else:
-            records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-            last = [r for r in records if r["stage"] == name][-1]
-            rows.setdefault(stage, {})[key] = f"{last['clips_per_s']:.0f} clips/s"
+def stages(check, launcher, flags, out, label):
+    """Each stage with `launcher` into `out`, then eval and predict of its student."""
+    for stage, name in STAGES:
+        cmd = [*launcher, "train.py", "--stage", stage, *flags, "--out", out]
+        check.part(f"{stage}, {label}", cmd, lambda text, name=name: last_rate(out, name))
+    student = os.path.join(out, "student.pt")
+    check.part(f"eval, {label}", [*launcher, "train.py", "--stage", "eval", "--ckpt", student, *flags,
+                                  "--out", out])
+    video = os.path.join(flags[flags.index("--root") + 1], "Disk", "v_Disk_g00_c01.avi")
+    check.part(f"predict, {label}", [sys.executable, "train.py", "--stage", "predict", "--ckpt", student,
+                                     "--device", check.args.device, video])
 
 
-def main():
+def last_rate(out, stage_name):
+    """Clips/s of the last epoch of `stage_name` in OUT/log.jsonl."""
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return f"{[r for r in records if r['stage'] == stage_name][-1]['clips_per_s']:.0f} clips/s"
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--out", default="runs/gpu_check", help="folder for the data, runs and logs")
-    p.add_argument("--width", type=int, default=64, help="R3D width (64: the R3D-18 layout)")
-    p.add_argument("--layers", type=int, nargs=4, default=[2, 2, 2, 2], help="residual blocks per stage")
-    p.add_argument("--size", type=int, default=112, help="crop size in pixels")
+    model_flags(p, width=64, layers=[2, 2, 2, 2], size=112, workers=8)
+    p.add_argument("--out", default="runs/gpu_check", help="each run writes a fresh folder in it")
     p.add_argument("--epochs", type=int, default=2, help="epochs of every stage")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers a process")
+    p.add_argument("--timeout", type=float, default=240, help="seconds a part may take before it is FAILED")
+    p.add_argument("--budget", type=float, default=470,
+                   help="seconds for all the parts; none runs past it")
+    p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="the CUDA tests")
     p.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True, help="the pipeline bench")
-    args = p.parse_args()
-    t0, rows, lines = time.time(), {}, []
+    args = p.parse_args(argv)
     cuda = args.device == "cuda"
-    n = torch.cuda.device_count() if cuda else 2
-    toy = os.path.join(args.out, "toy")
-    if not os.path.exists(os.path.join(toy, "toy.json")):
-        side = max(64, args.size * 8 // 7 + 8)  # frames a little larger than the crop's decoding size
-        toy.make_toy(toy, train_per_class=8, test_per_class=2, frames=48, size=side)
-    flags = ["--root", toy, "--device", args.device, "--width", str(args.width), "--layers",
+    out = os.path.abspath(os.path.join(args.out, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    os.makedirs(out)  # fresh: nothing of an earlier check is reused or reported
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, torch {torch.__version__}, R3D width {args.width} layers {args.layers}, {args.size} px, "
+          f"{args.epochs} epochs, {args.workers} workers, {time.strftime('%Y-%m-%d')}; logs in {out}\n\n"
+          "| part | result | time |\n|---|---|---|", flush=True)
+    root = os.path.join(out, "toy")
+    toy.make_toy(root, train_per_class=8, test_per_class=2, frames=48, size=max(64, args.size * 8 // 7 + 8))
+    check = Check(args, out)
+    flags = ["--root", root, "--device", args.device, "--width", str(args.width), "--layers",
              *map(str, args.layers), "--size", str(args.size), "--epochs", str(args.epochs), "--workers",
              str(args.workers), "--labeled", "2", "--batch-size", "4"]
-
-    # 1. the CUDA tests (skipped on a CPU)
-    code, _, text = run([sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "tests", "test_train.py"), "-k",
-                         "cuda or gpus or nccl"], os.path.join(args.out, "tests.log"))
-    lines.append(f"CUDA tests: {(text.strip().splitlines() or ['no output'])[-1]}")
-    # 2. each stage in one process, 3. under torchrun on every GPU (2 gloo processes on a CPU)
-    stages(args, flags, os.path.join(args.out, "one"), [sys.executable], rows, "one")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=29531"]
-    stages(args, flags, os.path.join(args.out, "many"), torchrun, rows, "many")
-    # 4. the pipeline bench: step alone, loader alone, the stage
+    stages(check, [sys.executable], flags, os.path.join(out, "one"), "1 process")
+    n = torch.cuda.device_count() if cuda else 2
+    if n >= 2:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        stages(check, torchrun, flags, os.path.join(out, "many"), f"{n} processes")
+    else:
+        check.row("multi-process CUDA", f"NOT RUN ({n} GPU: no process group, DDP, SyncBatchNorm or NCCL)")
+    if args.tests:
+        check.part("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                  os.path.join(ROOT, "tests", "test_train.py"), "-k", "cuda or gpus or nccl"],
+                   lambda text: text.strip().splitlines()[-1])
     if args.bench:
-        code, _, text = run([sys.executable, os.path.join(HERE, "bench.py"), "--pipeline", "--device",
-                             args.device, "--width", str(args.width), "--layers", *map(str, args.layers),
-                             "--size", str(args.size), "--workers", str(args.workers), "--videos", "48",
-                             "--repeat", "2"], os.path.join(args.out, "bench.log"))
-        table = [line for line in text.splitlines() if re.match(r"^(\||- |device)", line)]
-        lines += table or ["bench FAILED"]
-
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, torch {torch.__version__}, R3D width {args.width} layers {args.layers}, "
-          f"{args.size} px, {args.epochs} epochs, {args.workers} workers, {time.strftime('%Y-%m-%d')}\n")
-    print(f"| stage | 1 process | {n} processes (torchrun) |\n|---|---|---|")
-    for stage, cells in rows.items():
-        print(f"| {stage} | {cells.get('one', '-')} | {cells.get('many', '-')} |")
-    print("\n" + "\n".join(lines) + f"\n\nwall time {time.time() - t0:.0f} s; logs in {args.out}")
-    failed = [stage for stage, cells in rows.items() if any("FAILED" in c for c in cells.values())]
-    sys.exit(1 if failed else 0)
+        bench = [sys.executable, "tools/pipeline.py", "--device", args.device, "--width", str(args.width),
+                 "--layers", *map(str, args.layers), "--size", str(args.size), "--workers", str(args.workers),
+                 "--videos", "48", "--repeat", "2"]
+        text = check.part("pipeline bench", bench)
+        print("\n".join(line for line in (text or "").splitlines() if line.startswith(("|", "- ", "device"))))
+    print(f"\n{len(check.failed)} part(s) FAILED{': ' + ', '.join(check.failed) if check.failed else ''}; "
+          f"wall time {time.time() - check.t0:.0f} s", flush=True)
+    sys.exit(1 if check.failed else 0)
 
 
 if __name__ == "__main__":

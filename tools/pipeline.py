@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
-from tools.bench import step_fns, timed  # noqa: E402
+from tools.bench import model_flags, step_fns, timed  # noqa: E402
 
 
 def write_ucf_like(path, seed, n=175, H=240, W=320):
@@ -124,11 +124,7 @@ def bench_pipeline(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    p.add_argument("--width", type=int, default=16, help="model width (R3D-18: 64)")
-    p.add_argument("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="blocks per stage (R3D-18: 2 2 2 2)")
-    p.add_argument("--size", type=int, default=32, help="crop size")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    model_flags(p, width=16, layers=[1, 1, 1, 1], size=32, workers=2)
     p.add_argument("--videos", type=int, default=32, help="UCF-like videos to write")
     p.add_argument("--repeat", type=int, default=2, help="times the train list repeats them (one epoch)")
     p.add_argument("--reps", type=int, default=10, help="repetitions of the step alone")
