@@ -145,13 +145,16 @@ def mix_teachers(p_inv, p_dist, s):
 
 
 def distillation_loss(student_logits, p_teacher, kind="mse"):
-    """Distillation from the mixed teachers: "mse" = MSE(softmax(student), p_T) averaged over batch x
-    classes (the paper's; hence its loss weights 50 / 100), "kl" = KL(p_T || softmax(student)) averaged
-    over the batch (the released alternative)."""
+    """Distillation from the mixed teachers (docs/method.md "Student"), both averaged over batch x classes
+    as the released code does (hence its loss weights 50 / 100 for either):
+        "mse": mean_(i,k) (softmax(student)_ik - p_T,ik)^2          (the paper's)
+        "kl":  mean_(i,k) p_T,ik (log p_T,ik - log softmax(student)_ik)   (the released alternative,
+               `KLDivLoss(reduction="mean")`: KL(p_T || p_S) per video divided by the K classes)"""
     if kind == "mse":
         return F.mse_loss(student_logits.softmax(dim=-1), p_teacher)
     if kind == "kl":
-        return F.kl_div(student_logits.log_softmax(dim=-1), p_teacher, reduction="batchmean")
+        K = p_teacher.shape[-1]  # torch's reduction="mean" does the same, with a warning that it will change
+        return F.kl_div(student_logits.log_softmax(dim=-1), p_teacher, reduction="batchmean") / K
     raise ValueError(f"distillation_loss: unknown kind {kind!r}")
 
 

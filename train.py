@@ -600,9 +600,10 @@ class Run:
 
     def dataset(self, items, mode, stream=0):
         """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch. Its
-        videos are decoded whole and kept in memory while they fit in --cache-mb (`data.keep_decoded`)."""
+        videos are decoded whole and kept in memory while they fit in --cache-mb (`data.keep_decoded`). The
+        score's clips are as long as the clips the SSL encoders were trained on."""
         a = self.args
-        T, k = (a.ssl_frames, a.ssl_stride) if mode == "ssl" else (a.frames, a.stride)
+        T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
         ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
         data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
         return ds
@@ -675,7 +676,7 @@ def read_splits(args):
 # Flags that define a run, checkpoints, JSON files
 
 # The flags that define what a stage computes: a later stage in the same --out (OUT/run.json), or a
-# checkpoint reused, must agree with them (`check_flags`). Paths compare as absolute paths.
+# checkpoint reused, must agree with them (`check_flags`). Paths are absolute (`get_args`) and compared so.
 DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names",
               "classes", "per_class", "test_per_class", "subset_seed", "holdout")
 DEFINING = {"data": DATA_FLAGS,
@@ -698,8 +699,6 @@ def check_flags(recorded, args, kind, source):
         value = args.get(flag)
         if flag == "subset_seed":  # the seed the subset was drawn with, where one was drawn
             value = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
-        if flag in PATH_FLAGS and value is not None:
-            value = os.path.abspath(value)
         if flag in recorded and recorded[flag] != value:
             raise StageError(f"--{flag.replace('_', '-')} {value} differs from {recorded[flag]}, recorded in "
                              f"{source}: use another --out for a new run (or give {recorded[flag]})")

@@ -242,8 +242,8 @@ def test_distillation_loss_by_hand():
     logits = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # softmax = [0.25, 0.75]
     p_T = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     assert tb.distillation_loss(logits, p_T, "mse").item() == pytest.approx((0.25**2 + 0.25**2) / 2)
-    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert tb.distillation_loss(logits, p_T, "kl").item() == pytest.approx(kl)
+    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # KL(p_T || p_S) of the one video
+    assert tb.distillation_loss(logits, p_T, "kl").item() == pytest.approx(kl / 2)  # over its 2 classes
     with pytest.raises(ValueError, match="unknown kind"):
         tb.distillation_loss(logits, p_T, "l1")
 

@@ -247,3 +247,16 @@ def test_gpu_check_fails_loudly(tmp_path):
     assert runs[0][-1].startswith("| predict, 2 processes | FAILED (no time left)")
     assert runs[1][0].startswith("| invariant, 1 process | FAILED (exit 2: ") and "--width" in runs[1][0]
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_the_ordered_variant_is_bob_and_pulse_ordered_classes(tmp_path):
+    """--variant ordered: its classes are bob's four ordered classes, then pulse's four, drawn as they are
+    there (so each is its partner played backwards, as tested above), and groups.txt calls every one ordered."""
+    for c in range(8):
+        g = [torch.Generator().manual_seed(c) for _ in range(2)]
+        same = (c + 4, "bob") if c < 4 else (c, "pulse")
+        assert torch.equal(toy._render(c, 24, 48, 48, g[0], variant="ordered"),
+                           toy._render(same[0], 24, 48, 48, g[1], variant=same[1]))
+    toy.make_toy(str(tmp_path), train_per_class=1, test_per_class=0, frames=8, size=32, variant="ordered")
+    classes = toy.TOY_VARIANTS["ordered"]
+    assert toy.read_groups(str(tmp_path), classes) == ["ordered"] * 8 and len(set(classes)) == 8

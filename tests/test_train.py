@@ -1012,10 +1012,11 @@ def test_two_processes_train_the_objective_of_one(tmp_path):
 
 
 def test_headroom_mixes(chain, toy_root, tmp_path):
-    """--mix invariant / distinctive: every video 1 / 0; group: 1 for the classes groups.txt calls
-    repetitive (the toy's first four), 0 for the ordered ones; class: per class the teacher whose clips of
-    the labeled videos give the right class the higher mean probability, checked one video at a time; with
-    two equal teachers, 0.5 everywhere (the ablation's test trains their students)."""
+    """The headroom mixes of tools/ablation.py: invariant / distinctive: every video 1 / 0; group: 1 for the
+    classes groups.txt calls repetitive (the toy's first four), 0 for the ordered ones; class: per class the
+    teacher that gives the class's unlabeled training videos the higher summed probability of their class;
+    video: per training video the teacher that gives its own class the higher probability; both checked one
+    video at a time, its clips as evaluation sees them; with two equal teachers, 0.5 everywhere."""
     import train as train_py
     from tools import ablation
 
@@ -1028,18 +1029,25 @@ def test_headroom_mixes(chain, toy_root, tmp_path):
     weights = {mix: ablation.mix_weights(run, mix, teachers) for mix in ablation.HEADROOM}
     assert set(weights["invariant"].values()) == {1.0} and set(weights["distinctive"].values()) == {0.0}
     assert weights["group"] == {p: float(y < 4) for p, y in run.train}
-    ds = run.dataset(run.labeled, "test")
-    right = torch.zeros(2, len(run.classes))  # per teacher and class: summed p of the right class
-    for i, (_, y) in enumerate(run.labeled):
+    ds = run.dataset(run.train, "test")
+    right = torch.zeros(2, len(run.train))  # per teacher and training video: p of its own class
+    for i, (_, y) in enumerate(run.train):
         clips, params = ds[i][:2]  # (K, 3, T, S, S), (K, P)
         x = data.finish(clips, params)
         with torch.no_grad():
             for j, t in enumerate(teachers):
-                right[j, y] += t(x).softmax(dim=-1).mean(dim=0)[y]
-    want = [1.0 if a > b else 0.0 for a, b in zip(*right.tolist())]
-    assert 0 < sum(want) < len(want)  # both teachers win somewhere: the check has two sides
-    assert weights["class"] == {p: want[y] for p, y in run.train}
-    assert set(ablation.mix_weights(run, "class", teachers[:1] * 2).values()) == {0.5}
+                right[j, i] = t(x).softmax(dim=-1).mean(dim=0)[y]
+    per_video = {p: 1.0 if a > b else 0.0 if a < b else 0.5 for (p, _), a, b in zip(run.train, *right.tolist())}
+    assert weights["video"] == pytest.approx(per_video) and 0 < sum(per_video.values()) < len(per_video)
+    summed = torch.zeros(2, len(run.classes))
+    for i, item in enumerate(run.train):
+        if item in run.unlabeled:
+            summed[:, item[1]] += right[:, i]
+    per_class = [1.0 if a > b else 0.0 for a, b in zip(*summed.tolist())]
+    assert 0 < sum(per_class) < len(per_class)  # both teachers win somewhere: the check has two sides
+    assert weights["class"] == {p: per_class[y] for p, y in run.train}
+    for mix in ("class", "video"):
+        assert set(ablation.mix_weights(run, mix, teachers[:1] * 2).values()) == {0.5}
     run.args.root = str(tmp_path / "bare")  # the toy set without its groups.txt
     os.makedirs(run.args.root)
     for name in set(os.listdir(toy_root)) - {"groups.txt"}:
@@ -1075,8 +1083,11 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     assert {k: v for k, v in again.items() if k in first} == {
         k: v for k, v in first.items() if not k.startswith("knn_")
     }
-    assert {"student_invariant", "student_distinctive", "student_group", "student_class"} <= set(again)
-    assert "| student, group oracle (s = 1 repetitive, 0 ordered) |" in p.stdout and "Headroom: " in p.stdout
+    assert {f"student_{m}" for m in ablation.HEADROOM} <= set(again)
+    assert "| student, group oracle (s = 1 repetitive, 0 ordered) |" in p.stdout
+    gain = again["student_video"] - again["student_fixed"]
+    assert f"per-video oracle {again['student_video']:.1f}" in p.stdout and (
+        f"oracle's {gain:+.1f} over the fixed mix" in p.stdout if gain > 0 else "The oracle gains nothing" in p.stdout)
     raw = json.load(open(reused / "seed0" / "scores.json"))["raw"]
     repetitive = {p: toy.TOY_CLASSES.index(p.split("/")[0]) < 4 for p in raw}
     rep, order = ([s for p, s in raw.items() if repetitive[p] == r] for r in (True, False))
@@ -1152,3 +1163,54 @@ def test_a_process_without_a_test_video_stops_every_process(toy_root, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     line = "error: 40 training and 1 test videos for 2 processes: each process needs one of each"
     assert p.returncode != 0 and p.stderr.count(line) == 2, p.stderr[-2000:]
+
+
+def test_scores_are_recomputed_after_their_encoders_change(chain, toy_root, tmp_path):
+    """OUT/scores.json is reused while its encoders are the ones it came from; an encoder trained anew in the
+    run folder makes the next reader compute the scores again, from the new encoder."""
+    import train as train_py
+
+    out, _ = chain
+    copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt", "scores.json"])
+    args = train_py.get_args(["--stage", "semisup", "--root", toy_root, "--out", str(tmp_path), *FAST])
+    cached = json.load(open(tmp_path / "scores.json"))
+    assert train_py.scores(train_py.Run(args))["raw"] == cached["raw"]
+    os.utime(tmp_path / "scores.json", (0, 0))  # a reuse would leave the file as it is
+    assert train_py.scores(train_py.Run(args))["raw"] == cached["raw"]
+    assert os.stat(tmp_path / "scores.json").st_mtime == 0
+    train("--stage", "invariant", root=toy_root, out=tmp_path, extra=["--seed", "3"])
+    again = train_py.scores(train_py.Run(args))
+    assert again["raw"] != cached["raw"] and again["raw"] == json.load(open(tmp_path / "scores.json"))["raw"]
+
+
+def dropout_states_in_processes(rank, store, root, out, states):
+    """Process `rank` of 2 (gloo) trains the supervised classifier for one epoch; states[rank]: the global
+    RNG state (what dropout draws from) at its first training forward."""
+    import train as train_py
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    run = train_py.Run(train_py.get_args(["--stage", "supervised", "--root", root, "--out", out, "--device",
+                                          "cpu", *FAST]))
+    build, seen = run.model, []
+
+    def model(**kw):
+        m = build(**kw)
+        m.register_forward_pre_hook(lambda mod, x: seen.append(torch.get_rng_state()) if mod.training else None)
+        return m
+
+    run.model = model
+    train_py.train_classifier(run, "supervised")
+    states[rank] = seen[0]
+    torch.distributed.destroy_process_group()
+
+
+def test_each_process_draws_its_own_dropout_masks(toy_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        states = manager.dict()
+        mp.spawn(dropout_states_in_processes, args=(str(tmp_path / "store"), toy_root, str(tmp_path / "out"),
+                                                    states), nprocs=2)
+        states = dict(states)
+    assert not torch.equal(states[0], states[1])

@@ -21,7 +21,7 @@ import tb  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
 
-HEADROOM = ("invariant", "distinctive", "group", "class")  # --headroom: the students of these mixes too
+HEADROOM = ("invariant", "distinctive", "group", "class", "video")  # --headroom: the students of these mixes
 
 
 def parser():
@@ -90,7 +90,8 @@ def print_ablation(args, table):
                        ("student, invariant teacher only (s = 1)", "student_invariant"),
                        ("student, distinctive teacher only (s = 0)", "student_distinctive"),
                        ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
-                       ("student, class oracle (better teacher on the labeled videos)", "student_class"),
+                       ("student, class oracle (better teacher on its unlabeled videos)", "student_class"),
+                       ("student, per-video oracle (better teacher on each video)", "student_video"),
                        ("kNN, invariant encoder", "knn_invariant"),
                        ("kNN, distinctive encoder", "knn_distinctive")):
         v = table.get(key, [])
@@ -108,17 +109,15 @@ def print_ablation(args, table):
         print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
               f"{'yes' if all(map(met, d)) else 'no'} |")
     mean = {k: statistics.mean(v) for k, v in table.items() if len(v) == len(args.seeds)}
-    rows = [k for k in ("student_fixed", *(f"student_{m}" for m in HEADROOM)) if k in mean]
-    if len(rows) > 1:  # the headroom: how far a mix could go, and how much of it the score takes
-        best = max(rows, key=mean.get)
-        gain, share = mean[best] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
-        if gain > 0:
-            deciders = {"student_group": "the action's kind", "student_class": "the class"}
-            print(f"\nHeadroom: the best student is {best}, {gain:+.1f} over the fixed mix on the mean "
-                  f"({deciders.get(best, 'one teacher')} decides); the similarity mix takes {share:+.1f} of "
-                  f"it, {100 * share / gain:.0f} %.")
-        else:
-            print(f"\nHeadroom: no mix beat the fixed one on the mean; the similarity mix: {share:+.1f}.")
+    if "student_video" in mean:  # the per-video oracle bounds what a per-video weight could gain
+        better = max(("teacher_invariant", "teacher_distinctive"), key=mean.get)
+        best = max((k for k in mean if k.startswith("student_")), key=mean.get)
+        gain, share = mean["student_video"] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
+        recovered = (f"The similarity mix recovers {100 * share / gain:.0f} % of the oracle's {gain:+.1f} over the "
+                     "fixed mix." if gain > 0 else f"The oracle gains nothing over the fixed mix ({gain:+.1f}).")
+        print(f"\nHeadroom, means: better teacher {mean[better]:.1f} ({better}), fixed mix "
+              f"{mean['student_fixed']:.1f}, similarity mix {mean['student']:.1f}, per-video oracle "
+              f"{mean['student_video']:.1f}, best mix {mean[best]:.1f} ({best}). {recovered}")
 
 
 def print_scores(args, per_class, mixes, runs):
@@ -159,10 +158,11 @@ def print_scores(args, per_class, mixes, runs):
 
 def mix_weights(run, mix, teachers):
     """Each training video's weight of the invariant teacher under a mix that knows what the score has to
-    guess (docs/method.md "Headroom"): 1 or 0 for every video (one teacher alone); 1 for the classes
-    ROOT/groups.txt calls repetitive, 0 for the ordered ones (group); per class, 1 or 0 for the teacher that
-    gives the labeled videos of the class the higher mean probability of their class (class). Both oracles
-    read each video's own label."""
+    guess (docs/method.md "Headroom"), the bounds of what a weight could gain: 1 or 0 for every video (one
+    teacher alone); group: 1 for the classes ROOT/groups.txt calls repetitive, 0 for the ordered ones;
+    class: per class, 1 or 0 for the teacher that gives the class's unlabeled training videos the higher
+    summed probability of their class; video: per video, the teacher that gives the video's own class the
+    higher probability. A tie gives 0.5. Every oracle reads each video's own label."""
     if mix in ("invariant", "distinctive"):
         return {p: float(mix == "invariant") for p, _ in run.train}
     if mix == "group":
@@ -171,21 +171,19 @@ def mix_weights(run, mix, teachers):
             path = os.path.join(run.args.root, "groups.txt")
             raise train.StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName "
                                    "ordered' (the toy writes one)")
-        s_class = [float(g == "repetitive") for g in groups]
-    else:
-        y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
-        right = [train.probabilities(run, t, run.labeled)[0]  # (N_l, K) each
-                 .gather(1, y.view(-1, 1)).squeeze(1) for t in teachers]  # (N_l,): p of the right class
+        return {p: float(groups[label] == "repetitive") for p, label in run.train}
+    y = torch.tensor([label for _, label in run.train], device=run.device)  # (N,)
+    p_I, p_D = (train.probabilities(run, t, run.train)[0].gather(1, y.view(-1, 1)).squeeze(1)  # (N,) each:
+                for t in teachers)  # the probability each teacher gives the video's own class
+    if mix == "class":  # summed per class over the unlabeled videos
+        unlabeled = torch.tensor([item in set(run.unlabeled) for item in run.train], device=run.device)  # (N,)
         K = len(run.classes)
-        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p) for p in right)  # (K,) sums
-        s_class = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,)
-        if run.world > 1:  # the first process decides for all: a near tie could go either way on another GPU
-            train.dist.broadcast(s_class, 0)
-        s_class = s_class.tolist()
-        chosen = [c for c, w in zip(run.classes, s_class) if w == 1]
-        run.log(f"--mix class: the invariant teacher for {', '.join(chosen) or 'no class'}, the distinctive "
-                "one for the others (a tie: both)")
-    return {p: s_class[label] for p, label in run.train}
+        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p * unlabeled) for p in (p_I, p_D))
+    w = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,) or (N,)
+    if run.world > 1:  # the first process decides for all: a near tie could go either way on another GPU
+        train.dist.broadcast(w, 0)
+    w = w.tolist()
+    return {p: w[label] if mix == "class" else w[i] for i, (p, label) in enumerate(run.train)}
 
 
 def mix_check(run):

@@ -27,7 +27,7 @@ def draw(run, cache, P=64):
         videos = sorted((cache["raw"][p], p) for p, y in run.train if y == c)
         if videos:
             p = videos[len(videos) // 2][1]
-            rows.append((score_frames(os.path.join(run.args.root, p), run.args.frames, P), cache["C"][p],
+            rows.append((score_frames(os.path.join(run.args.root, p), run.args.ssl_frames, P), cache["C"][p],
                          cache["raw"][p], cache["s"][p]))
     write_png(os.path.join(run.args.out, "scores.png"), score_picture(rows, P))
     run.log(f"wrote {os.path.join(run.args.out, 'scores.png')}: per class, the median-score video's 4 score "

@@ -30,17 +30,21 @@ import data  # noqa: E402
 # Never left/right: flips are augmentation. Two other variants repeat and order otherwise: "pulse" (the
 # shapes pulse in size; the bar takes a two-leg path, a pair being one path and its reverse) and "blink"
 # (two shapes blink, two rock; the bar appears then moves or grows, or the reverse: moves, then vanishes).
+# "ordered" has no repetitive class: bob's four ordered classes and pulse's four.
 
 TOY_VERSION = 3  # raised whenever what make_toy writes changes
 TOY_CLASSES = ["Disk", "Ring", "Cross", "StripedSquare", "UpDown", "DownUp", "GrowShrink", "ShrinkGrow"]
 TOY_VARIANTS = {"bob": TOY_CLASSES,  # the first four classes repeat, the last four are ordered
                 "pulse": TOY_CLASSES[:4] + ["UpAcross", "AcrossDown", "DownAcross", "AcrossUp"],
-                "blink": TOY_CLASSES[:4] + ["AppearRise", "FallVanish", "AppearGrow", "ShrinkVanish"]}
+                "blink": TOY_CLASSES[:4] + ["AppearRise", "FallVanish", "AppearGrow", "ShrinkVanish"],
+                "ordered": TOY_CLASSES[4:] + ["UpAcross", "AcrossDown", "DownAcross", "AcrossUp"]}  # all ordered
 
 
 def _render(cls, n, H, W, g, scale=1.0, variant="bob"):
     """(n, H, W, 3) uint8 frames of one toy video of class `cls` of `variant` (a key of TOY_VARIANTS); sizes
     and motions scale with H, object sizes also with `scale`."""
+    if variant == "ordered":  # bob's four ordered classes, then pulse's: every class an action or its reverse
+        cls, variant = (cls + 4, "bob") if cls < 4 else (cls, "pulse")
     yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
     # No per-video fingerprint: instance discrimination would tell videos apart by it instead of by what
     # is in them. One mid-grey background for all; the object's colour is random but its brightness is
@@ -200,7 +204,8 @@ def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, se
     with open(os.path.join(root, "classInd.txt"), "w") as f:
         f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(classes))
     with open(os.path.join(root, "groups.txt"), "w") as f:
-        f.writelines(f"{name} {'repetitive' if c < 4 else 'ordered'}\n" for c, name in enumerate(classes))
+        f.writelines(f"{name} {'repetitive' if c < 4 and variant != 'ordered' else 'ordered'}\n"
+                     for c, name in enumerate(classes))
     with open(os.path.join(root, "trainlist01.txt"), "w") as f:
         f.writelines(f"{rel} {classes.index(rel.split('/')[0]) + 1}\n" for rel in train)
     with open(os.path.join(root, "testlist01.txt"), "w") as f:
