@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -308,7 +309,8 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
         save_checkpoint(run, name, model, opt, epoch + 1, epochs)
         elapsed = time.time() - t0
         entry = dict(stage=name, epoch=epoch + 1, **means, lr=opt.param_groups[-1]["lr"], bad_videos=len(bad),
-                     clips_per_s=round(clips / elapsed, 1), wall_s=round(elapsed, 1), run=run.id)
+                     clips_per_s=round(clips / elapsed, 1), wall_s=round(elapsed, 1), run=run.id,
+                     machine=run.machine)
         if run.rank == 0:
             with open(os.path.join(a.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -531,6 +533,7 @@ class Run:
         self.cuda = self.device.type == "cuda"
         self.amp = self.cuda and not args.no_amp
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart
+        self.machine = machine(self.device)  # in every line of OUT/log.jsonl
         if self.stage == "predict":  # no dataset: the videos are named on the command line
             return
         if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
@@ -651,6 +654,18 @@ def start_processes(device):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return world, rank, device
+
+
+def machine(device):
+    """What ran a stage, for its log: the GPU's name, or the CPU's model, cores and threads; torch's version."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux; elsewhere the architecture's name
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
 def pick_device(name, world=1):

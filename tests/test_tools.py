@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from tools import ablation, score_picture, toy
+from tools import ablation, toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,43 +158,6 @@ def test_toy_set_written_anew_in_another_process_is_byte_identical(toy_root, tmp
     with av.open(mp4) as c:  # the MP4 half keeps B-frames: packets arrive out of display order
         pts = [p.pts for p in c.demux(c.streams.video[0]) if p.pts is not None]
     assert pts != sorted(pts)
-
-
-def read_png(path):
-    """(H, W, 3) uint8 of a PNG file, decoded by PyAV."""
-    with av.open(path) as c:
-        frame = next(c.decode(video=0)).reformat(format="rgb24")
-    plane = frame.planes[0]
-    rows = torch.frombuffer(bytearray(bytes(plane)), dtype=torch.uint8).view(frame.height, plane.line_size)
-    return rows[:, : frame.width * 3].reshape(frame.height, frame.width, 3)
-
-
-def test_score_picture_against_hand(tmp_path):
-    P, gap = 8, 4
-    frames = torch.arange(4 * P * P * 3).remainder(256).to(torch.uint8).view(4, P, P, 3)
-    C = torch.tensor(
-        [[1.0, 0.5, 0.25, -0.5], [0.5, 1.0, 0.75, 0.0], [0.25, 0.75, 1.0, 0.1], [-0.5, 0.0, 0.1, 1.0]]
-    )
-    img = score_picture.score_picture([(frames, C, 0.75, 0.25), (frames, C.tolist(), 1.0, 0.0)], P, gap)
-    bar = P // 5
-    assert img.shape == (gap + 2 * (P + gap), gap + 5 * (P + gap) + 2 * (bar + gap), 3)
-    assert torch.equal(
-        img[gap : gap + P, gap + 2 * (P + gap) : gap + 2 * (P + gap) + P], frames[2]
-    )  # third clip
-    x0 = gap + 4 * (P + gap)
-    assert (img[gap - 1, x0 - 1 : x0 + P + 1] == 0).all() and (
-        img[gap + P, x0 - 1 : x0 + P + 1] == 0
-    ).all()  # frame
-    for i in range(4):
-        for j in range(4):  # cell (i, j): P/4 x P/4 pixels of grey round(255 * clamp(C_ij, 0, 1))
-            cell = img[gap + i * 2 : gap + i * 2 + 2, x0 + j * 2 : x0 + j * 2 + 2]
-            assert (cell == round(255 * min(max(float(C[i, j]), 0), 1))).all()
-    blue = img[gap : gap + P, gap + 5 * (P + gap) + bar // 2]  # raw s 0.75 of row 0: the lower 6 of 8 pixels
-    assert [tuple(p) for p in blue.tolist()] == [(40, 40, 40)] * 2 + [score_picture.RAW_BAR] * 6
-    orange = img[gap : gap + P, gap + 5 * (P + gap) + bar + gap + bar // 2]  # normalised 0.25: 2 of 8
-    assert [tuple(p) for p in orange.tolist()] == [(40, 40, 40)] * 6 + [score_picture.NORM_BAR] * 2
-    score_picture.write_png(str(tmp_path / "s.png"), img)
-    assert torch.equal(read_png(str(tmp_path / "s.png")), img)  # lossless through PyAV's png encoder
 
 
 def test_group_auc_against_counting_pairs():

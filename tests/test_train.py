@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import traceback
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -128,24 +129,6 @@ def test_checkpoint_chain_and_results(chain, toy_root):
     assert {r["stage"] for r in log} >= {"invariant", "distinctive", "student"} and all(
         "bad_videos" in r for r in log
     )
-    # tools/score_picture.py: per class the median-score video; its heat map cells are its C (from the cache)
-    from test_tools import read_png
-    from tools import score_picture
-
-    cache = json.load(open(out / "scores.json"))
-    train(root=toy_root, out=out, main=score_picture.main)
-    assert json.load(open(out / "scores.json")) == cache
-    img, P, gap = read_png(str(out / "scores.png")), 64, 4
-    assert img.shape == (gap + 8 * (P + gap), gap + 5 * (P + gap) + 2 * (P // 5 + gap), 3)
-    for c in range(8):
-        videos = sorted(
-            (s, p) for p, s in cache["raw"].items() if toy.TOY_CLASSES.index(p.split("/")[0]) == c
-        )
-        C = cache["C"][videos[len(videos) // 2][1]]
-        for i in range(4):
-            for j in range(4):
-                y, x = gap + c * (P + gap) + i * 16 + 8, gap + 4 * (P + gap) + j * 16 + 8
-                assert abs(int(img[y, x, 0]) - 255 * min(max(C[i][j], 0), 1)) <= 0.5
     # semisup ends with the run folder's table
     assert all(
         f"{k:<28}{v:>10.2f}" in logs["semisup"]
@@ -1214,3 +1197,90 @@ def test_each_process_draws_its_own_dropout_masks(toy_root, tmp_path):
                                                     states), nprocs=2)
         states = dict(states)
     assert not torch.equal(states[0], states[1])
+
+
+class Page(HTMLParser):
+    """What a report page shows: its tables by data-source (rows of cell texts), its chart points (their
+    attributes, in order) and its lines saying what is not shown."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.tables, self.points, self.cells, self.why, self.ids = {}, [], [], [], []
+        self._cell, self._why = None, False
+        self.feed(open(path).read())
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._rows = self.tables.setdefault(attrs.get("data-source", ""), [])
+        elif tag == "tr":
+            self._rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "svg":
+            self._chart = len(self.ids) + len(self.points)  # any number that tells this chart from the others
+        elif tag == "circle":
+            self.points.append({**attrs, "chart": self._chart})
+        elif tag == "rect" and "data-c" in attrs:
+            self.cells.append(float(attrs["data-c"]))
+        elif tag == "p" and attrs.get("class") == "why":
+            self._why = True
+            self.why.append("")
+        self.ids += [attrs["id"]] if "id" in attrs else []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._rows[-1].append(self._cell)
+            self._cell = None
+        self._why = self._why and tag != "p"
+
+    def handle_data(self, text):
+        if self._cell is not None:
+            self._cell += text
+        if self._why:
+            self.why[-1] += text
+
+
+def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
+    """tools/report.py: every figure of its tables equals the JSON it came from, each training curve has one
+    point per logged epoch at the logged value (higher values drawn higher), and a damaged or missing file
+    leaves its part out with one line saying why."""
+    from tools import report
+
+    run = tmp_path / "run"
+    shutil.copytree(chain[0], run)
+    page = Page(report.report(str(run)))
+    results, per_class = (json.load(open(run / name)) for name in ("results.json", "per_class.json"))
+    assert {m: float(v) for m, v in page.tables["results.json"][1:]} == results
+    header, *rows = page.tables["per_class.json"]
+    assert {m: {r[0]: float(r[1 + k]) for r in rows} for k, m in enumerate(header[1:])} == per_class
+    flags = [row for part in ("run.json",) for row in page.tables[part] if row[0] != "flag"]
+    assert dict(flags)["root"] == json.load(open(run / "run.json"))["root"]
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    for r in log:
+        for term in set(r) & {"L_I", "L_D", "CE", "distill_u", "lr", "clips_per_s"}:
+            drawn = [p for p in page.points if p["data-series"] in (term, "clips/s") and p["data-x"] == repr(r["epoch"])
+                     and float(p["data-y"]) == r[term]]
+            assert drawn, (r["stage"], term)
+    curves = {(p["chart"], p["data-series"]) for p in page.points if p["data-x"].replace(".", "").isdigit()}
+    for chart, series in curves:  # within a chart, a higher value is drawn higher (a smaller cy)
+        pts = sorted((float(p["data-y"]), -float(p["cy"])) for p in page.points
+                     if (p["chart"], p["data-series"]) == (chart, series))
+        assert [y for _, y in pts] == sorted(y for _, y in pts), series
+    assert len(curves) >= 3 * len({r["stage"] for r in log})
+    assert {"run", "figures", "training", "scores"} <= set(page.ids)
+    assert "no ablation.json in this folder" in " ".join(page.why)
+    # the score: per class its median video (by raw s) and that video's C, cell by cell as scores.json has it
+    scores, train_items = json.load(open(run / "scores.json")), [line.split() for line in open(run / "labeled.txt")]
+    train_items += [line.split() for line in open(run / "unlabeled.txt")]
+    medians = []
+    for c in range(8):
+        videos = sorted((scores["raw"][p], p) for p, y in train_items if int(y) == c)
+        medians.append(videos[len(videos) // 2][1])
+    assert page.cells == [v for p in medians for row in scores["C"][p] for v in row]
+    (run / "per_class.json").write_text("{")
+    os.remove(run / "log.jsonl")
+    page = Page(report.report(str(run)))
+    assert "per_class.json" not in page.tables and "training" not in page.ids and "results.json" in page.tables
+    assert any("per_class.json is damaged (JSONDecodeError)" in w for w in page.why)
+    assert any("no log.jsonl in this folder" in w for w in page.why)

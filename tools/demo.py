@@ -1,6 +1,6 @@
 """The demo, the README's first command: the toy set written into --root (default data/toy) where it is
-missing or of another version, then the seed ablation on it (`tools/ablation.py`) and each seed's picture of
-the scores (`tools/score_picture.py`). Every flag of the ablation applies, --dataset aside:
+missing or of another version, then the seed ablation on it (`tools/ablation.py`), then a report page for
+its folder and each seed's (`tools/report.py`). Every flag of the ablation applies, --dataset aside:
 
     python tools/demo.py                      # seeds 0 1 2 into runs/default
     torchrun --nproc_per_node=2 tools/demo.py --device cpu
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules
 import train  # noqa: E402
-from tools import ablation, score_picture, toy  # noqa: E402
+from tools import ablation, report, toy  # noqa: E402
 
 
 def write_toy_once(args):
@@ -26,8 +26,10 @@ def write_toy_once(args):
 
 def demo(args):
     write_toy_once(args)
-    for run in ablation.ablation(args):
-        score_picture.draw(run, train.scores(run))
+    runs = ablation.ablation(args)
+    if runs[-1].rank == 0:  # each seed's page first, so that the ablation's page links to them
+        pages = [report.report(run.args.out) for run in runs] + [report.report(args.out)]
+        print(f"report: {pages[-1]} (and one per seed, {', '.join(pages[:-1])})")
 
 
 def main(argv=None):
