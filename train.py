@@ -2,6 +2,7 @@
 
 Read from the top: each stage builds its data and model and hands its loss terms to `fit`, the training
 loop they all run; then evaluation and the commands; the run folder, checkpoints and flags come last.
+The demo, the seed ablation, the toy sets and the report page are scripts beside it: python tools/NAME.py.
 """
 import argparse
 import contextlib

@@ -191,14 +191,14 @@ def part_scores(out, run, scores, classes, P=64):
 
 def strips(title, values, lo, hi, W=500):
     """One row of dots per class: its videos' values on a common axis [lo, hi]."""
-    X = scale(lo, hi, 130, W - 15)
+    X = scale(lo, hi, 130, W - 30)
     parts = [f'<text x="{(130 + W) / 2}" y="14" text-anchor="middle">{html.escape(title)}</text>',
              f'<text x="130" y="30" text-anchor="middle">{lo:.4g}</text>',
-             f'<text x="{W - 15}" y="30" text-anchor="middle">{hi:.4g}</text>']
+             f'<text x="{W - 30}" y="30" text-anchor="middle">{hi:.4g}</text>']
     for i, (name, vs) in enumerate(values.items()):
         y = 46 + 18 * i
         parts.append(f'<text x="124" y="{y + 4}" text-anchor="end">{html.escape(name)}</text>'
-                     f'<line x1="130" y1="{y}" x2="{W - 15}" y2="{y}" stroke="#ddd"/>')
+                     f'<line x1="130" y1="{y}" x2="{W - 30}" y2="{y}" stroke="#ddd"/>')
         parts += [f'<circle r="3" cx="{X(v):.1f}" cy="{y}" fill="{COLOURS[0]}" fill-opacity="0.5" data-series='
                   f'"{html.escape(title)}" data-x="{html.escape(name)}" data-y="{v!r}"/>' for v in vs]
     return f'<svg class="chart" width="{W}" height="{40 + 18 * len(values)}" role="img">{"".join(parts)}</svg>'
@@ -257,7 +257,9 @@ def report(out):
     """OUT/report.html from what the folder holds; returns its path."""
     files = {name: read(out, name, name.endswith("l")) for name in
              ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
-    why = [reason for _, reason in files.values() if reason]
+    missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ")]
+    why = [reason for _, reason in files.values() if reason and not reason.startswith("no ")]
+    why += [f"no {', '.join(missing)} in this folder"] if missing else []
     got = {name: obj for name, (obj, _) in files.items()}
     parts = []
     if got["run.json"] is not None:
