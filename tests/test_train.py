@@ -1055,6 +1055,12 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     assert not {"student_invariant", "student_group"} & set(table["top1"])  # those come with --headroom
     d = [a - b for a, b in zip(table["top1"]["student"], table["top1"]["supervised"])]
     assert f"| student - supervised-only | {sum(d) / 2:+.1f} | {d[0]:+.1f} / {d[1]:+.1f} |" in p.stdout
+    from tools import report  # its page: every seed's figure as ablation.json has it, the paired differences
+
+    page = Page(report.report(str(tmp_path)))
+    assert {r[0]: [float(v) for v in r[2:]] for r in page.tables["ablation.json"][1:]} == table["top1"]
+    assert [float(v) for v in dict((r[0], r[2:]) for r in page.tables["paired"])["student - supervised"]] == [
+        round(v, 2) for v in d]
     # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out
     # (less the kNN rows, measured where an encoder is trained); --headroom adds the students of the other
     # mixes, and the AUC of the score's split of the groups, counted here pair by pair

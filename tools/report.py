@@ -230,9 +230,12 @@ def clips(run, path, P):
 
 
 def part_ablation(out, ab):
-    """The seed ablation's table, and per model each seed's figure as a point beside the mean (a bar)."""
+    """The seed ablation's tables (the paired differences the method's claims rest on: the student minus each
+    other model, per seed), and per model each seed's figure as a point beside the mean (a bar)."""
     seeds, top1 = ab["seeds"], ab["top1"]
     rows = [[k, round(statistics.mean(v), 2), *v] for k, v in top1.items() if len(v) == len(seeds)]
+    paired = [[f"student - {k}", *(round(a - b, 2) for a, b in zip(top1["student"], v))] for k, v in top1.items()
+              if "student" in top1 and k != "student" and not k.startswith("knn") and len(v) == len(seeds)]
     W, H = 760, 30 + 22 * len(rows)
     X = scale(0, 100, 230, W - 20)
     parts = [f'<text x="{X(v)}" y="14" text-anchor="middle">{v} %</text>' for v in (0, 50, 100)]
@@ -248,6 +251,8 @@ def part_ablation(out, ab):
                       for j, s in enumerate(seeds))
     return ('<h2 id="ablation">Seed ablation</h2>'
             + table(["model", "mean", *(f"seed {s}" for s in seeds)], rows, "ablation.json")
+            + table(["paired difference", "mean", *(f"seed {s}" for s in seeds)],
+                    [[d[0], round(statistics.mean(d[1:]), 2), *d[1:]] for d in paired], "paired")
             + f'<p>grey bar: the mean; {legend}</p><svg width="{W}" height="{H}" role="img">{"".join(parts)}</svg>'
             + "".join(f'<p><a href="seed{s}/report.html">seed {s}</a></p>' for s in seeds
                       if os.path.exists(os.path.join(out, f"seed{s}", "report.html"))))
