@@ -244,8 +244,8 @@ def compute_scores(run, ckpts, source):
             s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
             video = (idx * run.world + run.rank).view(-1, 1).to(s.dtype)  # (B, 1): its index in run.train
             rows.append(torch.cat([video, s.view(-1, 1), s_each, C_b.flatten(1)], dim=1))  # (B, 20)
-    rows = torch.cat(rows) if rows else torch.zeros(0, 20, device=run.device)  # (N, 20): video, s, s from
-    if run.world > 1:  # C_I alone, from C_D alone, C; every process's share, padded to the first's (longest)
+    rows = torch.cat(rows)  # (N, 20): video, s, s from C_I alone, from C_D alone, C (Run: N >= 1 a process)
+    if run.world > 1:  # every process's share, padded to the first's (the longest), then cut to each one's
         shares = [len(run.train[r :: run.world]) for r in range(run.world)]
         parts = [rows.new_zeros(shares[0], rows.shape[1]) for _ in shares]
         dist.all_gather(parts, torch.cat([rows, rows.new_zeros(shares[0] - len(rows), rows.shape[1])]))

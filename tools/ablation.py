@@ -176,7 +176,8 @@ def mix_weights(run, mix, teachers):
     p_I, p_D = (train.probabilities(run, t, run.train)[0].gather(1, y.view(-1, 1)).squeeze(1)  # (N,) each:
                 for t in teachers)  # the probability each teacher gives the video's own class
     if mix == "class":  # summed per class over the unlabeled videos
-        unlabeled = torch.tensor([item in set(run.unlabeled) for item in run.train], device=run.device)  # (N,)
+        unlabeled = set(run.unlabeled)
+        unlabeled = torch.tensor([item in unlabeled for item in run.train], device=run.device)  # (N,)
         K = len(run.classes)
         p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p * unlabeled) for p in (p_I, p_D))
     w = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,) or (N,)

@@ -260,7 +260,7 @@ def part_ablation(out, ab):
 
 def report(out):
     """OUT/report.html from what the folder holds; returns its path."""
-    files = {name: read(out, name, name.endswith("l")) for name in
+    files = {name: read(out, name, name.endswith(".jsonl")) for name in
              ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
     missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ")]
     why = [reason for _, reason in files.values() if reason and not reason.startswith("no ")]

@@ -201,15 +201,12 @@ def make_toy(root, train_per_class=20, test_per_class=25, frames=48, size=80, se
     with open(os.path.join(root, "toy.json"), "w") as f:
         json.dump(dict(version=TOY_VERSION, train_per_class=train_per_class, test_per_class=test_per_class,
                        frames=frames, size=size, seed=seed, object_scale=object_scale, variant=variant), f)
-    with open(os.path.join(root, "classInd.txt"), "w") as f:
-        f.writelines(f"{c + 1} {name}\n" for c, name in enumerate(classes))
-    with open(os.path.join(root, "groups.txt"), "w") as f:
-        f.writelines(f"{name} {'repetitive' if c < 4 and variant != 'ordered' else 'ordered'}\n"
-                     for c, name in enumerate(classes))
-    with open(os.path.join(root, "trainlist01.txt"), "w") as f:
-        f.writelines(f"{rel} {classes.index(rel.split('/')[0]) + 1}\n" for rel in train)
-    with open(os.path.join(root, "testlist01.txt"), "w") as f:
-        f.writelines(f"{rel}\n" for rel in test)
+    data.write_lines(os.path.join(root, "classInd.txt"), (f"{c + 1} {name}" for c, name in enumerate(classes)))
+    data.write_lines(os.path.join(root, "groups.txt"), (
+        f"{name} {'repetitive' if c < 4 and variant != 'ordered' else 'ordered'}" for c, name in enumerate(classes)))
+    data.write_lines(os.path.join(root, "trainlist01.txt"),
+                     (f"{rel} {classes.index(rel.split('/')[0]) + 1}" for rel in train))
+    data.write_lines(os.path.join(root, "testlist01.txt"), test)
 
 
 def _frame_size(text):
