@@ -89,6 +89,12 @@ def kill_after_an_epoch(args, root, out, ckpt):
     proc.wait()
 
 
+def apart(u, v):
+    """How far checkpoint u's weights are from checkpoint v's: the relative L2 distance over all of them."""
+    d = sum(float((u["model"][k].float() - w.float()).square().sum()) for k, w in v["model"].items())
+    return math.sqrt(d / sum(float(w.float().square().sum()) for w in v["model"].values()))
+
+
 def copy_run(src, dst, names):
     os.makedirs(dst, exist_ok=True)
     for name in names:
@@ -450,11 +456,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(chain, toy_root, tmp_pat
     assert (
         b["epoch"] == 3 and a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     )
-    # bit for bit on the CPU; on CUDA to 1e-3 (pooling backward adds with atomics, cudnn.benchmark picks
-    # kernels by timing), the RNG states exactly
-    same = torch.equal if device == "cpu" else lambda u, v: torch.allclose(u.float(), v.float(), 1e-3, 1e-3)
-    assert all(same(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["rng"], b["rng"]) and (device == "cpu" or torch.equal(a["cuda_rng"], b["cuda_rng"]))
+    if device == "cpu":  # bit for bit
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        return
+    # CUDA runs are not repeatable (pooling backward adds with atomics, cudnn.benchmark picks kernels by
+    # timing, bf16): on an H200 two uninterrupted runs ended 8.5e-3 apart (relative L2 of all weights) and
+    # resumed ones 7.9e-3 to 1.0e-2 from them. The resumed run is held to 3x the spread of a second
+    # uninterrupted one, measured here; a resume that lost the optimizer or the schedule lands far outside.
+    again = tmp_path / "again"
+    copy_run(chain[0], again, inputs)
+    train(*args, root=toy_root, out=again)
+    c = load(again / f"{name}.pt")
+    assert apart(b, a) <= max(3 * apart(c, a), 1e-4), (apart(b, a), apart(c, a))
 
 
 def test_training_survives_bad_videos(toy_root, tmp_path):

@@ -6,8 +6,9 @@ it writes itself into a fresh folder OUT/<date-time>-<pid>:
 
 Its parts, each printed as a row the moment it ends: each stage in one process (clips/s of its last epoch),
 eval and predict of the student; the same stages in N processes under torchrun where N >= 2 GPUs are
-visible (NCCL; on a CPU, 2 gloo processes; with one GPU the row says NOT RUN); the CUDA tests; the pipeline
-bench. Every part runs under a time limit and is FAILED past it; the check exits 1 if any part FAILED.
+visible (NCCL; on a CPU, 2 gloo processes; with one GPU the row says NOT RUN, and a probe tries the
+collectives train.py uses with 2 gloo processes on that one GPU, naming the first that refuses); the CUDA
+tests; the pipeline bench. Every part runs under a time limit and is FAILED past it; the check exits 1 if any part FAILED.
 """
 import argparse
 import json
@@ -74,10 +75,42 @@ def stages(check, launcher, flags, out, label):
                                      "--device", check.args.device, video])
 
 
+def probe_result(text):
+    """The probe's line in torchrun's output (which adds its own lines around it)."""
+    lines = [line for line in text.splitlines() if line.startswith(("ran:", "refused"))]
+    return lines[-1] if lines else "FAILED (the probe printed no result)"
+
+
 def last_rate(out, stage_name):
     """Clips/s of the last epoch of `stage_name` in OUT/log.jsonl."""
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     return f"{[r for r in records if r['stage'] == stage_name][-1]['clips_per_s']:.0f} clips/s"
+
+
+def gloo_probe(device):
+    """In each of 2 processes under torchrun, on the same `device`, gloo: the objective's gather and its
+    backward (all_gather, all_reduce), then a DDP step of a SyncBatchNorm model; rank 0 prints the first
+    collective that refused, or that all ran."""
+    import torch.distributed as dist
+    import models
+    import train
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    done = []
+    try:
+        x = torch.randn(4, 8, device=device, requires_grad=True)
+        train.GatherVideos.apply(x).square().sum().backward()  # all_gather, then all_reduce of the gradient
+        done.append("all_gather + all_reduce")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models.R3D(width=4, num_classes=3)).to(device)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        net(torch.randn(2, 3, 4, 16, 16, device=device)).square().mean().backward()  # SyncBatchNorm, DDP
+        done.append("DDP step with SyncBatchNorm")
+        result = "ran: " + ", ".join(done)
+    except Exception as e:  # the row names what refused
+        result = f"refused after [{', '.join(done)}]: {type(e).__name__}: {str(e).strip().splitlines()[0][:90]}"
+    if dist.get_rank() == 0:
+        print(result, flush=True)
+    dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -90,7 +123,10 @@ def main(argv=None):
                    help="seconds for all the parts; none runs past it")
     p.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="the CUDA tests")
     p.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True, help="the pipeline bench")
+    p.add_argument("--gloo-probe", action="store_true", help=argparse.SUPPRESS)  # one process of the probe
     args = p.parse_args(argv)
+    if args.gloo_probe:
+        return gloo_probe(torch.device(args.device))
     cuda = args.device == "cuda"
     out = os.path.abspath(os.path.join(args.out, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
     os.makedirs(out)  # fresh: nothing of an earlier check is reused or reported
@@ -106,11 +142,13 @@ def main(argv=None):
              str(args.workers), "--labeled", "2", "--batch-size", "4"]
     stages(check, [sys.executable], flags, os.path.join(out, "one"), "1 process")
     n = torch.cuda.device_count() if cuda else 2
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(n, 2)}"]
     if n >= 2:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
         stages(check, torchrun, flags, os.path.join(out, "many"), f"{n} processes")
     else:
         check.row("multi-process CUDA", f"NOT RUN ({n} GPU: no process group, DDP, SyncBatchNorm or NCCL)")
+        check.part("2 gloo processes on 1 GPU (probe)", [*torchrun, __file__, "--gloo-probe", "--device",
+                                                        args.device], probe_result)
     if args.tests:
         check.part("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                   os.path.join(ROOT, "tests", "test_train.py"), "-k", "cuda or gpus or nccl"],
