@@ -18,10 +18,6 @@ import av
 import torch
 import torch.nn.functional as F
 
-AV_ERROR = getattr(av, "FFmpegError", None) or av.AVError  # PyAV < 14 calls it AVError
-# PyAV >= 17 converts frames on several threads unless told otherwise; inside DataLoader workers one
-# thread is faster. Older versions have no such argument.
-ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # see _to_tensor
 
 
@@ -40,7 +36,7 @@ class DataError(Exception):
 def _open_video(path):
     try:
         container = av.open(path)
-    except (AV_ERROR, OSError, ValueError) as e:
+    except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
     if not container.streams.video:
         container.close()
@@ -59,7 +55,7 @@ def count_frames(path):
         for packet in container.demux(stream):
             if packet.size > 0:  # the demuxer ends the stream with one empty flush packet
                 n += 1
-    except AV_ERROR:
+    except av.FFmpegError:
         pass  # a truncated file: count what could be read
     finally:
         container.close()
@@ -81,7 +77,8 @@ def _output_size(size, width, height):
 def _to_tensor(frame, out_hw):
     """One decoded frame -> (H, W, 3) uint8 view of its RGB plane, converted once at the output size."""
     H, W = out_hw
-    rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", **ONE_THREAD)
+    # PyAV converts on several threads unless told otherwise; in a DataLoader worker one thread is faster
+    rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", threads=1)
     plane = rgb.planes[0]
     flat = torch.frombuffer(plane, dtype=torch.uint8)  # read-only memory: the caller copies it out
     return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
@@ -137,7 +134,7 @@ def load_frames(path, indices, size=None):
             tail = frame
             if index >= wanted[-1]:
                 break
-    except AV_ERROR as e:
+    except av.FFmpegError as e:
         if not got and tail is None:
             raise VideoError(f"{path}: decoding failed ({getattr(e, 'strerror', None) or e})") from None
     finally:
@@ -392,17 +389,6 @@ def _check_classes(root, classes):
         _need(os.path.join(root, name), "class folder")
 
 
-def _label(path, n, text, num_classes=None):
-    """A 0-based class label read from line n of `path`: a non-negative integer, below num_classes if
-    given."""
-    if not text.isdigit():
-        raise DataError(f"{path}:{n}: the label must be a non-negative integer, got {text!r}")
-    if num_classes is not None and int(text) >= num_classes:
-        raise DataError(f"{path}:{n}: label {text} is out of range: there are {num_classes} classes "
-                        f"(0..{num_classes - 1})")
-    return int(text)
-
-
 def _class_index(path):
     """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index
     order."""
@@ -468,21 +454,24 @@ def read_list(root, train_list, test_list, class_names=None):
     """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this. `class_names`: an
     optional file with one class name a line, line k naming label k (else the classes are "0".."K-1")."""
     _need(root, "dataset root")
-    classes = None
-    if class_names:
-        classes = [" ".join(words) for words in _lines(class_names)]
-
+    classes = [" ".join(words) for words in _lines(class_names)] if class_names else None
     train = _parse_list(train_list, len(classes) if classes else None)
     test = _parse_list(test_list, len(classes) if classes else None)
     return train, test, classes or [str(c) for c in range(1 + max(label for _, label in train + test))]
 
 
 def _parse_list(path, num_classes=None):
+    """The items of a list file: lines 'relative/path label', the label 0-based (below num_classes if given)."""
     items = []
     for n, words in numbered_lines(path):
         if len(words) != 2:
             raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
-        items.append((words[0], _label(path, n, words[1], num_classes)))
+        if not words[1].isdigit():
+            raise DataError(f"{path}:{n}: the label must be a non-negative integer, got {words[1]!r}")
+        if num_classes is not None and int(words[1]) >= num_classes:
+            raise DataError(f"{path}:{n}: label {words[1]} is out of range: there are {num_classes} classes "
+                            f"(0..{num_classes - 1})")
+        items.append((words[0], int(words[1])))
     return items
 
 
