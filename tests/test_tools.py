@@ -199,7 +199,7 @@ def test_gpu_check_fails_loudly(tmp_path):
     tiny = ["--device", "cpu", "--width", "8", "--layers", "1", "1", "1", "1", "--size", "32", "--epochs", "1",
             "--workers", "0", "--out", str(tmp_path), "--no-tests", "--no-bench"]
     runs = []
-    for extra in (["--timeout", "2", "--budget", "3"], ["--width", "0", "--budget", "12"]):
+    for extra in (["--timeout", "2", "--budget", "3"], ["--width", "0", "--budget", "60"]):
         p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), *tiny, *extra],
                            capture_output=True, text=True, timeout=300)
         rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]

@@ -113,8 +113,9 @@ def print_ablation(args, table):
         better = max(("teacher_invariant", "teacher_distinctive"), key=mean.get)
         best = max((k for k in mean if k.startswith("student_")), key=mean.get)
         gain, share = mean["student_video"] - mean["student_fixed"], mean["student"] - mean["student_fixed"]
-        recovered = (f"The similarity mix recovers {100 * share / gain:.0f} % of the oracle's {gain:+.1f} over the "
-                     "fixed mix." if gain > 0 else f"The oracle gains nothing over the fixed mix ({gain:+.1f}).")
+        recovered = (f"Over the fixed mix the similarity mix gains {share:+.1f} of the oracle's {gain:+.1f} "
+                     f"({100 * share / gain:.0f} %)." if gain > 0 else
+                     f"The oracle gains nothing over the fixed mix ({gain:+.1f}).")
         print(f"\nHeadroom, means: better teacher {mean[better]:.1f} ({better}), fixed mix "
               f"{mean['student_fixed']:.1f}, similarity mix {mean['student']:.1f}, per-video oracle "
               f"{mean['student_video']:.1f}, best mix {mean[best]:.1f} ({best}). {recovered}")
