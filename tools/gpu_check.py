@@ -8,7 +8,8 @@ Its parts, each printed as a row the moment it ends: each stage in one process (
 eval and predict of the student; the same stages in N processes under torchrun where N >= 2 GPUs are
 visible (NCCL; on a CPU, 2 gloo processes; with one GPU the row says NOT RUN, and a probe tries the
 collectives train.py uses with 2 gloo processes on that one GPU, naming the first that refuses); the CUDA
-tests; the pipeline bench. Every part runs under a time limit and is FAILED past it; the check exits 1 if any part FAILED.
+tests; the pipeline bench. Every part runs under a time limit and is FAILED past it; the check exits 1 if
+any part FAILED.
 """
 import argparse
 import json
@@ -18,9 +19,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import models  # noqa: E402
+import train  # noqa: E402
 from tools import toy  # noqa: E402
 from tools.bench import model_flags  # noqa: E402
 
@@ -91,9 +95,6 @@ def gloo_probe(device):
     """In each of 2 processes under torchrun, on the same `device`, gloo: the objective's gather and its
     backward (all_gather, all_reduce), then a DDP step of a SyncBatchNorm model; rank 0 prints the first
     collective that refused, or that all ran."""
-    import torch.distributed as dist
-    import models
-    import train
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     done = []
