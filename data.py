@@ -3,7 +3,7 @@ Runtime imports: standard library, torch, av.
 
     load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
     *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
-    augment(clip, size, g)             one random augmentation shared by every frame of a clip: the uint8
+    augment(clip, size, g, recipe)     one random augmentation shared by every frame of a clip: the uint8
                                        half here (crop, resize, flip), the float half by finish(x, params)
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
@@ -247,9 +247,10 @@ MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
 # a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
-# set's mean grey m, the erased box (top, left, height, width; height 0: nothing erased)
-PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew")
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # colours kept, nothing erased
+# set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box
+PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2")
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # colours kept, none erased
+AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
 
 
 def _u(g, lo=0.0, hi=1.0):
@@ -273,25 +274,33 @@ def center_crop(clip, size):
     return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
 
 
-def augment(clip, size, g, strong=True):
-    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw of random
-    resized crop (scale 0.3-1 strong, 0.5-1 weak; ratio 3/4-4/3) and horizontal flip, applied here; with
-    `strong` (self-supervised clips) also colour jitter (p 0.8: brightness, contrast, saturation 0.2, hue
-    rotated by any angle), greyscale (p 0.2) and random erase (p 0.5), drawn here and applied by `finish`.
-    The full hue range is stronger than the paper's: on the toy set an object's colour is the easiest
-    fingerprint of a video, and instance discrimination must not solve itself by it. Brightness, contrast
-    and saturation are milder than SimCLR's 0.4: with 0.4, L_D sat at its chance value for 12 epochs on
-    the toy set (README, Differences from the paper)."""
+def augment(clip, size, g, recipe="ssl"):
+    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw for the whole
+    clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
+    here and applied by `finish`. Recipes:
+      ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
+                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
+                random erase (p 0.5, 0.1-0.4 of the side). The full hue range is stronger than the paper's:
+                on the toy set an object's colour is the easiest fingerprint of a video, and instance
+                discrimination must not solve itself by it; 0.4 jitter stalled L_D (README, Differences).
+      released  classifier and student clips as the authors' released fine-tuning and semi-supervised loaders
+                draw them: a crop of 0.4-1 of each side (the frame's aspect kept); contrast 0.9-1.1 (p 0.125),
+                hue +-0.05 of the circle, saturation 0.9-1.1, brightness 0.9-1.1 (p 0.15 each); greyscale
+                (p 0.1), then gamma 0.85-1.15 (p 0.75); two random erases of 1/6-1/3 of the side (p 0.4 each)
+      light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone"""
     T, H, W, _ = clip.shape
-    area = H * W
-    for _ in range(10):
-        target = area * _u(g, 0.3 if strong else 0.5, 1.0)
-        ratio = math.exp(_u(g, math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= W and 0 < h <= H:
-            break
+    if recipe == "released":
+        f = _u(g, 0.4, 1.0)
+        h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
-        h = w = min(H, W)
+        for _ in range(10):
+            target = H * W * _u(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
+            ratio = math.exp(_u(g, math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= W and 0 < h <= H:
+                break
+        else:
+            h = w = min(H, W)
     top = int(_u(g) * (H - h + 1))
     left = int(_u(g) * (W - w + 1))
     x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
@@ -299,13 +308,27 @@ def augment(clip, size, g, strong=True):
         x = x.flip(-1)
     x = x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
     p = list(IDENTITY)
-    if strong and _u(g) < 0.8:  # colour jitter; the contrast pivots about the clip's mean grey m
-        p[0:4] = _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)
+    if recipe == "ssl":
+        if _u(g) < 0.8:  # colour jitter
+            p[0:4] = _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)
+        p[4] = float(_u(g) < 0.2)  # greyscale
+        boxes = [(0.5, 0.1, 0.4)]  # (p, side from, side to) of each random erase
+    elif recipe == "released":
+        p[1] = _u(g, 0.9, 1.1) if _u(g) < 0.125 else 1.0  # contrast
+        p[3] = 2 * math.pi * _u(g, -0.05, 0.05) if _u(g) < 0.15 else 0.0  # hue
+        p[2] = _u(g, 0.9, 1.1) if _u(g) < 0.15 else 1.0  # saturation
+        p[0] = _u(g, 0.9, 1.1) if _u(g) < 0.15 else 1.0  # brightness
+        p[4] = float(_u(g) < 0.1)  # greyscale, then gamma
+        p[10] = _u(g, 0.85, 1.15) if p[4] and _u(g) < 0.75 else 1.0
+        boxes = [(0.4, 1 / 6, 1 / 3)] * 2
+    else:
+        boxes = []
+    if p[1] != 1.0:  # the contrast pivots about the clip's mean grey m
         p[5] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
-    p[4] = float(strong and _u(g) < 0.2)  # greyscale
-    if strong and _u(g) < 0.5:  # random erase
-        eh, ew = int(size * _u(g, 0.1, 0.4)), int(size * _u(g, 0.1, 0.4))
-        p[6:10] = int(_u(g) * (size - eh)), int(_u(g) * (size - ew)), eh, ew
+    for k, (prob, lo, hi) in zip((6, 11), boxes):  # random erase: (top, left, height, width)
+        if _u(g) < prob:
+            eh, ew = int(size * _u(g, lo, hi)), int(size * _u(g, lo, hi))
+            p[k : k + 4] = int(_u(g) * (size - eh)), int(_u(g) * (size - ew)), eh, ew
     return x, torch.tensor(p)
 
 
@@ -349,19 +372,22 @@ def colour_matrix(b, c, s, theta, grey, m):
 def finish(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
-        x -> clamp(A x / 255 + o, 0, 1)   (colour jitter and greyscale, `colour_matrix`)
-          -> (x - mean) / std             (normalisation)
-          -> 0 inside the erased box      (random erase, to the mean colour)"""
+        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma)
+          -> (x - mean) / std                      (normalisation)
+          -> 0 inside the erased boxes             (random erase, to the mean colour)"""
     N, S = x.shape[0], x.shape[-1]
-    b, c, s, theta, grey, m, et, el, eh, ew = p.float().unbind(1)  # (N,) each
+    b, c, s, theta, grey, m, *boxes, gamma = p.float()[:, :11].unbind(1)  # (N,) each
     A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
+    gamma = gamma.view(N, 1, 1, 1, 1)
+    y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
     y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
     pos = torch.arange(S, device=x.device)
-    rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
-    cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
-    erased = rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S)  # (N, 1, 1, S, S)
-    return y.masked_fill_(erased, 0.0)
+    for et, el, eh, ew in (boxes, p.float()[:, 11:15].unbind(1)):  # (N,) each
+        rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
+        cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
+        y = y.masked_fill_(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), 0.0)  # (N, 1, 1, S, S) boxes
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +600,7 @@ SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 1
 class VideoDataset(torch.utils.data.Dataset):
     """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
     (3, T, S, S) with its row of augmentation parameters (`finish` applies the float half on the device):
-      train  one clip, T frames at `stride`, weak augmentation       -> (3, T, S, S), (P,)
+      train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
       ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
              [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS)
       test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
@@ -585,10 +611,10 @@ class VideoDataset(torch.utils.data.Dataset):
     its index in `bad`, so evaluation can count it wrong. Randomness comes from a generator seeded by
     (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
 
-    def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0):
+    def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light"):
         if mode not in ("train", "ssl", "test", "score"):
             raise ValueError(f"unknown mode {mode}")
-        self.items, self.root, self.mode = items, root, mode
+        self.items, self.root, self.mode, self.aug = items, root, mode, aug
         self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
         self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
         self._counts = {}
@@ -617,7 +643,7 @@ class VideoDataset(torch.utils.data.Dataset):
         S = self.size
         if self.mode == "train":
             frames = self.frames(i, train_indices(n, self.T, self.stride, g))
-            return augment(frames, S, g, strong=False)
+            return augment(frames, S, g, self.aug)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
             # one decode for the whole clip set: (5T, H, W, 3)

@@ -110,7 +110,8 @@ class GatherVideos(torch.autograd.Function):
 
 def train_classifier(run, name, resume=False, init=None):
     """Cross-entropy on the labeled clips, from scratch or from the backbone of the SSL checkpoint `init`
-    (loaded strictly, its projection head skipped). Saves OUT/<name>.pt and records its test top-1."""
+    (loaded strictly, its projection head skipped); with --teacher class-mean, a teacher is its encoder with
+    the nearest-class-mean classifier and takes no step. Saves OUT/<name>.pt and records its test top-1."""
     a = run.args
     epochs, lr, bs = hparams(a, "finetune" if init else "supervised")
     # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
@@ -128,11 +129,34 @@ def train_classifier(run, name, resume=False, init=None):
     backbone = [p for k, p in model.named_parameters() if k.startswith(BACKBONE)]
     head = [p for k, p in model.named_parameters() if not k.startswith(BACKBONE)]
     scale = a.finetune_backbone_lr if init is not None else 1.0
+    if scale == 0:  # a frozen backbone, its BatchNorm statistics too (`fit`): a classifier on the SSL features
+        for p in backbone:
+            p.requires_grad_(False)
     opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
                            weight_decay=a.weight_decay)
-    terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
-    fit(run, name, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume, progress=False)
+    if init is not None and a.teacher == "class-mean":  # what pretraining learned, untouched by any step
+        class_mean_head(run, model)
+        save_checkpoint(run, name, model, opt, 0, 0)
+    else:
+        terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
+        fit(run, name, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume, progress=False)
     evaluate(run, model, name)
+
+
+@torch.no_grad()
+def class_mean_head(run, model, t=0.1):
+    """The classifier set to the nearest-class-mean classifier of the encoder's features on the labeled
+    videos: with mu_c the mean of class c's unit feature vectors (each video's clips averaged, as evaluation
+    sees them),
+        w_c = (mu_c / ||mu_c||) / (t * mean ||h||),   b_c = 0
+    so that logits_c = ||h|| cos(h, mu_c) / (t * mean ||h||): argmax_c is the nearest class mean by cosine,
+    at about the kNN check's sharpness (cos / t)."""
+    h = pooled_features(run, model, run.labeled)  # (N_l, C)
+    y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
+    mu = torch.zeros(len(run.classes), h.shape[1], device=run.device).index_add_(0, y, F.normalize(h, dim=-1))
+    fc = model.fc[-1]
+    fc.weight.copy_(F.normalize(mu, dim=-1) / (t * h.norm(dim=-1).mean()))  # (K, C)
+    fc.bias.zero_()
 
 
 def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
@@ -272,16 +296,22 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
     terms, each batch (x, y, index, failed). The terms are summed on the device and read every --log-every
     steps and at the epoch's end, never inside a step (a read makes the host wait for the GPU); a
     non-finite sum stops the run there. Each epoch ends with a checkpoint (what --resume continues from)
-    and a line in OUT/log.jsonl. `progress`: a line on the console at each read."""
+    and a line in OUT/log.jsonl: the epoch's own clips/s (its clips over its own wall time, checkpoint
+    included: from epoch 2 on, the steady state) beside the stage's running wall time. `progress`: a line on
+    the console at each read."""
     a, steps = run.args, len(loaders[0])
     start = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else 0
     if run.world > 1 and run.device.type == "cuda":  # BatchNorm statistics over the whole batch (in place)
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    bad, t0, clips = data.BadVideos(), time.time(), 0
+    bad, t0 = data.BadVideos(), time.time()
     for epoch in range(start, epochs):
         net.train()
-        sums, read = {}, 0
+        for m in model.modules():  # a frozen part stays as it is: its BatchNorm statistics too
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in m.parameters()):
+                m.eval()
+        sums, read, clips, t_epoch = {}, 0, 0, time.time()
         if run.world > 1:  # dropout: other masks in each process, drawn anew each epoch (a resume too)
             torch.manual_seed((a.seed * 1009 + epoch) * 1009 + run.rank)
         for step, batches in enumerate(zip(*(run.batches(loader, epoch) for loader in loaders))):
@@ -300,24 +330,23 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
                 bad.add(b[3])
             if (step + 1) % a.log_every == 0:
                 means = read_means(run, sums, step + 1, f"{name} epoch {epoch}, steps {read + 1}-{step + 1}")
-                read, elapsed = step + 1, time.time() - t0
-                done = (epoch - start) * steps + step + 1
-                eta = elapsed / done * ((epochs - start) * steps - done)
+                read, elapsed = step + 1, time.time() - t_epoch
+                eta = elapsed / (step + 1) * ((epochs - epoch) * steps - step - 1)
                 if progress:
                     run.log(f"{name} ep {epoch} step {step + 1}/{steps} {means_text(means)} | "
                             f"{clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
         means = read_means(run, sums, steps, f"{name} epoch {epoch}, steps {read + 1}-{steps}")
         save_checkpoint(run, name, model, opt, epoch + 1, epochs)
-        elapsed = time.time() - t0
+        now = time.time()
         entry = dict(stage=name, epoch=epoch + 1, **means, lr=opt.param_groups[-1]["lr"], bad_videos=len(bad),
-                     clips_per_s=round(clips / elapsed, 1), wall_s=round(elapsed, 1), run=run.id,
+                     clips_per_s=round(clips / (now - t_epoch), 1), wall_s=round(now - t0, 1), run=run.id,
                      machine=run.machine)
         if run.rank == 0:
             with open(os.path.join(a.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if progress or (epoch + 1) % a.log_every == 0 or epoch + 1 == epochs:
             run.log(f"{name} epoch {epoch + 1}/{epochs}: {means_text(means)} | lr {entry['lr']:.2e} | "
-                    f"{entry['clips_per_s']} clips/s | {elapsed:.0f} s")
+                    f"{entry['clips_per_s']} clips/s this epoch | {entry['wall_s']:.0f} s")
 
 
 def lr_at(step, total, base, warmup):
@@ -406,15 +435,19 @@ def knn_check(run, stage, model):
     of the encoder's pooled backbone features, the labeled videos as the bank, the test videos as queries.
     Recorded as knn_<stage>; every process computes it, so none waits for another."""
     t0 = time.time()
-    model.eval()
-    pooled = lambda x: model.features(x).mean(dim=(2, 3, 4))  # noqa: E731  (B*n, C)
-    bank, queries = (F.normalize(clip_average(run, pooled, items)[0], dim=-1)  # (N, C), unit vectors
+    bank, queries = (F.normalize(pooled_features(run, model, items), dim=-1)  # (N, C), unit vectors
                      for items in (run.labeled, run.test))
     labels = [torch.tensor([y for _, y in items], device=run.device) for items in (run.labeled, run.test)]
     top1 = tb.knn_top1(bank, labels[0], queries, labels[1], len(run.classes))
     record(run, f"knn_{stage}", top1)
     run.log(f"{stage}: kNN top-1 {top1:.2f}% ({len(run.labeled)} labeled videos as the bank, "
             f"{len(run.test)} test videos; {time.time() - t0:.1f} s)")
+
+
+def pooled_features(run, model, items):
+    """Each video's backbone features, pooled over time and space and averaged over its clips: (N, C)."""
+    model.eval()
+    return clip_average(run, lambda x: model.features(x).mean(dim=(2, 3, 4)), items)[0]  # (N, C)
 
 
 def record(run, name, top1, per_class=None):
@@ -459,7 +492,8 @@ def semisup(run):
         steps.append(("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
                       lambda resume: train_ssl(run, "both", resume)))
     for k in ENCODERS:
-        steps.append((f"teacher_{k}", "classifier", f"the {k} encoder fine-tuned on the labeled videos",
+        how = "with its nearest-class-mean classifier on" if run.args.teacher == "class-mean" else "fine-tuned on"
+        steps.append((f"teacher_{k}", "classifier", f"the {k} encoder {how} the labeled videos",
                       lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])))
     name = "student" if run.args.mix == "similarity" else "student_fixed"
     steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
@@ -474,6 +508,7 @@ def semisup(run):
 def reuse_or_train(run, label, name, kind, what, train):
     """A step of a command: OUT/<name>.pt reused if finished, resumed if not, else trained."""
     ckpt = checkpoint(run, name, kind)
+    run.barrier()  # every process has looked before the first one writes it (a step may take no training step)
     if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
         run.log(f"=== {label} {name} ({what}): reusing {run.path(name)}, finished ({ckpt['epochs']} epochs)")
         return
@@ -608,7 +643,7 @@ class Run:
         score's clips are as long as the clips the SSL encoders were trained on."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
-        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream)
+        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream, a.aug)
         data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
         return ds
 
@@ -699,7 +734,7 @@ DEFINING = {"data": DATA_FLAGS,
             "encoder": DATA_FLAGS + ("width", "layers"),
             "ssl": DATA_FLAGS + ("width", "layers", "ssl_frames", "ssl_stride", "size", "balance"),
             "labeled": DATA_FLAGS + ("width", "layers", "frames", "stride", "size", "labeled", "labeled_list",
-                                     "seed")}
+                                     "seed", "aug", "teacher")}
 LABELED_STAGES = ("finetune", "supervised", "semisup")
 CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
@@ -918,6 +953,9 @@ def parser(command=True):
     a("--lr", type=at_least(0, float, above=True), default=None,
       help=f"Adam learning rate, cosine decay after 1 warm-up epoch (authors: 5e-3 SSL, 1e-4 after): {LR}")
     a("--weight-decay", type=at_least(0, float), default=1e-4, help="Adam weight decay")
+    a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
+      help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
+           "videos, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
       help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
            "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
@@ -925,6 +963,9 @@ def parser(command=True):
     a("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
     a("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
     a("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
+    a("--aug", choices=data.AUGMENTATIONS, default="light",
+      help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
+           "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
     a("--ssl-stride", type=at_least(4), default=4,
       help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
     a("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")

@@ -1,6 +1,7 @@
 """Real encoded videos for the tests, written with PyAV by the toy tool's encoder."""
 
 import os
+import re
 import sys
 import warnings
 
@@ -13,6 +14,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tools import toy  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def numbers_in_line(text, start):
+    """The numbers of the first line of `text` that contains `start`, after it, parsed: a test compares a
+    printed figure with a tolerance, never by its digits (a value on a rounding boundary prints either way
+    on another CPU)."""
+    line = next(line for line in text.splitlines() if start in line)
+    return [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d+)?", line.split(start, 1)[1])]
 
 
 def moving_frames(n, H=48, W=64, seed=0):

@@ -153,62 +153,104 @@ def _one_by_one_colour(x, b, c, s, theta, grey):
     return luma(x).expand_as(x) if grey else x
 
 
-def old_augment(clip, size, g, strong=True):
-    """The augmentation as it was before the uint8 / device split (one float function per clip, in the
-    worker), with the colour ops one by one: the reference that the split path must reproduce."""
+def old_augment(clip, size, g, recipe="ssl"):
+    """The augmentation as a float function per clip (as it was before the uint8 / device split), with the
+    colour ops one by one: the reference that the split path must reproduce, for each recipe."""
     T, H, W, _ = clip.shape
-    for _ in range(10):
-        target = H * W * data._u(g, 0.3 if strong else 0.5, 1.0)
-        ratio = math.exp(data._u(g, math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= W and 0 < h <= H:
-            break
+    if recipe == "released":  # a side factor, the aspect kept
+        f = data._u(g, 0.4, 1.0)
+        h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
-        h = w = min(H, W)
+        for _ in range(10):
+            target = H * W * data._u(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
+            ratio = math.exp(data._u(g, math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= W and 0 < h <= H:
+                break
+        else:
+            h = w = min(H, W)
     top, left = int(data._u(g) * (H - h + 1)), int(data._u(g) * (W - w + 1))
     x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).double()  # (T, 3, h, w)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) / 255
     if data._u(g) < 0.5:
         x = x.flip(-1)
-    jitter = strong and data._u(g) < 0.8
-    b, c, s, theta = (
-        (data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi))
-        if jitter
-        else (1, 1, 1, 0)
-    )
-    grey = strong and data._u(g) < 0.2
-    x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1)
+    b, c, s, theta, grey, gamma, boxes = 1, 1, 1, 0, False, 1, []
+    if recipe == "ssl":
+        if data._u(g) < 0.8:
+            b, c, s, theta = data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi)
+        grey, boxes = data._u(g) < 0.2, [(0.5, 0.1, 0.4)]
+    elif recipe == "released":
+        c = data._u(g, 0.9, 1.1) if data._u(g) < 0.125 else 1
+        theta = 2 * math.pi * data._u(g, -0.05, 0.05) if data._u(g) < 0.15 else 0
+        s = data._u(g, 0.9, 1.1) if data._u(g) < 0.15 else 1
+        b = data._u(g, 0.9, 1.1) if data._u(g) < 0.15 else 1
+        grey = data._u(g) < 0.1
+        gamma = data._u(g, 0.85, 1.15) if grey and data._u(g) < 0.75 else 1
+        boxes = [(0.4, 1 / 6, 1 / 3)] * 2
+    x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1) ** gamma
     x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
-    if strong and data._u(g) < 0.5:
-        eh, ew = int(size * data._u(g, 0.1, 0.4)), int(size * data._u(g, 0.1, 0.4))
-        et, el = int(data._u(g) * (size - eh)), int(data._u(g) * (size - ew))
-        x[:, :, et : et + eh, el : el + ew] = 0.0
+    for p, lo, hi in boxes:
+        if data._u(g) < p:
+            eh, ew = int(size * data._u(g, lo, hi)), int(size * data._u(g, lo, hi))
+            et, el = int(data._u(g) * (size - eh)), int(data._u(g) * (size - ew))
+            x[:, :, et : et + eh, el : el + ew] = 0.0
     return x.float()
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_split_augmentation_equals_the_old_path(device):
-    """uint8 crop / resize / flip in the worker + `finish` on the batch == the old float path, for the
-    same drawn parameters (same seeds): within 2 levels of 255 after normalisation (the uint8 resize
-    rounds; colour maps stretch that by at most ~1.5)."""
+    """uint8 crop / resize / flip in the worker + `finish` on the batch == the float path one clip at a time,
+    for the same drawn parameters (same seeds), every recipe: within 2 levels of 255 after normalisation (the
+    uint8 resize rounds; colour maps and gamma stretch that by at most ~1.5)."""
     g = torch.Generator().manual_seed(0)
     video = (torch.rand(8, 60, 80, 3, generator=g) * 255).to(torch.uint8)
     clips, params, refs = [], [], []
-    for seed in range(24):
-        strong = seed % 3 != 0
-        x, p = data.augment(video, 28, torch.Generator().manual_seed(seed), strong)
+    for seed in range(60):
+        recipe = ("ssl", "light", "released")[seed % 3]
+        x, p = data.augment(video, 28, torch.Generator().manual_seed(seed), recipe)
         clips.append(x), params.append(p)
-        refs.append(old_augment(video, 28, torch.Generator().manual_seed(seed), strong))
+        refs.append(old_augment(video, 28, torch.Generator().manual_seed(seed), recipe))
     got = data.finish(torch.stack(clips).to(device), torch.stack(params).to(device)).cpu()  # one batch
     want = torch.stack(refs)
     assert (got - want).abs().max() < 2 * 1.5 / 255 / 0.225
     drawn = torch.stack(params)
-    assert (
-        (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()
-    )  # grey, erase, jitter seen
-    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == (
-        drawn[:, 8] > 0
-    ).sum()  # erased where drawn
+    assert (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()  # grey, erase, jitter
+    assert (drawn[:, 10] != 1).any() and (drawn[:, 13] > 0).any()  # gamma, a second box
+    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == ((drawn[:, 8] > 0) | (drawn[:, 13] > 0)).sum()
+
+
+def test_released_recipe_ranges_and_rates():
+    """The released recipe: each parameter within its range, drawn at its rate (within 4 binomial standard
+    deviations over 4,000 clips), one draw for the whole clip (the crop itself: against the float path)."""
+    frame = torch.arange(40 * 60 * 3).remainder(251).to(torch.uint8).view(1, 40, 60, 3)
+    clip = frame.expand(4, -1, -1, -1)  # 4 identical frames: any per-frame draw would tell them apart
+    n, S = 4000, 24
+    rows = []
+    for seed in range(n):
+        x, p = data.augment(clip, S, torch.Generator().manual_seed(seed), "released")
+        if seed < 50:
+            y = data.finish(x[None], p[None])[0]
+            assert torch.equal(y, y[:, :1].expand_as(y))
+        rows.append(p)
+    b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2 = torch.stack(rows).double().unbind(1)
+
+    def rate(changed, p, lo, hi, value):
+        assert abs(changed.double().mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
+        assert ((value[changed] >= lo) & (value[changed] <= hi)).all()
+
+    rate(c != 1, 0.125, 0.9, 1.1, c)
+    rate(theta != 0, 0.15, -0.1 * math.pi, 0.1 * math.pi, theta)
+    rate(s != 1, 0.15, 0.9, 1.1, s)
+    rate(b != 1, 0.15, 0.9, 1.1, b)
+    rate(grey == 1, 0.1, 1, 1, grey)
+    assert ((gamma != 1) <= (grey == 1)).all()  # gamma only on greyscale clips, 3 in 4 of them
+    g1 = gamma[grey == 1]
+    assert abs((g1 != 1).double().mean() - 0.75) < 4 * math.sqrt(0.75 * 0.25 / len(g1))
+    assert ((g1[g1 != 1] >= 0.85) & (g1[g1 != 1] <= 1.15)).all()
+    for top, left, h, w in ((et, el, eh, ew), (et2, el2, eh2, ew2)):
+        rate(h > 0, 0.4, int(S / 6), int(S / 3), h)
+        assert ((w[h > 0] >= int(S / 6)) & (w[h > 0] <= int(S / 3))).all()
+        assert ((top + h <= S) & (left + w <= S)).all()
 
 
 def test_center_crop_against_hand():

@@ -167,7 +167,7 @@ def test_group_auc_against_counting_pairs():
     positive = torch.rand(30, generator=g) < 0.4
     pairs = [(float(a), float(b)) for a, p in zip(s, positive) for b, q in zip(s, positive) if p and not q]
     expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-    assert ablation.group_auc(s, positive) == pytest.approx(expected)
+    assert ablation.group_auc(s, positive) == expected  # a ratio of counts: exact, on every CPU
     assert ablation.group_auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([True, True, False])) == 1.0
     assert ablation.group_auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, True, False])) == 0.0
 

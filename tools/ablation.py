@@ -21,7 +21,8 @@ import tb  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
 
-HEADROOM = ("invariant", "distinctive", "group", "class", "video")  # --headroom: the students of these mixes
+HEADROOM = ("invariant", "distinctive", "group", "class", "video", "soft")  # --headroom: students of these mixes
+CONTROLS = ("permuted", "constant")  # --controls: the score's values without its per-video information
 
 
 def parser():
@@ -30,6 +31,8 @@ def parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds to run")
     p.add_argument("--headroom", action="store_true",
                    help="also the students of the mixes beyond fixed and similarity (docs/method.md)")
+    p.add_argument("--controls", action="store_true",
+                   help="also the students of s permuted across the training videos and of s constant at its mean")
     return p
 
 
@@ -44,13 +47,16 @@ def ablation(args):
             run = train.Run(sub, stage)
             train.reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
                                  lambda resume, run=run, stage=stage: train.train_ssl(run, stage, resume))
+            if f"knn_{stage}" not in train.read_json(os.path.join(out, "results.json")):  # a reused encoder's
+                train.knn_check(run, stage, train.load_into(run.model(proj_dim=128), train.need(run, stage, "ssl"),
+                                                            run.path(stage)))
         for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
             run.log(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""))
             run = train.run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
             runs += [run] if mix == "similarity" else []
-        if args.headroom:
-            headroom(runs[-1], seed)
-        mixes[seed] = mix_check(runs[-1])
+        for mix in (HEADROOM if args.headroom else ()) + (CONTROLS if args.controls else ()):
+            other_mix(runs[-1], seed, mix)
+        mixes[seed] = mix_check(runs[-1], permuted=args.controls)
         for k, v in train.read_json(os.path.join(out, "results.json")).items():
             table.setdefault(k, []).append(v)
         for k, v in train.read_json(os.path.join(out, "per_class.json")).items():
@@ -65,16 +71,15 @@ def ablation(args):
     return runs
 
 
-def headroom(run, seed):
-    """The students of the HEADROOM mixes in `run`'s folder (group only where ROOT/groups.txt exists)."""
-    teachers = [train.teacher(run, k) for k in train.ENCODERS]
-    for mix in HEADROOM:
-        if mix == "group" and toy.read_groups(run.args.root, run.classes) is None:
-            continue
-        run.log(f"=== seed {seed}: semisup --mix {mix}")
-        name = f"student_{mix}"
-        train.reuse_or_train(run, "headroom:", name, "classifier", f"the student of --mix {mix}",
-                             lambda resume: train.train_student(run, name, resume, mix_weights(run, mix, teachers)))
+def other_mix(run, seed, mix):
+    """The student of a HEADROOM or CONTROLS mix in `run`'s folder (group only where ROOT/groups.txt exists)."""
+    if mix == "group" and toy.read_groups(run.args.root, run.classes) is None:
+        return
+    run.log(f"=== seed {seed}: semisup --mix {mix}")
+    name = f"student_{mix}"
+    train.reuse_or_train(run, f"{'control' if mix in CONTROLS else 'headroom'}:", name, "classifier",
+                         f"the student of --mix {mix}",
+                         lambda resume: train.train_student(run, name, resume, mix_weights(run, mix)))
 
 
 def print_ablation(args, table):
@@ -92,10 +97,14 @@ def print_ablation(args, table):
                        ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
                        ("student, class oracle (better teacher on its unlabeled videos)", "student_class"),
                        ("student, per-video oracle (better teacher on each video)", "student_video"),
+                       ("student, soft per-video oracle (0.5; a teacher alone where only it fixes the target)",
+                        "student_soft"),
+                       ("student, s permuted across the training videos (control)", "student_permuted"),
+                       ("student, s constant at its mean (control)", "student_constant"),
                        ("kNN, invariant encoder", "knn_invariant"),
                        ("kNN, distinctive encoder", "knn_distinctive")):
         v = table.get(key, [])
-        if len(v) == len(args.seeds):  # kNN is measured where an encoder is trained, not where one is reused
+        if len(v) == len(args.seeds):
             mean, std = statistics.mean(v), statistics.pstdev(v)
             print(f"| {label} | {mean:.1f} +- {std:.1f} | {joined(v, '{:.1f}')} |")
     print("\n| paired difference (the method's claims) | mean | per seed | goal | met in every seed |\n"
@@ -103,9 +112,15 @@ def print_ablation(args, table):
     claims = (("student - supervised-only", "supervised", ">= +15", lambda d: d >= 15),
               ("student - invariant teacher", "teacher_invariant", "> 0", lambda d: d > 0),
               ("student - distinctive teacher", "teacher_distinctive", "> 0", lambda d: d > 0),
-              ("similarity mix - fixed mix", "student_fixed", ">= 0", lambda d: d >= 0))
+              ("similarity mix - fixed mix", "student_fixed", ">= 0", lambda d: d >= 0),
+              ("student - best encoder kNN (the better of the seed's two)", "best_knn", "> 0", lambda d: d > 0),
+              ("similarity mix - permuted s", "student_permuted", "> 0", lambda d: d > 0),
+              ("similarity mix - constant s", "student_constant", "> 0", lambda d: d > 0))
+    others = {**table, "best_knn": best_knn(table)}
     for label, other, goal, met in claims:
-        d = [x - y for x, y in zip(table["student"], table[other])]
+        if len(others.get(other, [])) != len(args.seeds):
+            continue
+        d = [x - y for x, y in zip(table["student"], others[other])]
         print(f"| {label} | {statistics.mean(d):+.1f} | {joined(d, '{:+.1f}')} | {goal} | "
               f"{'yes' if all(map(met, d)) else 'no'} |")
     mean = {k: statistics.mean(v) for k, v in table.items() if len(v) == len(args.seeds)}
@@ -119,6 +134,17 @@ def print_ablation(args, table):
         print(f"\nHeadroom, means: better teacher {mean[better]:.1f} ({better}), fixed mix "
               f"{mean['student_fixed']:.1f}, similarity mix {mean['student']:.1f}, per-video oracle "
               f"{mean['student_video']:.1f}, best mix {mean[best]:.1f} ({best}). {recovered}")
+    if {"student_permuted", "student_constant"} <= set(mean):  # the score's per-video information, or its lean
+        above = sum(x > max(a, b) for x, a, b in zip(*(table[k] for k in ("student", "student_permuted",
+                                                                            "student_constant"))))
+        print(f"\nControls, means: similarity mix {mean['student']:.1f}, the same s permuted across the videos "
+              f"{mean['student_permuted']:.1f}, s constant at its mean {mean['student_constant']:.1f}; the "
+              f"similarity mix above both controls in {above} of {len(args.seeds)} seeds.")
+
+
+def best_knn(table):
+    """Per seed the better of its two encoders' kNN checks: what the labeled videos give without any training."""
+    return [max(a, b) for a, b in zip(table.get("knn_invariant", []), table.get("knn_distinctive", []))]
 
 
 def print_scores(args, per_class, mixes, runs):
@@ -153,19 +179,29 @@ def print_scores(args, per_class, mixes, runs):
           f"the teachers disagree with one of them right on {total['one_right']}; the fixed mix's target is "
           f"wrong there (the wrong teacher the more confident) on {total['fixable']}; the similarity mix's "
           f"target is right where the fixed one is wrong on {total['sim_fixes']} and wrong where it is right "
-          f"on {total['sim_breaks']}.")
+          f"on {total['sim_breaks']}" + (f"; under the permuted s, {total['sim_fixes_permuted']} and "
+                                        f"{total['sim_breaks_permuted']}." if "sim_fixes_permuted" in total else "."))
     return auc
 
 
-def mix_weights(run, mix, teachers):
-    """Each training video's weight of the invariant teacher under a mix that knows what the score has to
-    guess (docs/method.md "Headroom"), the bounds of what a weight could gain: 1 or 0 for every video (one
-    teacher alone); group: 1 for the classes ROOT/groups.txt calls repetitive, 0 for the ordered ones;
-    class: per class, 1 or 0 for the teacher that gives the class's unlabeled training videos the higher
-    summed probability of their class; video: per video, the teacher that gives the video's own class the
-    higher probability. A tie gives 0.5. Every oracle reads each video's own label."""
+def mix_weights(run, mix, teachers=None):
+    """Each training video's weight of the invariant teacher under a mix beyond fixed and similarity
+    (docs/method.md "Headroom" and "Controls"). Oracles, which read each video's own label, bounds of what a
+    weight could gain: 1 or 0 for every video (one teacher alone); group: 1 for the classes ROOT/groups.txt
+    calls repetitive, 0 for the ordered ones; class: per class, 1 or 0 for the teacher that gives the class's
+    unlabeled training videos the higher summed probability of their class; video: per video, the teacher
+    that gives the video's own class the higher probability (a tie 0.5); soft: 0.5, except on the videos
+    where exactly one teacher predicts the right class and the 0.5 mix does not: that teacher alone.
+    Controls, the score's values without its per-video information: permuted: the videos' s shuffled across
+    the training videos (a permutation drawn from --seed); constant: every video the mean s."""
     if mix in ("invariant", "distinctive"):
         return {p: float(mix == "invariant") for p, _ in run.train}
+    if mix in CONTROLS:
+        s_video = train.scores(run)["s"]
+        s = torch.tensor([s_video[p] for p, _ in run.train], dtype=torch.float64)  # (N,), training order
+        g = torch.Generator().manual_seed(run.args.seed)
+        s = s[torch.randperm(len(s), generator=g)] if mix == "permuted" else torch.full_like(s, float(s.mean()))
+        return dict(zip((p for p, _ in run.train), s.tolist()))
     if mix == "group":
         groups = toy.read_groups(run.args.root, run.classes)
         if groups is None or not set(groups) <= {"repetitive", "ordered"}:
@@ -173,29 +209,40 @@ def mix_weights(run, mix, teachers):
             raise train.StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName "
                                    "ordered' (the toy writes one)")
         return {p: float(groups[label] == "repetitive") for p, label in run.train}
+    teachers = teachers or [train.teacher(run, k) for k in train.ENCODERS]
     y = torch.tensor([label for _, label in run.train], device=run.device)  # (N,)
-    p_I, p_D = (train.probabilities(run, t, run.train)[0].gather(1, y.view(-1, 1)).squeeze(1)  # (N,) each:
-                for t in teachers)  # the probability each teacher gives the video's own class
-    if mix == "class":  # summed per class over the unlabeled videos
-        unlabeled = set(run.unlabeled)
-        unlabeled = torch.tensor([item in unlabeled for item in run.train], device=run.device)  # (N,)
-        K = len(run.classes)
-        p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p * unlabeled) for p in (p_I, p_D))
-    w = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,) or (N,)
+    P_I, P_D = (train.probabilities(run, t, run.train)[0] for t in teachers)  # (N, K) each
+    if mix == "soft":
+        right_I, right_D = P_I.argmax(1) == y, P_D.argmax(1) == y  # (N,) each
+        fixed_right = tb.mix_teachers(P_I, P_D, torch.full_like(y, 0.5, dtype=P_I.dtype)).argmax(1) == y
+        w = 0.5 + 0.5 * (right_I & ~right_D & ~fixed_right).float() - 0.5 * (right_D & ~right_I & ~fixed_right).float()
+    else:
+        p_I, p_D = (p.gather(1, y.view(-1, 1)).squeeze(1) for p in (P_I, P_D))  # (N,): p of the own class
+        if mix == "class":  # summed per class over the unlabeled videos
+            unlabeled = set(run.unlabeled)
+            unlabeled = torch.tensor([item in unlabeled for item in run.train], device=run.device)  # (N,)
+            K = len(run.classes)
+            p_I, p_D = (torch.zeros(K, device=run.device).index_add_(0, y, p * unlabeled) for p in (p_I, p_D))
+        w = (p_I > p_D).float() + 0.5 * (p_I == p_D).float()  # (K,) or (N,)
     if run.world > 1:  # the first process decides for all: a near tie could go either way on another GPU
         train.dist.broadcast(w, 0)
     w = w.tolist()
     return {p: w[label] if mix == "class" else w[i] for i, (p, label) in enumerate(run.train)}
 
 
-def mix_check(run):
+def mix_check(run, permuted=False):
     """`mix_counts` on the unlabeled training videos of a finished run, summed over the processes (each
-    takes every world-th video): each teacher's prediction as in evaluation, each video's score."""
+    takes every world-th video): each teacher's prediction as in evaluation, each video's score; with
+    `permuted`, also sim_fixes / sim_breaks under the permuted control's s."""
     items = run.unlabeled[run.rank :: run.world]
     p_I, p_D = (train.probabilities(run, train.teacher(run, k), items)[0] for k in train.ENCODERS)  # (N, K)
-    s_video = train.scores(run)["s"]
-    s = torch.tensor([s_video[p] for p, _ in items], device=run.device)  # (N,)
-    counts = mix_counts(p_I, p_D, s, torch.tensor([y for _, y in items], device=run.device))
+    y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
+    counts = {}
+    for mix in ("similarity", "permuted") if permuted else ("similarity",):
+        s_video = train.scores(run)["s"] if mix == "similarity" else mix_weights(run, mix)
+        s = torch.tensor([s_video[p] for p, _ in items], device=run.device)  # (N,)
+        got = mix_counts(p_I, p_D, s, y)
+        counts.update(got if mix == "similarity" else {f"{k}_permuted": got[k] for k in ("sim_fixes", "sim_breaks")})
     summed = train.all_sum(run, torch.tensor(list(counts.values()), device=run.device))[0]
     return dict(zip(counts, summed.tolist()))
 
@@ -220,9 +267,9 @@ def group_auc(s, positive):
     """How well scores s (N,) put the videos of one group above the others (positive (N,) bool): the
     probability that a positive video's s exceeds a negative one's, ties counting half (the area under the
     ROC curve, Mann-Whitney U / (n+ n-)). 1: every positive above every negative; 0.5: no separation."""
-    above = (s[positive].view(-1, 1) > s[~positive].view(1, -1)).float()  # (n+, n-)
-    tied = (s[positive].view(-1, 1) == s[~positive].view(1, -1)).float()
-    return (above + 0.5 * tied).mean().item()
+    pos, neg = s[positive].view(-1, 1), s[~positive].view(1, -1)  # (n+, 1), (1, n-)
+    above, tied = int((pos > neg).sum()), int((pos == neg).sum())  # counts over the n+ x n- pairs
+    return (above + 0.5 * tied) / (pos.numel() * neg.numel())  # a ratio of counts, in float64
 
 
 def main(argv=None):

@@ -144,11 +144,12 @@ def bench_toy_loader(root, workers_list, steps_clips):
               f"{steps_clips:.0f} clips/s")
 
 
-def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
+def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T_ssl=8):
     """The training steps of train.py on random input, each the body of `train.fit`'s loop as it runs (the
     learning rate, the stage's terms, backward and step, the terms added to the sums on the device; the
-    sums are read only every --log-every steps): the invariant stage (10 clips per video, L_I),
-    supervised and the semisup student (B/2 labeled + B/2 unlabeled clips, both teachers)."""
+    sums are read only every --log-every steps): the invariant and distinctive stages (10 clips per video of
+    T_ssl frames, L_I / L_D), supervised and the semisup student (B/2 labeled + B/2 unlabeled clips, both
+    teachers), the classifiers' clips 8 frames."""
     import train
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -156,8 +157,8 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     def model(**kw):
         return R3D(width, layers, **kw).to(device, memory_format=fmt)
 
-    def clips(n):
-        return torch.randn(n, 3, 8, size, size, device=device).contiguous(memory_format=fmt)
+    def clips(n, T=8):
+        return torch.randn(n, 3, T, size, size, device=device).contiguous(memory_format=fmt)
 
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     clf, ssl = model(num_classes=K), model(proj_dim=128)
@@ -165,7 +166,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
     B = train.BATCH["supervised"]  # the stages' batches: 16 clips (supervised), 8 videos (SSL, semisup)
     x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
-    x_ssl, x_semi, s = clips(10 * (B // 2)), clips(B), torch.rand(B, device=device)
+    x_ssl, x_semi, s = clips(10 * (B // 2), T_ssl), clips(B), torch.rand(B, device=device)
     args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse")
 
     def loop_step(opt, terms_of, n):
@@ -194,6 +195,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8):
     h = B // 2
     return {
         "ssl": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "invariant", 0.1, autocast), 10 * h),
+        "distinctive": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "distinctive", 0.1, autocast), 10 * h),
         "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y, autocast), B),
         "semisup": loop_step(opt_c, lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s,
                                                                 args, autocast), B),

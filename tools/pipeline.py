@@ -1,15 +1,28 @@
-"""Whether the data path keeps up with the training step: on UCF-like videos it writes itself (320x240, 7 s,
-MPEG-4 AVI), the step alone, the loader alone and the real stage, in clips/s (docs/performance.md):
+"""Whether the data path keeps up with the training step, in steady state, on UCF-like videos it writes itself
+(320x240, 7 s, MPEG-4 AVI; none kept decoded in memory: --cache-mb 0). For each stage (invariant, distinctive,
+supervised, semisup) a row in clips/s, printed as it ends (docs/performance.md):
+
+  step alone    the stage's step (its terms, backward, Adam; `tools/bench.py`'s step_fns) on random input of its
+                real clip shapes: --steps steps after as many warm-up ones, the median of 3 repeats (CUDA events)
+  loader alone  the stage's own loaders (semisup: both, zipped), each batch copied to the device and finished
+                there (`train.Run.batches`), no model: at least --batches batches after the first
+  the stage     `train.py --stage ...` for --epochs epochs: its epochs 2 on (each epoch's own clips and wall
+                time in OUT/log.jsonl), so worker start-up and the first epoch's set-up are not in it
+
+and stage / min(loader, step). On CUDA with nvidia-smi, the GPU's utilisation and power every 200 ms over each
+stage (OUT/gpu_<stage>.csv); with --profile, torch.profiler over 10 steady steps of supervised and invariant on
+their real data path: the top kernels by self CUDA time, the top host ops by self CPU time, the GPU busy share.
 
     python tools/pipeline.py                  # the CPU defaults
-    python tools/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 --workers 15 \
-        --videos 480 --repeat 5
+    python tools/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 --workers 14 --videos 240 \
+        --repeat 4 --profile --out /tmp/pipeline
 """
 import argparse
 import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
-from tools.bench import model_flags, step_fns, timed  # noqa: E402
+from tools.bench import model_flags, step_fns  # noqa: E402
+
+STAGES = {"invariant": ("ssl", "invariant"), "distinctive": ("distinctive", "distinctive"),
+          "supervised": ("supervised", "supervised"), "semisup": ("semisup", "student")}  # step_fns key, log name
 
 
 def write_ucf_like(path, seed, n=175, H=240, W=320):
@@ -43,92 +59,190 @@ def write_ucf_like(path, seed, n=175, H=240, W=320):
 
 
 def pipeline_videos(args, K=8):
-    """args.videos UCF-like videos written in a temporary folder (one process a core), their lists, and the
-    flags of train.py that read them."""
-    tmp = tempfile.mkdtemp()
+    """args.videos UCF-like videos written into OUT/videos (one process a core), their lists, and the flags of
+    train.py that read them."""
+    root = os.path.join(args.out, "videos")
+    os.makedirs(root, exist_ok=True)
     rels = [f"v{i:04d}.avi" for i in range(args.videos)]
     t = time.perf_counter()
     with multiprocessing.Pool(os.cpu_count()) as pool:
-        pool.starmap(write_ucf_like, [(os.path.join(tmp, r), i) for i, r in enumerate(rels)])
+        pool.starmap(write_ucf_like, [(os.path.join(root, r), i) for i, r in enumerate(rels)])
     print(f"\n## Pipeline: {args.videos} UCF-like videos (320x240, 7 s, MPEG-4 AVI) written in "
-          f"{time.perf_counter() - t:.0f} s; train list = them x {args.repeat}")
-    data.write_lines(os.path.join(tmp, "train.txt"), [f"{r} {i % K}" for i, r in enumerate(rels)] * args.repeat)
-    data.write_lines(os.path.join(tmp, "test.txt"), [f"{r} {i % K}" for i, r in enumerate(rels[:K])])
-    return tmp, [
-        "--dataset", "list", "--root", tmp, "--train-list", os.path.join(tmp, "train.txt"), "--test-list",
-        os.path.join(tmp, "test.txt"), "--device", args.device, "--size", str(args.size), "--width",
-        str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers), "--test-clips",
-        "2", "--log-every", "100000", "--labeled", "1"]
+          f"{time.perf_counter() - t:.0f} s; train list = them x {args.repeat}", flush=True)
+    data.write_lines(os.path.join(root, "train.txt"), [f"{r} {i % K}" for i, r in enumerate(rels)] * args.repeat)
+    data.write_lines(os.path.join(root, "test.txt"), [f"{r} {i % K}" for i, r in enumerate(rels[:K])])
+    return ["--dataset", "list", "--root", root, "--train-list", os.path.join(root, "train.txt"), "--test-list",
+            os.path.join(root, "test.txt"), "--device", args.device, "--size", str(args.size), "--width",
+            str(args.width), "--layers", *map(str, args.layers), "--workers", str(args.workers), "--ssl-frames",
+            str(args.ssl_frames), "--test-clips", "2", "--log-every", "100000", "--labeled", "0.1",
+            "--cache-mb", "0"]
 
 
-def loader_alone(flags, out, cuda):
-    """Clips/s of the stages' own Run, dataset, loader and batches, no model: the second epoch, workers warm."""
-    run = train.Run(train.get_args(["--stage", "supervised", "--out", out, *flags]))
-    rate = {}
-    for mode, bs in (("ssl", 8), ("supervised", 16)):
-        loader = run.loader(run.dataset(run.train, "ssl" if mode == "ssl" else "train"), bs)
-        for epoch in range(2):
-            t, n = time.perf_counter(), 0
-            for x, *_ in run.batches(loader, epoch):
-                n += x.shape[0]
-            if cuda:
-                torch.cuda.synchronize()
-        rate[mode] = n / (time.perf_counter() - t)
-        del loader
-    return rate
+def step_alone(fn, clips, steps, device, repeats=3):
+    """Clips/s of fn, a training step of `clips` clips: `steps` warm-up steps, then the median of `repeats`
+    timings of `steps` steps (on CUDA between events, which time the GPU's work without waiting inside)."""
+    for _ in range(steps):
+        fn()
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            seconds = time.perf_counter() - t
+        rates.append(clips * steps / seconds)
+    return statistics.median(rates)
 
 
-def stages_alone(flags, out):
-    """Clips/s of the real stages (`train.py --stage ...`, OUT/log.jsonl's figure of the second epoch)."""
-    rate = {}
-    for stage, key, log_name in (("invariant", "ssl", "invariant"), ("supervised", "supervised", "supervised"),
-                                 ("semisup", "semisup", "student")):
-        if stage == "semisup":  # the second encoder only feeds the scores and a teacher: a copy will do
-            shutil.copy(os.path.join(out, "invariant.pt"), os.path.join(out, "distinctive.pt"))
-        p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage",
-                            stage, "--out", out, "--epochs", "2", *flags], capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
-        records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        rate[key] = [r for r in records if r["stage"] == log_name][-1]["clips_per_s"]
-    return rate
+def stage_loaders(run, stage):
+    """The loaders a stage zips, built as train.py's stage builds them (a tool may repeat a few lines)."""
+    if stage in ("invariant", "distinctive"):
+        return [run.loader(run.dataset(run.train, "ssl"), train.BATCH[stage])]
+    if stage == "supervised":
+        labeled = run.labeled * max(1, len(run.train) // len(run.labeled))
+        return [run.loader(run.dataset(labeled, "train"), train.BATCH[stage])]
+    bs, w = train.BATCH["semisup"], run.args.workers
+    unl = run.dataset(run.unlabeled, "train")
+    steps, bs_l = len(unl) // bs, min(bs, len(run.labeled))
+    lab = run.dataset(run.labeled * -(-steps * bs_l // len(run.labeled)), "train", stream=1)
+    w_l = min(w - 1, max(1, round(w * bs_l / (bs + bs_l)))) if w > 1 else 0
+    return [run.loader(unl, bs, workers=w - w_l), run.loader(lab, bs_l, workers=w_l, length=steps * bs_l)]
+
+
+def loader_alone(run, stage, batches):
+    """Clips/s of the stage's loaders through `run.batches` (copy, `data.finish`), no model: the first batch
+    (the workers' first fill) is not timed, then at least `batches` batches over as many epochs as it takes."""
+    loaders = stage_loaders(run, stage)
+    n, clips, epoch = -1, 0, 0
+    while n < batches:
+        for group in zip(*(run.batches(loader, epoch) for loader in loaders)):
+            n += 1
+            if n == 0:
+                t = time.perf_counter()
+            else:
+                clips += sum(x.shape[0] for x, *_ in group)
+        epoch += 1
+    if run.cuda:
+        torch.cuda.synchronize()
+    return clips / (time.perf_counter() - t)
+
+
+def stage_run(flags, out, stage, epochs):
+    """Clips/s of `train.py --stage stage` over its epochs 2 on, from OUT/log.jsonl, and nvidia-smi's samples
+    over the whole command where it runs on CUDA."""
+    smi = None
+    if "cuda" in flags[flags.index("--device") + 1] and shutil.which("nvidia-smi"):
+        csv = open(os.path.join(out, f"gpu_{stage}.csv"), "w")
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,power.draw,memory.used",
+                                "--format=csv,noheader,nounits", "-lms", "200"], stdout=csv)
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage",
+                        stage, "--out", os.path.join(out, "run"), "--epochs", str(epochs), *flags],
+                       capture_output=True, text=True)
+    if smi:
+        smi.terminate()
+        smi.wait()
+        csv.close()
+    if p.returncode:
+        sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
+    log = [json.loads(line) for line in open(os.path.join(out, "run", "log.jsonl"))]
+    log = [r for r in log if r["stage"] == STAGES[stage][1] and r["run"] == log[-1]["run"]]
+    walls = [0.0] + [r["wall_s"] for r in log]
+    steady = [(r["clips_per_s"] * (w1 - w0), w1 - w0) for r, w0, w1 in zip(log, walls, walls[1:]) if r["epoch"] >= 2]
+    rate = sum(c for c, _ in steady) / sum(s for _, s in steady)
+    if not smi:
+        return rate, ""
+    rows = [line.split(", ") for line in open(os.path.join(out, f"gpu_{stage}.csv")) if line.count(",") == 3]
+    util, power = ([float(r[k]) for r in rows if r[k].strip() not in ("", "[N/A]")] for k in (1, 2))
+    return rate, (f"GPU utilisation mean {statistics.mean(util):.0f} % (median {statistics.median(util):.0f}), power "
+                  f"mean {statistics.mean(power):.0f} W over the command ({len(rows)} samples)") if util else ""
+
+
+def profile(flags, out, stage, steps=10):
+    """torch.profiler over `steps` steady steps of `stage` on its real data path (10 steps before it), as
+    `train.fit` runs them: its tables into OUT/profile_<stage>.txt, a summary printed."""
+    run = train.Run(train.get_args(["--stage", stage, "--out", os.path.join(out, "profile"), *flags]))
+    ssl = stage == "invariant"
+    model = run.model(proj_dim=128) if ssl else run.model(num_classes=len(run.classes), dropout=0.5)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    batches = (b for epoch in range(10**6) for b in run.batches(stage_loaders(run, stage)[0], epoch))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if run.cuda else [])
+    for k in range(2 * steps):
+        if k == steps:
+            prof = torch.profiler.profile(activities=activities)
+            prof.__enter__()
+            t = time.perf_counter()
+        x, y, *_ = next(batches)
+        terms = train.ssl_terms(model, x, stage, 0.1, run.autocast) if ssl else \
+            train.classifier_terms(model, x, y, run.autocast)
+        opt.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        opt.step()
+    if run.cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    prof.__exit__(None, None, None)
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    tables = [events.table(sort_by="self_device_time_total", row_limit=12) if run.cuda else "",
+              events.table(sort_by="self_cpu_time_total", row_limit=12)]
+    with open(os.path.join(out, f"profile_{stage}.txt"), "w") as f:
+        f.write("\n\n".join(tables))
+    busy = f"GPU busy {100 * device_us / 1e6 / wall:.0f} % of the wall time" if run.cuda else "no GPU"
+    top_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:3]
+    print(f"- profile of {steps} steady {stage} steps: {wall:.2f} s, {busy}; top host ops: " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in top_host), flush=True)
 
 
 def bench_pipeline(args):
-    """Three rows per mode, in clips/s: the training step alone (random input on the device, the kernels the
-    stages choose), the loader alone (`loader_alone`), and the real stage (`stages_alone`, worker start-up
-    included)."""
-    tmp, flags = pipeline_videos(args)
+    """The three rows of each stage in --stages order (the encoders before semisup, which needs them)."""
+    os.makedirs(args.out, exist_ok=True)
+    flags = pipeline_videos(args)
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {dev} ({name}), "
-          f"width {args.width}, layers {args.layers}, 8x{args.size}x{args.size}, {args.workers} workers, "
-          f"AMP {'bf16' if dev.type == 'cuda' else 'off'}")
+    print(f"device {dev} ({name}), width {args.width}, layers {args.layers}, {args.ssl_frames} SSL / 8 frames at "
+          f"{args.size} px, {args.workers} workers, AMP {'bf16' if dev.type == 'cuda' else 'off'}", flush=True)
     torch.backends.cudnn.benchmark = dev.type == "cuda"  # as train.Run sets it
-    fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    step = {mode: fns[mode][1] / timed(fns[mode][0], args.reps, sync) for mode in ("ssl", "supervised", "semisup")}
-    del fns
-    loader = loader_alone(flags, os.path.join(tmp, "loader"), dev.type == "cuda")
-    stage = stages_alone(flags, os.path.join(tmp, "stages"))
-    print("| clips/s | invariant SSL (10 clips / video, 8 videos) | supervised (16 clips) | semisup (8 + 8 clips) |"
-          "\n|---|---|---|---|")
-    print(f"| step alone | {step['ssl']:.0f} | {step['supervised']:.0f} | {step['semisup']:.0f} |")
-    print(f"| loader alone | {loader['ssl']:.0f} | {loader['supervised']:.0f} | - |")
-    print(f"| the stage | {stage['ssl']:.0f} | {stage['supervised']:.0f} | {stage['semisup']:.0f} |")
-    for key in ("ssl", "supervised"):
-        print(f"- {key}: loader / step {loader[key] / step[key]:.2f}, "
-              f"stage / min(loader, step) {stage[key] / min(step[key], loader[key]):.2f}")
-    print(f"- semisup: stage / step {stage['semisup'] / step['semisup']:.2f}")
+    print("| stage | step alone | loader alone | the stage (epochs 2 on) | stage / min(loader, step) | loader / step |"
+          "\n|---|---|---|---|---|---|", flush=True)
+    for stage in args.stages:
+        key = STAGES[stage][0]
+        fn, clips = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", T_ssl=args.ssl_frames)[key]
+        step = step_alone(fn, clips, args.steps, dev)
+        del fn
+        run = train.Run(train.get_args(["--stage", "semisup", "--out", os.path.join(args.out, "loader"), *flags]))
+        loader = loader_alone(run, stage, args.batches)
+        rate, gpu = stage_run(flags, args.out, stage, args.epochs)
+        print(f"| {stage} | {step:.0f} | {loader:.0f} | {rate:.0f} | {rate / min(step, loader):.2f} | "
+              f"{loader / step:.2f} |" + (f" {gpu}" if gpu else ""), flush=True)
+    if args.profile:
+        for stage in ("supervised", "invariant"):
+            profile(flags, args.out, stage)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_flags(p, width=16, layers=[1, 1, 1, 1], size=32, workers=2)
+    p.add_argument("--ssl-frames", type=int, default=8, help="frames of the SSL clips (the classifiers': 8)")
     p.add_argument("--videos", type=int, default=32, help="UCF-like videos to write")
     p.add_argument("--repeat", type=int, default=2, help="times the train list repeats them (one epoch)")
-    p.add_argument("--reps", type=int, default=10, help="repetitions of the step alone")
-    bench_pipeline(p.parse_args(argv))
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="the stages measured")
+    p.add_argument("--steps", type=int, default=10, help="steps of each timing of the step alone")
+    p.add_argument("--batches", type=int, default=300, help="batches of the loader alone, after the first")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each stage (the first is left out)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over 10 steady steps (supervised, invariant)")
+    p.add_argument("--out", default=None, help="folder for the videos, runs, GPU samples and profiles (default: temporary)")
+    args = p.parse_args(argv)
+    args.out = args.out or tempfile.mkdtemp()
+    bench_pipeline(args)
 
 
 if __name__ == "__main__":

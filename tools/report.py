@@ -236,6 +236,9 @@ def part_ablation(out, ab):
     rows = [[k, round(statistics.mean(v), 2), *v] for k, v in top1.items() if len(v) == len(seeds)]
     paired = [[f"student - {k}", *(round(a - b, 2) for a, b in zip(top1["student"], v))] for k, v in top1.items()
               if "student" in top1 and k != "student" and not k.startswith("knn") and len(v) == len(seeds)]
+    best_knn = [max(a, b) for a, b in zip(top1.get("knn_invariant", []), top1.get("knn_distinctive", []))]
+    if "student" in top1 and len(best_knn) == len(seeds):  # the better of each seed's two encoders' kNN
+        paired.append(["student - best encoder kNN", *(round(a - b, 2) for a, b in zip(top1["student"], best_knn))])
     W, H = 760, 30 + 22 * len(rows)
     X = scale(0, 100, 230, W - 20)
     parts = [f'<text x="{X(v)}" y="14" text-anchor="middle">{v} %</text>' for v in (0, 50, 100)]
@@ -262,7 +265,13 @@ def report(out):
     """OUT/report.html from what the folder holds; returns its path."""
     files = {name: read(out, name, name.endswith(".jsonl")) for name in
              ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
-    missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ")]
+    # what this kind of folder holds: an ablation's folder its tables, a run folder its run and figures (and,
+    # once a labeled stage ran, the per-class figures and the scores); only those are missed where absent
+    run = files["run.json"][0] or {}
+    ablation_folder = files["ablation.json"][0] is not None or any(d.startswith("seed") for d in os.listdir(out))
+    expected = {"ablation.json"} if ablation_folder else {"run.json", "results.json", "log.jsonl"} | (
+        {"per_class.json", "scores.json"} if "labeled" in run else set())
+    missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ") and name in expected]
     why = [reason for _, reason in files.values() if reason and not reason.startswith("no ")]
     why += [f"no {', '.join(missing)} in this folder"] if missing else []
     got = {name: obj for name, (obj, _) in files.items()}
