@@ -145,7 +145,7 @@ def part_training(log):
         text += f"<h3>{html.escape(stage)}</h3>" + line_chart(f"{stage}: loss terms", {k: curve(k) for k in terms},
                                                                "epoch", "mean loss")
         text += line_chart(f"{stage}: learning rate", {"lr": curve("lr")}, "epoch", "learning rate")
-        text += line_chart(f"{stage}: speed", {"clips/s": curve("clips_per_s")}, "epoch", "clips / s")
+        text += line_chart(f"{stage}: speed", {"clips/s": curve("clips_per_s")}, "epoch", "clips / s of the epoch")
     return text
 
 
@@ -267,10 +267,10 @@ def report(out):
              ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
     # what this kind of folder holds: an ablation's folder its tables, a run folder its run and figures (and,
     # once a labeled stage ran, the per-class figures and the scores); only those are missed where absent
-    run = files["run.json"][0] or {}
-    ablation_folder = files["ablation.json"][0] is not None or any(d.startswith("seed") for d in os.listdir(out))
-    expected = {"ablation.json"} if ablation_folder else {"run.json", "results.json", "log.jsonl"} | (
-        {"per_class.json", "scores.json"} if "labeled" in run else set())
+    labeled = "labeled" in (files["run.json"][0] or {})
+    expected = {"ablation.json"} if files["ablation.json"][0] is not None or any(
+        d.startswith("seed") for d in os.listdir(out)) else {"run.json", "results.json", "log.jsonl", *(
+            ("per_class.json", "scores.json") if labeled else ())}
     missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ") and name in expected]
     why = [reason for _, reason in files.values() if reason and not reason.startswith("no ")]
     why += [f"no {', '.join(missing)} in this folder"] if missing else []
