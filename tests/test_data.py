@@ -177,7 +177,8 @@ def old_augment(clip, size, g, recipe="ssl"):
     b, c, s, theta, grey, gamma, boxes = 1, 1, 1, 0, False, 1, []
     if recipe == "ssl":
         if data._u(g) < 0.8:
-            b, c, s, theta = data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, -math.pi, math.pi)
+            b, c, s = data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2)
+            theta = data._u(g, -math.pi, math.pi)
         grey, boxes = data._u(g) < 0.2, [(0.5, 0.1, 0.4)]
     elif recipe == "released":
         c = data._u(g, 0.9, 1.1) if data._u(g) < 0.125 else 1

@@ -65,7 +65,8 @@ def ablation(args):
         print_ablation(args, table)
         auc = print_scores(args, per_class, mixes, runs)
         train.write_json(os.path.join(args.out, "ablation.json"),
-                         {"seeds": args.seeds, "top1": table, "per_class": per_class, "mix": mixes, "auc": auc})
+                         {"seeds": args.seeds, "top1": table, "best_knn": best_knn(table), "per_class": per_class,
+                          "mix": mixes, "auc": auc})
         print(f"\nwall time {time.time() - t0:.0f} s; per-seed runs in {args.out}/seed*/, tables in "
               f"{args.out}/ablation.json")
     return runs

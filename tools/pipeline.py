@@ -215,9 +215,10 @@ def bench_pipeline(args):
           "\n|---|---|---|---|---|---|", flush=True)
     for stage in args.stages:
         key = STAGES[stage][0]
-        fn, clips = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", T_ssl=args.ssl_frames)[key]
+        fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", T_ssl=args.ssl_frames)
+        fn, clips = fns[key]
         step = step_alone(fn, clips, args.steps, dev)
-        del fn
+        del fn, fns
         run = train.Run(train.get_args(["--stage", "semisup", "--out", os.path.join(args.out, "loader"), *flags]))
         loader = loader_alone(run, stage, args.batches)
         rate, gpu = stage_run(flags, args.out, stage, args.epochs)
@@ -239,7 +240,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=300, help="batches of the loader alone, after the first")
     p.add_argument("--epochs", type=int, default=3, help="epochs of each stage (the first is left out)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over 10 steady steps (supervised, invariant)")
-    p.add_argument("--out", default=None, help="folder for the videos, runs, GPU samples and profiles (default: temporary)")
+    p.add_argument("--out", default=None, help="folder of the videos, runs, GPU samples, profiles (default: temporary)")
     args = p.parse_args(argv)
     args.out = args.out or tempfile.mkdtemp()
     bench_pipeline(args)

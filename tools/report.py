@@ -113,11 +113,8 @@ def part_run(out, run, log):
     if log:
         rows += [["first and last logged run", f"{log[0].get('run', '?')} .. {log[-1].get('run', '?')}"],
                  ["machine", log[-1].get("machine", "not logged")]]
-    flags = sorted(run.items())
-    third = -(-len(flags) // 3)
-    return ('<h2 id="run">The run</h2>' + table(["", ""], rows) + "<div>" + "".join(
-        f'<div class="chart">{table(["flag", "value"], flags[k:k + third], "run.json")}</div>'
-        for k in range(0, len(flags), third)) + "</div>")
+    flags = table(["flag", "value"], sorted(run.items()), "run.json")
+    return '<h2 id="run">The run</h2>' + table(["", ""], rows) + flags
 
 
 def part_figures(results, per_class):
@@ -234,11 +231,9 @@ def part_ablation(out, ab):
     other model, per seed), and per model each seed's figure as a point beside the mean (a bar)."""
     seeds, top1 = ab["seeds"], ab["top1"]
     rows = [[k, round(statistics.mean(v), 2), *v] for k, v in top1.items() if len(v) == len(seeds)]
-    paired = [[f"student - {k}", *(round(a - b, 2) for a, b in zip(top1["student"], v))] for k, v in top1.items()
+    others = {**top1, "best encoder kNN": ab.get("best_knn", [])}  # the better of each seed's two kNN checks
+    paired = [[f"student - {k}", *(round(a - b, 2) for a, b in zip(top1["student"], v))] for k, v in others.items()
               if "student" in top1 and k != "student" and not k.startswith("knn") and len(v) == len(seeds)]
-    best_knn = [max(a, b) for a, b in zip(top1.get("knn_invariant", []), top1.get("knn_distinctive", []))]
-    if "student" in top1 and len(best_knn) == len(seeds):  # the better of each seed's two encoders' kNN
-        paired.append(["student - best encoder kNN", *(round(a - b, 2) for a, b in zip(top1["student"], best_knn))])
     W, H = 760, 30 + 22 * len(rows)
     X = scale(0, 100, 230, W - 20)
     parts = [f'<text x="{X(v)}" y="14" text-anchor="middle">{v} %</text>' for v in (0, 50, 100)]
@@ -265,15 +260,11 @@ def report(out):
     """OUT/report.html from what the folder holds; returns its path."""
     files = {name: read(out, name, name.endswith(".jsonl")) for name in
              ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
-    # what this kind of folder holds: an ablation's folder its tables, a run folder its run and figures (and,
-    # once a labeled stage ran, the per-class figures and the scores); only those are missed where absent
-    labeled = "labeled" in (files["run.json"][0] or {})
+    # a file is missed only where this kind of folder holds it: a seed ablation's, or a run's (its labeled steps')
     expected = {"ablation.json"} if files["ablation.json"][0] is not None or any(
         d.startswith("seed") for d in os.listdir(out)) else {"run.json", "results.json", "log.jsonl", *(
-            ("per_class.json", "scores.json") if labeled else ())}
-    missing = [name for name, (_, reason) in files.items() if reason and reason.startswith("no ") and name in expected]
-    why = [reason for _, reason in files.values() if reason and not reason.startswith("no ")]
-    why += [f"no {', '.join(missing)} in this folder"] if missing else []
+            ("per_class.json", "scores.json") if "labeled" in (files["run.json"][0] or {}) else ())}
+    why = [r for name, (_, r) in files.items() if r and (name in expected or not r.startswith("no "))]
     got = {name: obj for name, (obj, _) in files.items()}
     parts = []
     if got["run.json"] is not None:
