@@ -375,15 +375,15 @@ def finish(x, p):
         x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma)
           -> (x - mean) / std                      (normalisation)
           -> 0 inside the erased boxes             (random erase, to the mean colour)"""
-    N, S = x.shape[0], x.shape[-1]
-    b, c, s, theta, grey, m, *boxes, gamma = p.float()[:, :11].unbind(1)  # (N,) each
+    N, S, p = x.shape[0], x.shape[-1], p.float()
+    b, c, s, theta, grey, m, *boxes, gamma = p[:, :11].unbind(1)  # (N,) each
     A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
     gamma = gamma.view(N, 1, 1, 1, 1)
     y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
     y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
     pos = torch.arange(S, device=x.device)
-    for et, el, eh, ew in (boxes, p.float()[:, 11:15].unbind(1)):  # (N,) each
+    for et, el, eh, ew in (boxes, p[:, 11:15].unbind(1)):  # (N,) each
         rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
         cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
         y = y.masked_fill_(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), 0.0)  # (N, 1, 1, S, S) boxes

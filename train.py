@@ -114,12 +114,6 @@ def train_classifier(run, name, resume=False, init=None):
     the nearest-class-mean classifier and takes no step. Saves OUT/<name>.pt and records its test top-1."""
     a = run.args
     epochs, lr, bs = hparams(a, "finetune" if init else "supervised")
-    # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
-    # repeat with its own augmentation), so epochs mean the same amount of work in every stage
-    ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
-    bs = min(bs, len(ds) // run.world)
-    if bs == 0:
-        raise StageError(f"{len(ds)} labeled clips an epoch give no batch to each of {run.world} processes")
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=0.5)
     if init is not None:
@@ -138,6 +132,12 @@ def train_classifier(run, name, resume=False, init=None):
         class_mean_head(run, model)
         save_checkpoint(run, name, model, opt, 0, 0)
     else:
+        # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
+        # repeat with its own augmentation), so epochs mean the same amount of work in every stage
+        ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
+        bs = min(bs, len(ds) // run.world)
+        if bs == 0:
+            raise StageError(f"{len(ds)} labeled clips an epoch give no batch to each of {run.world} processes")
         terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
         fit(run, name, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume, progress=False)
     evaluate(run, model, name)

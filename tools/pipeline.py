@@ -213,13 +213,13 @@ def bench_pipeline(args):
     torch.backends.cudnn.benchmark = dev.type == "cuda"  # as train.Run sets it
     print("| stage | step alone | loader alone | the stage (epochs 2 on) | stage / min(loader, step) | loader / step |"
           "\n|---|---|---|---|---|---|", flush=True)
+    run = train.Run(train.get_args(["--stage", "semisup", "--out", os.path.join(args.out, "loader"), *flags]))
     for stage in args.stages:
         key = STAGES[stage][0]
         fns = step_fns(args.width, args.layers, args.size, dev, amp=dev.type == "cuda", T_ssl=args.ssl_frames)
         fn, clips = fns[key]
         step = step_alone(fn, clips, args.steps, dev)
         del fn, fns
-        run = train.Run(train.get_args(["--stage", "semisup", "--out", os.path.join(args.out, "loader"), *flags]))
         loader = loader_alone(run, stage, args.batches)
         rate, gpu = stage_run(flags, args.out, stage, args.epochs)
         print(f"| {stage} | {step:.0f} | {loader:.0f} | {rate:.0f} | {rate / min(step, loader):.2f} | "
