@@ -129,7 +129,7 @@ def train_classifier(run, name, resume=False, init=None):
     opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
                            weight_decay=a.weight_decay)
     if init is not None and a.teacher == "class-mean":  # what pretraining learned, untouched by any step
-        class_mean_head(run, model)
+        class_mean_head(run, model, a.teacher_t)
         save_checkpoint(run, name, model, opt, 0, 0)
     else:
         # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
@@ -144,7 +144,7 @@ def train_classifier(run, name, resume=False, init=None):
 
 
 @torch.no_grad()
-def class_mean_head(run, model, t=0.1):
+def class_mean_head(run, model, t):
     """The classifier set to the nearest-class-mean classifier of the encoder's features on the labeled
     videos: with mu_c the mean of class c's unit feature vectors (each video's clips averaged, as evaluation
     sees them),
@@ -734,7 +734,7 @@ DEFINING = {"data": DATA_FLAGS,
             "encoder": DATA_FLAGS + ("width", "layers"),
             "ssl": DATA_FLAGS + ("width", "layers", "ssl_frames", "ssl_stride", "size", "balance"),
             "labeled": DATA_FLAGS + ("width", "layers", "frames", "stride", "size", "labeled", "labeled_list",
-                                     "seed", "aug", "teacher")}
+                                     "seed", "aug", "teacher", "teacher_t")}
 LABELED_STAGES = ("finetune", "supervised", "semisup")
 CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
@@ -956,6 +956,8 @@ def parser(command=True):
     a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
       help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
            "videos, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
+    a("--teacher-t", type=at_least(0, float, above=True), default=0.1,
+      help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
       help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
            "paper's full fine-tuning, lower keeps more of what each SSL objective learned")

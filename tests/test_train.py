@@ -276,11 +276,12 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
     import train as train_py
 
     out, _ = chain
-    args = train_py.get_args(["--stage", "finetune", "--root", toy_root, "--out", str(tmp_path), *FAST])
+    args = train_py.get_args(["--stage", "finetune", "--root", toy_root, "--out", str(tmp_path), "--teacher-t", "0.3",
+                              *FAST])
     run = train_py.Run(args)
     model = run.model(num_classes=8, dropout=0.5)
     load_backbone(model, load(out / "invariant.pt")["model"])
-    train_py.class_mean_head(run, model)
+    train_py.class_mean_head(run, model, args.teacher_t)
     model.eval()
 
     def by_hand(items):  # (N, C) features and (N, K) logits, each video's 2 test clips averaged
@@ -301,7 +302,7 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
     h_t, logits = by_hand(run.test)
     cos = F.normalize(h_t, dim=-1) @ F.normalize(mu, dim=-1).T  # (N, K)
     assert torch.equal(logits.argmax(1), cos.argmax(1))
-    scale = 0.1 * h_l.norm(dim=-1).mean()  # logits = ||h|| cos(h, mu) / (t mean ||h||), t = 0.1
+    scale = 0.3 * h_l.norm(dim=-1).mean()  # logits = ||h|| cos(h, mu) / (t mean ||h||), t = 0.3
     assert torch.allclose(logits, h_t.norm(dim=-1, keepdim=True) * cos / scale, rtol=1e-4, atol=1e-4)
 
 
