@@ -146,16 +146,20 @@ def train_classifier(run, name, resume=False, init=None):
 @torch.no_grad()
 def class_mean_head(run, model, t):
     """The classifier set to the nearest-class-mean classifier of the encoder's features on the labeled
-    videos: with mu_c the mean of class c's unit feature vectors (each video's clips averaged, as evaluation
-    sees them),
+    videos' clips: with mu_c the mean of the unit feature vectors of class c's clips (each video's evaluation
+    clips, centre crop), and mean ||h|| over those clips,
         w_c = (mu_c / ||mu_c||) / (t * mean ||h||),   b_c = 0
-    so that logits_c = ||h|| cos(h, mu_c) / (t * mean ||h||): argmax_c is the nearest class mean by cosine,
-    at about the kNN check's sharpness (cos / t)."""
-    h = pooled_features(run, model, run.labeled)  # (N_l, C)
+    so that logits_c = ||h|| cos(h, mu_c) / (t * mean ||h||): a clip's argmax_c is its nearest class mean by
+    cosine, about as sharp as cos / t."""
+    def unit_and_norm(x):  # (B*n, 3, T, S, S) -> (B*n, C + 1)
+        h = model.features(x).mean(dim=(2, 3, 4))  # (B*n, C)
+        return torch.cat([F.normalize(h, dim=-1), h.norm(dim=-1, keepdim=True)], dim=1)
+    model.eval()
+    u = clip_average(run, unit_and_norm, run.labeled)[0]  # (N_l, C + 1): over each video's clips
     y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
-    mu = torch.zeros(len(run.classes), h.shape[1], device=run.device).index_add_(0, y, F.normalize(h, dim=-1))
+    mu = torch.zeros(len(run.classes), u.shape[1] - 1, device=run.device).index_add_(0, y, u[:, :-1])  # (K, C)
     fc = model.fc[-1]
-    fc.weight.copy_(F.normalize(mu, dim=-1) / (t * h.norm(dim=-1).mean()))  # (K, C)
+    fc.weight.copy_(F.normalize(mu, dim=-1) / (t * u[:, -1].mean()))  # (K, C)
     fc.bias.zero_()
 
 
@@ -956,7 +960,7 @@ def parser(command=True):
     a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
       help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
            "videos, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
-    a("--teacher-t", type=at_least(0, float, above=True), default=0.1,
+    a("--teacher-t", type=at_least(0, float, above=True), default=0.2,
       help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
       help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
