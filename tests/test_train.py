@@ -271,8 +271,8 @@ def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
 
 
 def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, tmp_path):
-    """--teacher class-mean: the teacher predicts each test video's class as the nearest class mean (by cosine)
-    of the labeled videos' features, computed here by hand from the decoded clips."""
+    """--teacher class-mean: the teacher predicts each test clip's class as the nearest class mean (by cosine)
+    of the labeled videos' unit clip features, computed here by hand from the decoded clips."""
     import train as train_py
 
     out, _ = chain
@@ -284,7 +284,7 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
     train_py.class_mean_head(run, model, args.teacher_t)
     model.eval()
 
-    def by_hand(items):  # (N, C) features and (N, K) logits, each video's 2 test clips averaged
+    def by_hand(items):  # (N, 2, C) features and (N, 2, K) logits of each video's 2 test clips
         feats, logits = [], []
         for path, _ in items:
             video = os.path.join(toy_root, path)
@@ -293,15 +293,15 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
             x = data.finish(torch.stack([data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]),
                             torch.tensor([data.IDENTITY] * 2))  # (2, 3, 4, 32, 32)
             with torch.no_grad():
-                feats.append(model.features(x).mean(dim=(2, 3, 4)).mean(0))
-                logits.append(model(x).mean(0))
+                feats.append(model.features(x).mean(dim=(2, 3, 4)))
+                logits.append(model(x))
         return torch.stack(feats), torch.stack(logits)
 
     h_l, _ = by_hand(run.labeled)
-    mu = torch.stack([F.normalize(h_l[[y == c for _, y in run.labeled]], dim=-1).mean(0) for c in range(8)])
+    mu = torch.stack([F.normalize(h_l[[y == c for _, y in run.labeled]], dim=-1).mean(dim=(0, 1)) for c in range(8)])
     h_t, logits = by_hand(run.test)
-    cos = F.normalize(h_t, dim=-1) @ F.normalize(mu, dim=-1).T  # (N, K)
-    assert torch.equal(logits.argmax(1), cos.argmax(1))
+    cos = F.normalize(h_t, dim=-1) @ F.normalize(mu, dim=-1).T  # (N, 2, K)
+    assert torch.equal(logits.argmax(-1), cos.argmax(-1))
     scale = 0.3 * h_l.norm(dim=-1).mean()  # logits = ||h|| cos(h, mu) / (t mean ||h||), t = 0.3
     assert torch.allclose(logits, h_t.norm(dim=-1, keepdim=True) * cos / scale, rtol=1e-4, atol=1e-4)
 
