@@ -959,7 +959,7 @@ def parser(command=True):
     a("--weight-decay", type=at_least(0, float), default=1e-4, help="Adam weight decay")
     a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
       help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
-           "videos, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
+           "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
     a("--teacher-t", type=at_least(0, float, above=True), default=0.2,
       help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
