@@ -439,19 +439,15 @@ def knn_check(run, stage, model):
     of the encoder's pooled backbone features, the labeled videos as the bank, the test videos as queries.
     Recorded as knn_<stage>; every process computes it, so none waits for another."""
     t0 = time.time()
-    bank, queries = (F.normalize(pooled_features(run, model, items), dim=-1)  # (N, C), unit vectors
+    model.eval()
+    pooled = lambda x: model.features(x).mean(dim=(2, 3, 4))  # noqa: E731  (B*n, C)
+    bank, queries = (F.normalize(clip_average(run, pooled, items)[0], dim=-1)  # (N, C), unit vectors
                      for items in (run.labeled, run.test))
     labels = [torch.tensor([y for _, y in items], device=run.device) for items in (run.labeled, run.test)]
     top1 = tb.knn_top1(bank, labels[0], queries, labels[1], len(run.classes))
     record(run, f"knn_{stage}", top1)
     run.log(f"{stage}: kNN top-1 {top1:.2f}% ({len(run.labeled)} labeled videos as the bank, "
             f"{len(run.test)} test videos; {time.time() - t0:.1f} s)")
-
-
-def pooled_features(run, model, items):
-    """Each video's backbone features, pooled over time and space and averaged over its clips: (N, C)."""
-    model.eval()
-    return clip_average(run, lambda x: model.features(x).mean(dim=(2, 3, 4)), items)[0]  # (N, C)
 
 
 def record(run, name, top1, per_class=None):
