@@ -247,10 +247,21 @@ MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
 # a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
-# set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box
-PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2")
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # colours kept, none erased
+# set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box,
+# a colour channel dropped (its index + 1; 0: none)
+PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop")
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # nothing changed
 AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
+SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
+# The released loaders as data: the crop's least side fraction; (rate, half-range) of contrast, hue (in turns),
+# saturation, brightness, gamma (on greyscale clips); greyscale and channel-drop rates (one draw decides between
+# them); each erase's rate (a box of 1/6-1/3 of each side; the release scales it to UCF101's 240x320 frames)
+RELEASED = {
+    "released": dict(crop=0.4, contrast=(0.125, 0.1), hue=(0.15, 0.05), saturation=(0.15, 0.1),  # dl_semisup_2clips.py
+                     brightness=(0.15, 0.1), grey=0.1, drop=0.0, gamma=(0.75, 0.15), erase=(0.4, 0.4)),
+    "ssl-released": dict(crop=0.5, contrast=(0.25, 0.25), hue=(0.3, 0.1), saturation=(0.3, 0.25),  # dl_ssl.py
+                         brightness=(0.3, 0.25), grey=0.175, drop=0.125, gamma=(0.75, 0.25), erase=(0.7,)),
+}
 
 
 def _u(g, lo=0.0, hi=1.0):
@@ -262,14 +273,15 @@ def _resize(x, size):
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
-def center_crop(clip, size):
-    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8, the central square resized; evaluation and scoring.
-    Its parameters are IDENTITY."""
+def center_crop(clip, size, fraction=0.0):
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8, evaluation and scoring: the central square resized, or
+    with `fraction` > 0 the central `fraction` of each side resized (the frame's aspect squeezed into the
+    square, as the released test loader's 0.8). Its parameters are IDENTITY."""
     T, H, W, _ = clip.shape
-    s = min(H, W)
-    top, left = (H - s) // 2, (W - s) // 2
-    x = clip[:, top : top + s, left : left + s].permute(0, 3, 1, 2)  # (T, 3, s, s)
-    if s != size:
+    h, w = (round(fraction * H), round(fraction * W)) if fraction else (min(H, W),) * 2
+    top, left = (H - h) // 2, (W - w) // 2
+    x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2)  # (T, 3, h, w)
+    if (h, w) != (size, size):
         x = _resize(x, size)
     return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
 
@@ -279,18 +291,15 @@ def augment(clip, size, g, recipe="ssl"):
     clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
     here and applied by `finish`. Recipes:
       ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
-                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
-                random erase (p 0.5, 0.1-0.4 of the side). The full hue range is stronger than the paper's:
-                on the toy set an object's colour is the easiest fingerprint of a video, and instance
-                discrimination must not solve itself by it; 0.4 jitter stalled L_D (README, Differences).
-      released  classifier and student clips as the authors' released fine-tuning and semi-supervised loaders
-                draw them: a crop of 0.4-1 of each side (the frame's aspect kept); contrast 0.9-1.1 (p 0.125),
-                hue +-0.05 of the circle, saturation 0.9-1.1, brightness 0.9-1.1 (p 0.15 each); greyscale
-                (p 0.1), then gamma 0.85-1.15 (p 0.75); two random erases of 1/6-1/3 of the side (p 0.4 each)
+                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle: on the toy set colour is a
+                video's easiest fingerprint), greyscale (p 0.2), one random erase (p 0.5, 0.1-0.4 of the side)
+      released, ssl-released   the released classifier / SSL loaders (RELEASED): a crop of a side fraction (the
+                aspect kept); colour changes each at its rate; greyscale (then gamma) or a channel dropped; erases
       light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone"""
     T, H, W, _ = clip.shape
-    if recipe == "released":
-        f = _u(g, 0.4, 1.0)
+    r = RELEASED.get(recipe)
+    if r:
+        f = _u(g, r["crop"], 1.0)
         h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
         for _ in range(10):
@@ -313,14 +322,18 @@ def augment(clip, size, g, recipe="ssl"):
             p[0:4] = _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)
         p[4] = float(_u(g) < 0.2)  # greyscale
         boxes = [(0.5, 0.1, 0.4)]  # (p, side from, side to) of each random erase
-    elif recipe == "released":
-        p[1] = _u(g, 0.9, 1.1) if _u(g) < 0.125 else 1.0  # contrast
-        p[3] = 2 * math.pi * _u(g, -0.05, 0.05) if _u(g) < 0.15 else 0.0  # hue
-        p[2] = _u(g, 0.9, 1.1) if _u(g) < 0.15 else 1.0  # saturation
-        p[0] = _u(g, 0.9, 1.1) if _u(g) < 0.15 else 1.0  # brightness
-        p[4] = float(_u(g) < 0.1)  # greyscale, then gamma
-        p[10] = _u(g, 0.85, 1.15) if p[4] and _u(g) < 0.75 else 1.0
-        boxes = [(0.4, 1 / 6, 1 / 3)] * 2
+    elif r:
+        def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
+            return _u(g, 1 - half, 1 + half) if _u(g) < prob else 1.0
+        p[1] = maybe(*r["contrast"])
+        p[3] = 2 * math.pi * _u(g, -r["hue"][1], r["hue"][1]) if _u(g) < r["hue"][0] else 0.0
+        p[2], p[0] = maybe(*r["saturation"]), maybe(*r["brightness"])
+        u = _u(g)
+        p[4] = float(u < r["grey"])  # greyscale, then gamma
+        p[10] = maybe(*r["gamma"]) if p[4] else 1.0
+        if r["grey"] <= u < r["grey"] + r["drop"]:  # or one colour channel set to 0
+            p[15] = 1 + int(_u(g) * 3)
+        boxes = [(prob, 1 / 6, 1 / 3) for prob in r["erase"]]
     else:
         boxes = []
     if p[1] != 1.0:  # the contrast pivots about the clip's mean grey m
@@ -372,13 +385,16 @@ def colour_matrix(b, c, s, theta, grey, m):
 def finish(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
-        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma)
+        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma;
+                                                    a dropped channel 0)
           -> (x - mean) / std                      (normalisation)
           -> 0 inside the erased boxes             (random erase, to the mean colour)"""
     N, S, p = x.shape[0], x.shape[-1], p.float()
     b, c, s, theta, grey, m, *boxes, gamma = p[:, :11].unbind(1)  # (N,) each
     A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
+    keep = p[:, 15:16] != torch.arange(1, 4, device=p.device)  # (N, 3): False at a dropped channel
+    y = torch.where(keep.view(N, 3, 1, 1, 1), y, 0.0)
     gamma = gamma.view(N, 1, 1, 1, 1)
     y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
     y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
@@ -602,8 +618,10 @@ class VideoDataset(torch.utils.data.Dataset):
     (3, T, S, S) with its row of augmentation parameters (`finish` applies the float half on the device):
       train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
       ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
-             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS)
+             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS); `ssl_aug` "view": one draw a
+             view, "released": one draw a clip
       test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
+             (`test_crop`: `center_crop`'s fraction)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
     An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
     (clips, params, label, index, bad): `bad` lists the items that failed to decode on the way. A failed
@@ -611,10 +629,12 @@ class VideoDataset(torch.utils.data.Dataset):
     its index in `bad`, so evaluation can count it wrong. Randomness comes from a generator seeded by
     (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
 
-    def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light"):
+    def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light",
+                 ssl_aug="view", test_crop=0.0):
         if mode not in ("train", "ssl", "test", "score"):
             raise ValueError(f"unknown mode {mode}")
         self.items, self.root, self.mode, self.aug = items, root, mode, aug
+        self.ssl_aug, self.test_crop = ssl_aug, test_crop
         self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
         self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
         self._counts = {}
@@ -648,8 +668,12 @@ class VideoDataset(torch.utils.data.Dataset):
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
             # one decode for the whole clip set: (5T, H, W, 3)
             frames = self.frames(i, sparse + sum(dense, []))
-            # one augmentation draws one set of parameters for the whole clip set (sparse and its 4 dense
-            # clips), so within a view the clips differ only by time; the two views are independent
+            if self.ssl_aug == "released":  # each of the 10 clips its own draw (dl_ssl.py: one row a clip)
+                clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
+                drawn = [augment(clips[c], S, g, "ssl-released") for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
+                return torch.stack([x for x, _ in drawn]), torch.stack([p for _, p in drawn])  # SSL_CLIPS order
+            # "view": one draw for the whole clip set (sparse and its 4 dense clips) in each view, so that
+            # within a view the clips differ only by time; the two views are independent
             A, p_A = augment(frames, S, g)
             B, p_B = augment(frames, S, g)
             A, B = (v.view(3, 5, self.T, S, S) for v in (A, B))  # (3, 5, T, S, S): sparse, dense 1..4
@@ -662,7 +686,7 @@ class VideoDataset(torch.utils.data.Dataset):
             sets = score_indices(n, self.T)
         frames = self.frames(i, sum(sets, []))
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
-        return torch.stack([center_crop(c, S) for c in clips]), torch.tensor([IDENTITY] * len(sets))
+        return torch.stack([center_crop(c, S, self.test_crop) for c in clips]), torch.tensor([IDENTITY] * len(sets))
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)

@@ -50,7 +50,6 @@ class R3D(nn.Module):
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.dim = cin
         self.head = None
         if proj_dim:
             self.head = nn.Sequential(nn.Linear(cin, cin), nn.BatchNorm1d(cin), nn.ReLU(inplace=True),

@@ -1,4 +1,5 @@
-"""Every stage of TimeBalance; docs/method.md restates the method, the README shows the commands.
+"""Every stage of TimeBalance; docs/method.md restates the method, the README shows the commands. The defaults
+are chosen for small data on a CPU; --recipe released trains as the authors' released code does (RELEASED).
 
 Read from the top: each stage builds its data and model and hands its loss terms to `fit`, the training
 loop they all run; then evaluation and the commands; the run folder, checkpoints and flags come last.
@@ -27,11 +28,31 @@ DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict")
-# Per-stage defaults at toy CPU scale; --epochs / --lr / --batch-size override them.
-EPOCHS = {"invariant": 16, "distinctive": 20, "both": 8, "finetune": 15, "supervised": 15, "semisup": 25}
-LR = {"invariant": 1e-3, "distinctive": 1e-3, "both": 1e-3, "finetune": 3e-4, "supervised": 1e-3,
-      "semisup": 5e-4}
-BATCH = {"invariant": 8, "distinctive": 8, "both": 8, "finetune": 16, "supervised": 16, "semisup": 8}
+# Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each) and weight
+# decay, at toy CPU scale; --epochs, --lr, --batch-size, --weight-decay override them.
+STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "both": (8, 1e-3, 8, 1e-4),
+         "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 8, 1e-4)}
+# --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the
+# file named. A flag given on the command line wins, and the run's first lines name the value it overrode;
+# what this code cannot follow (R3D-50, the authors' labeled lists) is in the README's departures table.
+RELEASED_STEPS = {**dict.fromkeys(SSL_STAGES, (1000, 5e-3, 40, 1e-9)),  # configs/conf_ssl.py
+                  "finetune": (150, 1e-4, 16, 0.0),  # conf_finetune.py; finetune.py: Adam, no weight decay
+                  "supervised": (150, 1e-4, 16, 0.0),  # the same script from no SSL checkpoint
+                  "semisup": (150, 1e-4, 16, 0.0)}  # conf_semisup.py; train_semisup.py: Adam, no weight decay
+RELEASED = {
+    "width": 64, "layers": [2, 2, 2, 2], "size": 224,  # models/r3d.py: R3D-18 (configs name R3D-50); reso_h, reso_w
+    "ssl_frames": 16, "ssl_stride": 4,  # conf_ssl.py: num_frames, sr_ratio
+    "frames": 8, "stride": 2, "test_clips": 10,  # conf_finetune.py, conf_semisup.py: num_frames, fix_skip, num_modes
+    "test_crop": 0.8,  # conf_semisup.py: cropping_facs = [0.8]
+    "ssl_aug": "released",  # dataloaders/dl_ssl.py: random_array = np.random.rand(10, 9), one row a clip
+    "aug": "released",  # dataloaders/dl_semisup_2clips.py: baseline_dataloader_train_strong
+    "balance": "authors",  # pretraining.py: the losses' sums (tb.BALANCE)
+    "teacher": "finetune", "finetune_backbone_lr": 1.0,  # finetune.py: Adam over model.parameters()
+    "dropout": 0.0,  # models/r3d_classifier.py: no Dropout
+    "student_init": "both",  # conf_semisup.py: checkpoint_tclr_checkpoint (L_I + L_LL + L_GL)
+    "student_forward": "separate",  # train_semisup.py: model(inputs_labeled), then model(inputs_unlabeled)
+    "epoch": "labeled",  # train_semisup.py: zip(data_loader_labeled, data_loader_unlabeled); finetune.py
+    "schedule": "released"}  # pretraining.py: patience; finetune.py, train_semisup.py: loss_based
 
 
 class StageError(Exception):
@@ -44,14 +65,14 @@ class StageError(Exception):
 
 def train_ssl(run, stage, resume=False):
     a = run.args
-    epochs, lr, bs = hparams(a, stage)
+    epochs, lr, bs, wd = hparams(a, stage)
     ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
     if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
                          f"videos over {run.world} processes")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
-    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
     gather = GatherVideos.apply if run.world > 1 else None
 
     def terms(net, batch):
@@ -113,9 +134,9 @@ def train_classifier(run, name, resume=False, init=None):
     (loaded strictly, its projection head skipped); with --teacher class-mean, a teacher is its encoder with
     the nearest-class-mean classifier and takes no step. Saves OUT/<name>.pt and records its test top-1."""
     a = run.args
-    epochs, lr, bs = hparams(a, "finetune" if init else "supervised")
+    epochs, lr, bs, wd = hparams(a, "finetune" if init else "supervised")
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
-    model = run.model(num_classes=len(run.classes), dropout=0.5)
+    model = run.model(num_classes=len(run.classes), dropout=a.dropout)
     if init is not None:
         skipped = load_backbone(model, init["model"], source=f"{name} init")
         run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
@@ -127,14 +148,15 @@ def train_classifier(run, name, resume=False, init=None):
         for p in backbone:
             p.requires_grad_(False)
     opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
-                           weight_decay=a.weight_decay)
+                           weight_decay=wd)
     if init is not None and a.teacher == "class-mean":  # what pretraining learned, untouched by any step
         class_mean_head(run, model, a.teacher_t)
         save_checkpoint(run, name, model, opt, 0, 0)
     else:
-        # an epoch shows as many clips as there are training videos: the labeled subset repeated (each
-        # repeat with its own augmentation), so epochs mean the same amount of work in every stage
-        ds = run.dataset(run.labeled * max(1, len(run.train) // len(run.labeled)), "train")
+        # --epoch train: an epoch shows as many clips as there are training videos, the labeled subset repeated
+        # (each repeat with its own augmentation), so epochs mean the same work in every stage; labeled: once
+        repeats = max(1, len(run.train) // len(run.labeled)) if a.epoch == "train" else 1
+        ds = run.dataset(run.labeled * repeats, "train")
         bs = min(bs, len(ds) // run.world)
         if bs == 0:
             raise StageError(f"{len(ds)} labeled clips an epoch give no batch to each of {run.world} processes")
@@ -175,19 +197,21 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 
 
 def train_student(run, name, resume=False, s_video=None):
-    """Per step a labeled and an unlabeled batch go through the student in one forward; the frozen teachers
+    """Per step a labeled and an unlabeled batch go through the student (`student_terms`); the frozen teachers
     give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (--mix fixed:
     0.5; `s_video` {path: s}: given for every training video); loss = CE(student, y) + w_l MSE(p_S, p_T) on
     labeled + w_u MSE(p_S, p_T) on unlabeled."""
     a = run.args
-    epochs, lr, bs = hparams(a, "semisup")
+    epochs, lr, bs, wd = hparams(a, "semisup")
     init = need(run, a.student_init, "ssl")
     teachers = [teacher(run, k) for k in ENCODERS]
     if s_video is None:
         s_video = scores(run)["s"] if a.mix == "similarity" else {p: 0.5 for p, _ in run.train}
     unl_ds = run.dataset(run.unlabeled, "train")
-    steps = len(unl_ds) // (bs * run.world)
     bs_l = min(bs, len(run.labeled) // run.world)
+    # --epoch train: a pass over the unlabeled videos; labeled: over the labeled ones (the release's zip ends
+    # with its labeled loader), the last partial batch dropped
+    steps = len(unl_ds) // (bs * run.world) if a.epoch == "train" else len(run.labeled) // max(1, bs_l * run.world)
     if steps == 0 or bs_l == 0:
         raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled and {len(run.labeled)} labeled videos "
                          f"give no full batch to each of {run.world} processes")
@@ -198,16 +222,16 @@ def train_student(run, name, resume=False, s_video=None):
     s_lab = torch.tensor([s_video[p] for p, _ in lab_ds.items], device=run.device)  # (N_l,)
     s_unl = torch.tensor([s_video[p] for p, _ in run.unlabeled], device=run.device)  # (N_u,)
 
-    torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --demo
-    model = run.model(num_classes=len(run.classes), dropout=0.5)
+    torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
+    model = run.model(num_classes=len(run.classes), dropout=a.dropout)
     load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
     run.log(f"{name}: starts from the backbone of {run.path(a.student_init)}")
-    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=a.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
     # --workers split between the two loaders in proportion to the clips each gives per step, at least one
     # each where there are two; the labeled sampler draws exactly the batches the steps take
     labeled_workers = round(a.workers * bs_l / (bs + bs_l))
     labeled_workers = min(a.workers - 1, max(1, labeled_workers)) if a.workers > 1 else 0
-    loaders = [run.loader(unl_ds, bs, workers=a.workers - labeled_workers),
+    loaders = [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=steps * bs),
                run.loader(lab_ds, bs_l, workers=labeled_workers, length=steps * bs_l)]
 
     def terms(net, unl, lab):  # each batch (x, y, index, failed)
@@ -220,7 +244,8 @@ def train_student(run, name, resume=False, s_video=None):
 
 def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullcontext):
     """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled batch x_u
-    (B_u, 3, T, S, S), both through the student in one forward; s (B_l + B_u,) the videos' scores. The
+    (B_u, 3, T, S, S), through the student in one forward (--student-forward joint: BatchNorm normalises both
+    batches together) or one each (separate, as released); s (B_l + B_u,) the videos' scores. The
     frozen teachers see the same clips: p_T = s p_I + (1 - s) p_D (`tb.mix_teachers`), and
         loss = CE(student, y) + w_l D(p_S, p_T) on labeled + w_u D(p_S, p_T) on unlabeled, D = --distill."""
     n_l = x_l.shape[0]
@@ -229,7 +254,8 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
         p_I, p_D = (t(x).float().softmax(dim=-1) for t in teachers)  # (B_l + B_u, K) each
     p_T = tb.mix_teachers(p_I, p_D, s)
     with autocast():
-        logits = net(x).float()  # (B_l + B_u, K)
+        logits = net(x) if a.student_forward == "joint" else torch.cat([net(x_l), net(x_u)])
+    logits = logits.float()  # (B_l + B_u, K)
     return {"CE": F.cross_entropy(logits[:n_l], y_l),
             "distill_l": a.w_labeled * tb.distillation_loss(logits[:n_l], p_T[:n_l], a.distill),
             "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
@@ -304,7 +330,7 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
     included: from epoch 2 on, the steady state) beside the stage's running wall time. `progress`: a line on
     the console at each read."""
     a, steps = run.args, len(loaders[0])
-    start = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else 0
+    start, losses = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else (0, [])
     if run.world > 1 and run.device.type == "cuda":  # BatchNorm statistics over the whole batch (in place)
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
@@ -316,11 +342,14 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
                     p.requires_grad for p in m.parameters()):
                 m.eval()
         sums, read, clips, t_epoch = {}, 0, 0, time.time()
+        if a.schedule == "released":  # one rate an epoch, from the losses of the epochs before it
+            lr_epoch = released_lr(lr, epoch, losses, ssl=name in SSL_STAGES)
         if run.world > 1:  # dropout: other masks in each process, drawn anew each epoch (a resume too)
             torch.manual_seed((a.seed * 1009 + epoch) * 1009 + run.rank)
         for step, batches in enumerate(zip(*(run.batches(loader, epoch) for loader in loaders))):
-            # a linear warm-up over the first epoch, then cosine decay; a group's "scale" multiplies it
-            lr_step = lr_at(epoch * steps + step, epochs * steps, lr, warmup=steps)
+            # --schedule cosine: a linear warm-up over the first epoch, then cosine decay; a group's "scale"
+            # multiplies the rate
+            lr_step = lr_epoch if a.schedule == "released" else lr_at(epoch * steps + step, epochs * steps, lr, steps)
             for group in opt.param_groups:
                 group["lr"] = group.get("scale", 1.0) * lr_step
             terms = terms_of(net, *batches)
@@ -340,7 +369,8 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
                     run.log(f"{name} ep {epoch} step {step + 1}/{steps} {means_text(means)} | "
                             f"{clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
         means = read_means(run, sums, steps, f"{name} epoch {epoch}, steps {read + 1}-{steps}")
-        save_checkpoint(run, name, model, opt, epoch + 1, epochs)
+        losses.append(sum(means.values()))
+        save_checkpoint(run, name, model, opt, epoch + 1, epochs, losses)
         now = time.time()
         entry = dict(stage=name, epoch=epoch + 1, **means, lr=opt.param_groups[-1]["lr"], bad_videos=len(bad),
                      clips_per_s=round(clips / (now - t_epoch), 1), wall_s=round(now - t0, 1), run=run.id,
@@ -361,6 +391,35 @@ def lr_at(step, total, base, warmup):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def released_lr(base, epoch, losses, ssl):
+    """The released rate for `epoch`, replayed from `losses` (each earlier epoch's mean loss): a resume follows it.
+    SSL (pretraining.py): the warm-up compares the epoch with `warmup = True`, so the rate is 0.01 base from epoch
+    0 until 5 epochs in a row have not lowered the best loss, then base / 2, base / 4 after 5 more, ...
+    Classifiers, student (finetune.py, train_semisup.py, loss_based): 10 warm-up epochs from 0.01 to 1 of base,
+    then by the last loss L: base / 2 where 0.5 <= L < 0.8, base / 10 where L < 0.4, else the rate stays (its
+    steps at L < 0.25, 0.2, 0.05 follow L < 0.4 in one if-elif and never run)."""
+    if not ssl:
+        rate = base
+        for e in range(epoch + 1):
+            if e < 10:
+                rate = base * (0.01 + 0.11 * e)  # np.linspace(0.01, 1, 10)[e]
+            elif 0.5 <= losses[e - 1] < 0.8:
+                rate = base / 2
+            elif losses[e - 1] < 0.4:
+                rate = base / 10
+        return rate
+    rate, best, stalled, drops = 0.01 * base, math.inf, 0, 0
+    for loss in losses[:epoch]:
+        if loss < best:
+            best, stalled = loss, 0
+        elif loss > best:
+            stalled += 1
+        if stalled == 5:  # checked at the next epoch's start
+            drops, stalled = drops + 1, 0
+            rate = base / 2**drops
+    return rate
+
+
 def read_means(run, sums, steps, where):
     """The loss sums read from the device at once, all-reduced over the processes first (so that every
     process stops together), as means over `steps`; a non-finite one stops the run naming `where`."""
@@ -377,7 +436,10 @@ def means_text(means):
 
 
 def hparams(args, stage):
-    return (args.epochs or EPOCHS[stage], args.lr or LR[stage], args.batch_size or BATCH[stage])
+    """(epochs, rate, batch size, weight decay) of a step: each flag where given, else the step's default."""
+    given = (args.epochs, args.lr, args.batch_size, args.weight_decay)
+    table = RELEASED_STEPS if args.recipe == "released" else STEPS
+    return tuple(table[stage][i] if g is None else g for i, g in enumerate(given))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,6 +632,8 @@ class Run:
         self.amp = self.cuda and not args.no_amp
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells reruns into one --out apart
         self.machine = machine(self.device)  # in every line of OUT/log.jsonl
+        if args.recipe == "released":
+            self.log(recipe_text(args))
         if self.stage == "predict":  # no dataset: the videos are named on the command line
             return
         if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
@@ -634,7 +698,7 @@ class Run:
 
     def classifier(self, ckpt, path, classes=None):
         """The classifier saved in `ckpt` (read from `path`), for this run's classes or `classes`."""
-        model = self.model(num_classes=len(classes or self.classes), dropout=0.5)
+        model = self.model(num_classes=len(classes or self.classes))  # eval mode: dropout plays no part
         return load_into(model, ckpt, path)
 
     def dataset(self, items, mode, stream=0):
@@ -643,7 +707,8 @@ class Run:
         score's clips are as long as the clips the SSL encoders were trained on."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
-        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream, a.aug)
+        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream, a.aug,
+                               a.ssl_aug, a.test_crop)
         data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
         return ds
 
@@ -677,6 +742,18 @@ class Run:
             if self.args.channels_last and self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             yield x, y, idx, failed
+
+
+def recipe_text(args):
+    """What --recipe released set, and the released values that flags given on the command line overrode."""
+    flag = lambda k, v: f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"  # noqa: E731
+    steps = ", ".join(f"{s} {'/'.join(f'{v:g}' for v in RELEASED_STEPS[s])}" for s in ("invariant", "finetune", "semisup"))
+    given = [flag(k, getattr(args, k)) for k in ("epochs", "lr", "batch_size", "weight_decay") if getattr(args, k)
+             is not None] + [f"{flag(k, getattr(args, k))} (released: {flag(k, v)[len(k) + 3:]})"
+                             for k, v in args.overrode.items()]
+    return (f"--recipe released set {', '.join(flag(k, v) for k, v in RELEASED.items() if k not in args.overrode)}"
+            f"; epochs/lr/batch/weight decay: {steps} (train.RELEASED)"
+            + (f"\n--recipe released: given on the command line instead: {', '.join(given)}" if given else ""))
 
 
 def start_processes(device):
@@ -732,9 +809,10 @@ DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", 
               "classes", "per_class", "test_per_class", "subset_seed", "holdout")
 DEFINING = {"data": DATA_FLAGS,
             "encoder": DATA_FLAGS + ("width", "layers"),
-            "ssl": DATA_FLAGS + ("width", "layers", "ssl_frames", "ssl_stride", "size", "balance"),
-            "labeled": DATA_FLAGS + ("width", "layers", "frames", "stride", "size", "labeled", "labeled_list",
-                                     "seed", "aug", "teacher", "teacher_t")}
+            "ssl": DATA_FLAGS + ("recipe", "width", "layers", "ssl_frames", "ssl_stride", "size", "balance", "ssl_aug"),
+            "labeled": DATA_FLAGS + ("recipe", "width", "layers", "frames", "stride", "size", "labeled",
+                                     "labeled_list", "seed", "aug", "teacher", "teacher_t", "dropout", "test_crop",
+                                     "student_forward", "epoch", "schedule")}
 LABELED_STAGES = ("finetune", "supervised", "semisup")
 CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
@@ -817,11 +895,12 @@ def load_into(model, ckpt, path):
     return model
 
 
-def save_checkpoint(run, name, model, opt, epoch, epochs):
-    """All a resume needs, atomically: a temporary file, then a rename (a kill leaves the last one)."""
+def save_checkpoint(run, name, model, opt, epoch, epochs, losses=()):
+    """All a resume needs, atomically: a temporary file, then a rename (a kill leaves the last one). `losses`:
+    each epoch's mean loss (the released schedules read them)."""
     if run.rank == 0:
         cuda = run.device.type == "cuda"
-        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs,
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs, losses=list(losses),
                      arch=model.arch, args=vars(run.args), classes=run.classes, rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None)
         torch.save(state, run.path(name) + ".tmp")
@@ -830,7 +909,8 @@ def save_checkpoint(run, name, model, opt, epoch, epochs):
 
 
 def resume_from(run, name, model, opt):
-    """OUT/<name>.pt loaded into `model` and `opt`, with the RNG state it was saved with; its epoch."""
+    """OUT/<name>.pt loaded into `model` and `opt`, with the RNG state it was saved with; its epoch and the
+    epochs' mean losses."""
     ckpt = load_checkpoint(run.path(name))
     load_into(model, ckpt, run.path(name))
     try:
@@ -842,7 +922,7 @@ def resume_from(run, name, model, opt):
     if run.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # GPU dropout draws from it
         torch.cuda.set_rng_state(ckpt["cuda_rng"], run.device)
     run.log(f"resuming {name} after epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+    return ckpt["epoch"], list(ckpt.get("losses", []))
 
 
 def load_checkpoint(path, kind=None):
@@ -925,6 +1005,8 @@ def parser(command=True):
         p.add_argument("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
         p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
     p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
+    p.add_argument("--recipe", choices=["default", "released"], default="default", help="default: chosen for small "
+                   "data on a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
     a = p.add_argument_group("data (data.py)").add_argument
     a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
     a("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
@@ -946,18 +1028,22 @@ def parser(command=True):
       help="labeled subset: fraction (<1) or videos per class (>=1)")
     a("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
     a("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
-    a = p.add_argument_group("schedule (left out: each step's own default)").add_argument
-    a("--epochs", type=at_least(1), default=None, help=f"epochs of every step the command runs: {EPOCHS}")
+    a = p.add_argument_group("schedule (left out: each step's own default, train.STEPS or RELEASED_STEPS)").add_argument
+    a("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
     a("--batch-size", type=at_least(1), default=None,
-      help=f"videos per batch and process (semisup: labeled and unlabeled each; authors' SSL: 40): {BATCH}")
-    a("--lr", type=at_least(0, float, above=True), default=None,
-      help=f"Adam learning rate, cosine decay after 1 warm-up epoch (authors: 5e-3 SSL, 1e-4 after): {LR}")
-    a("--weight-decay", type=at_least(0, float), default=1e-4, help="Adam weight decay")
+      help="videos per batch and process (semisup: labeled and unlabeled each)")
+    a("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
+    a("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
+    a("--schedule", choices=["cosine", "released"], default="cosine",
+      help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
+    a("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
+      "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
     a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
       help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
            "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
     a("--teacher-t", type=at_least(0, float, above=True), default=0.2,
       help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
+    a("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier (released: none)")
     a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
       help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
            "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
@@ -968,6 +1054,10 @@ def parser(command=True):
     a("--aug", choices=data.AUGMENTATIONS, default="light",
       help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
            "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
+    a("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
+      "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
+    a("--test-crop", type=at_least(0, float), default=0.0, help="evaluation and score clips: 0 the centre square of "
+      "the short side, F > 0 the central F of each side (released 0.8)")
     a("--ssl-stride", type=at_least(4), default=4,
       help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
     a("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
@@ -984,6 +1074,8 @@ def parser(command=True):
     a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
     a("--mix", choices=["similarity", "fixed"], default="similarity",
       help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
+    a("--student-forward", choices=["joint", "separate"], default="joint", help="the labeled and unlabeled "
+      "batches through the student in one forward, or one each (released)")
     a("--student-init", choices=["distinctive", "both"], default="distinctive",
       help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
            "paper's; semisup trains it first)")
@@ -1006,7 +1098,13 @@ def get_args(argv=None, p=None):
     """The flags of `p` (default: `parser()`), checked; the dataset's paths made absolute, so that a run
     continued from another directory compares them as they were meant."""
     p = p or parser()
-    args = p.parse_args(argv)
+    unset = object()  # argparse sets no default where the namespace holds the flag: what stays unset was not given
+    args = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(RELEASED, unset)))
+    args.overrode = {k: RELEASED[k] for k in RELEASED if getattr(args, k) is not unset
+                     and args.recipe == "released" and getattr(args, k) != RELEASED[k]}
+    for k in RELEASED:
+        if getattr(args, k) is unset:
+            setattr(args, k, RELEASED[k] if args.recipe == "released" else p.get_default(k))
     stage, videos = getattr(args, "stage", None), getattr(args, "videos", [])
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "

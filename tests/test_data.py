@@ -153,12 +153,25 @@ def _one_by_one_colour(x, b, c, s, theta, grey):
     return luma(x).expand_as(x) if grey else x
 
 
+# The released loaders' numbers, read off dataloaders/dl_semisup_2clips.py (classifiers) and dl_ssl.py (SSL):
+# (rate, low, high) of contrast, hue (in turns), saturation, brightness; greyscale and channel-drop rates; gamma's
+# rate among greyscale clips and its range; each erase's rate; the crop's least side fraction
+RELEASED_NUMBERS = {
+    "released": dict(contrast=(0.125, 0.9, 1.1), hue=(0.15, -0.05, 0.05), saturation=(0.15, 0.9, 1.1),
+                     brightness=(0.15, 0.9, 1.1), grey=0.1, drop=0.0, gamma=(0.75, 0.85, 1.15), erase=(0.4, 0.4),
+                     crop=0.4),
+    "ssl-released": dict(contrast=(0.25, 0.75, 1.25), hue=(0.3, -0.1, 0.1), saturation=(0.3, 0.75, 1.25),
+                         brightness=(0.3, 0.75, 1.25), grey=0.175, drop=0.125, gamma=(0.75, 0.75, 1.25),
+                         erase=(0.7, 0.0), crop=0.5),
+}
+
+
 def old_augment(clip, size, g, recipe="ssl"):
     """The augmentation as a float function per clip (as it was before the uint8 / device split), with the
     colour ops one by one: the reference that the split path must reproduce, for each recipe."""
     T, H, W, _ = clip.shape
-    if recipe == "released":  # a side factor, the aspect kept
-        f = data._u(g, 0.4, 1.0)
+    if recipe in RELEASED_NUMBERS:  # a side factor, the aspect kept
+        f = data._u(g, RELEASED_NUMBERS[recipe]["crop"], 1.0)
         h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
         for _ in range(10):
@@ -174,21 +187,26 @@ def old_augment(clip, size, g, recipe="ssl"):
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) / 255
     if data._u(g) < 0.5:
         x = x.flip(-1)
-    b, c, s, theta, grey, gamma, boxes = 1, 1, 1, 0, False, 1, []
+    b, c, s, theta, grey, gamma, boxes, drop = 1, 1, 1, 0, False, 1, [], 0
     if recipe == "ssl":
         if data._u(g) < 0.8:
             b, c, s = data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2)
             theta = data._u(g, -math.pi, math.pi)
         grey, boxes = data._u(g) < 0.2, [(0.5, 0.1, 0.4)]
-    elif recipe == "released":
-        c = data._u(g, 0.9, 1.1) if data._u(g) < 0.125 else 1
-        theta = 2 * math.pi * data._u(g, -0.05, 0.05) if data._u(g) < 0.15 else 0
-        s = data._u(g, 0.9, 1.1) if data._u(g) < 0.15 else 1
-        b = data._u(g, 0.9, 1.1) if data._u(g) < 0.15 else 1
-        grey = data._u(g) < 0.1
-        gamma = data._u(g, 0.85, 1.15) if grey and data._u(g) < 0.75 else 1
-        boxes = [(0.4, 1 / 6, 1 / 3)] * 2
+    elif recipe in RELEASED_NUMBERS:
+        r = RELEASED_NUMBERS[recipe]
+        maybe = lambda p, lo, hi: data._u(g, lo, hi) if data._u(g) < p else 1  # noqa: E731
+        c = maybe(*r["contrast"])
+        theta = 2 * math.pi * data._u(g, *r["hue"][1:]) if data._u(g) < r["hue"][0] else 0
+        s, b = maybe(*r["saturation"]), maybe(*r["brightness"])
+        u = data._u(g)
+        grey = u < r["grey"]
+        gamma = maybe(*r["gamma"]) if grey else 1
+        drop = 1 + int(data._u(g) * 3) if r["grey"] <= u < r["grey"] + r["drop"] else 0
+        boxes = [(p, 1 / 6, 1 / 3) for p in r["erase"] if p]
     x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1) ** gamma
+    if drop:
+        x[:, drop - 1] = 0
     x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
     for p, lo, hi in boxes:
         if data._u(g) < p:
@@ -206,8 +224,8 @@ def test_split_augmentation_equals_the_old_path(device):
     g = torch.Generator().manual_seed(0)
     video = (torch.rand(8, 60, 80, 3, generator=g) * 255).to(torch.uint8)
     clips, params, refs = [], [], []
-    for seed in range(60):
-        recipe = ("ssl", "light", "released")[seed % 3]
+    for seed in range(80):
+        recipe = ("ssl", "light", "released", "ssl-released")[seed % 4]
         x, p = data.augment(video, 28, torch.Generator().manual_seed(seed), recipe)
         clips.append(x), params.append(p)
         refs.append(old_augment(video, 28, torch.Generator().manual_seed(seed), recipe))
@@ -220,38 +238,75 @@ def test_split_augmentation_equals_the_old_path(device):
     assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == ((drawn[:, 8] > 0) | (drawn[:, 13] > 0)).sum()
 
 
-def test_released_recipe_ranges_and_rates():
-    """The released recipe: each parameter within its range, drawn at its rate (within 4 binomial standard
+@pytest.mark.parametrize("recipe", sorted(RELEASED_NUMBERS))
+def test_released_recipe_ranges_and_rates(recipe):
+    """The released recipes: each parameter within its range, drawn at its rate (within 4 binomial standard
     deviations over 4,000 clips), one draw for the whole clip (the crop itself: against the float path)."""
+    want = RELEASED_NUMBERS[recipe]
     frame = torch.arange(40 * 60 * 3).remainder(251).to(torch.uint8).view(1, 40, 60, 3)
     clip = frame.expand(4, -1, -1, -1)  # 4 identical frames: any per-frame draw would tell them apart
     n, S = 4000, 24
     rows = []
     for seed in range(n):
-        x, p = data.augment(clip, S, torch.Generator().manual_seed(seed), "released")
+        x, p = data.augment(clip, S, torch.Generator().manual_seed(seed), recipe)
         if seed < 50:
             y = data.finish(x[None], p[None])[0]
             assert torch.equal(y, y[:, :1].expand_as(y))
         rows.append(p)
-    b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2 = torch.stack(rows).double().unbind(1)
+    b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2, drop = torch.stack(rows).double().unbind(1)
 
-    def rate(changed, p, lo, hi, value):
-        assert abs(changed.double().mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    def rate(changed, p, lo, hi, value, among=n):
+        assert abs(changed.double().mean() - p) <= 4 * math.sqrt(p * (1 - p) / among)
         assert ((value[changed] >= lo) & (value[changed] <= hi)).all()
 
-    rate(c != 1, 0.125, 0.9, 1.1, c)
-    rate(theta != 0, 0.15, -0.1 * math.pi, 0.1 * math.pi, theta)
-    rate(s != 1, 0.15, 0.9, 1.1, s)
-    rate(b != 1, 0.15, 0.9, 1.1, b)
-    rate(grey == 1, 0.1, 1, 1, grey)
-    assert ((gamma != 1) <= (grey == 1)).all()  # gamma only on greyscale clips, 3 in 4 of them
-    g1 = gamma[grey == 1]
-    assert abs((g1 != 1).double().mean() - 0.75) < 4 * math.sqrt(0.75 * 0.25 / len(g1))
-    assert ((g1[g1 != 1] >= 0.85) & (g1[g1 != 1] <= 1.15)).all()
-    for top, left, h, w in ((et, el, eh, ew), (et2, el2, eh2, ew2)):
-        rate(h > 0, 0.4, int(S / 6), int(S / 3), h)
+    rate(c != 1, *want["contrast"], c)
+    hue_p, lo, hi = want["hue"]
+    rate(theta != 0, hue_p, 2 * math.pi * lo, 2 * math.pi * hi, theta)
+    rate(s != 1, *want["saturation"], s)
+    rate(b != 1, *want["brightness"], b)
+    rate(grey == 1, want["grey"], 1, 1, grey)
+    rate(drop > 0, want["drop"], 1, 3, drop)
+    assert not ((drop > 0) & (grey == 1)).any()  # one draw decides between them
+    if want["drop"]:  # each channel about as often
+        counts = torch.bincount(drop[drop > 0].long(), minlength=4)[1:].double()
+        assert (counts - counts.mean()).abs().max() < 4 * math.sqrt(counts.mean())
+    assert ((gamma != 1) <= (grey == 1)).all()  # gamma only on greyscale clips
+    rate(gamma[grey == 1] != 1, *want["gamma"], gamma[grey == 1], among=int((grey == 1).sum()))
+    for (top, left, h, w), p in zip(((et, el, eh, ew), (et2, el2, eh2, ew2)), want["erase"]):
+        rate(h > 0, p, int(S / 6), int(S / 3), h)
         assert ((w[h > 0] >= int(S / 6)) & (w[h > 0] <= int(S / 3))).all()
         assert ((top + h <= S) & (left + w <= S)).all()
+    # the crop: a side fraction f in [crop, 1] of both sides, read back from a frame whose pixels count columns
+    cols = torch.arange(60).view(1, 1, 60, 1).expand(4, 40, 60, 3).to(torch.uint8)
+    spans = []
+    for seed in range(300):
+        x, _ = data.augment(cols, 60, torch.Generator().manual_seed(seed), recipe)  # (3, 4, 60, 60)
+        spans.append(float(x[0, 0, 0].max() - x[0, 0, 0].min() + 1) / 60)  # about the side fraction
+    assert min(spans) >= want["crop"] - 0.05 and max(spans) > 0.95 and min(spans) < want["crop"] + 0.1
+
+
+def test_a_dropped_channel_is_black():
+    """`finish` with a channel dropped: that channel is 0 before normalisation, the other two as without it."""
+    x = (torch.rand(1, 3, 2, 8, 8) * 255).to(torch.uint8)
+    keep = torch.tensor([data.IDENTITY])
+    for k in (1, 2, 3):
+        p = keep.clone()
+        p[0, data.PARAMS.index("drop")] = k
+        y, ref = data.finish(x, p)[0], data.finish(x, keep)[0]
+        black = (0 - data.MEAN[k - 1]) / data.STD[k - 1]
+        assert torch.allclose(y[k - 1], black.expand_as(y[k - 1]))
+        others = [c for c in range(3) if c != k - 1]
+        assert torch.equal(y[others], ref[others])
+
+
+def test_center_crop_of_a_fraction_of_each_side():
+    """The released test crop: the central 0.8 of each side, squeezed into the square (a 40x50 frame whose
+    central 32x40 is white and border black comes out white everywhere)."""
+    clip = torch.zeros(2, 40, 50, 3, dtype=torch.uint8)
+    clip[:, 4:36, 5:45] = 255
+    x = data.center_crop(clip, 16, 0.8)
+    assert x.shape == (3, 2, 16, 16) and (x == 255).all()
+    assert (data.center_crop(clip, 16) < 255).any()  # the short side's square reaches the black border
 
 
 def test_center_crop_against_hand():
@@ -339,6 +394,24 @@ def test_split_labeled():
         data.split_labeled(items, 0, 0, classes)
     with pytest.raises(data.DataError, match="only 10"):
         data.split_labeled(items, 11, 0, classes)
+
+
+def test_ssl_released_draws_each_clip_apart(toy_root):
+    """--ssl-aug released: each of an item's 10 clips its own draw (dl_ssl.py draws one row a clip), against a
+    by-hand build from the decoded frames: the clip set's indices, then `augment` of each clip's frames in the
+    order of SSL_CLIPS, from the item's generator."""
+    train, _, _ = data.read_ucf101(toy_root, toy_root, 1)
+    ds = data.VideoDataset(train[:2], toy_root, "ssl", 8, 4, 32, seed=3, ssl_aug="released")
+    x, p, *_ = ds[(2, 1)]
+    g = torch.Generator().manual_seed((3 * 1_000_003 + 2) * 1_000_003 + 1)  # (seed, epoch, index)
+    n = data.count_frames(os.path.join(toy_root, train[1][0]))
+    sparse, dense = data.ssl_indices(n, 8, 4, g)
+    clips = [data.load_frames(os.path.join(toy_root, train[1][0]), idx, ds.decode_size) for idx in [sparse] + dense]
+    want = [data.augment(clips[c], 32, g, "ssl-released") for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
+    assert torch.equal(x, torch.stack([w[0] for w in want])) and torch.equal(p, torch.stack([w[1] for w in want]))
+    rows = {tuple(r.tolist()) for r in p}
+    assert len(rows) == 10  # no two clips share a draw (with "view", two rows: one a view)
+    assert len({tuple(r.tolist()) for r in data.VideoDataset(train[:2], toy_root, "ssl", 8, 4, 32)[1][1]}) == 2
 
 
 def test_dataset_modes_and_bad_videos(toy_root, tmp_path, capsys):

@@ -164,10 +164,10 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
     clf, ssl = model(num_classes=K), model(proj_dim=128)
     teachers = [model(num_classes=K).eval().requires_grad_(False) for _ in range(2)]
     opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
-    B = train.BATCH["supervised"]  # the stages' batches: 16 clips (supervised), 8 videos (SSL, semisup)
+    B = train.STEPS["supervised"][2]  # the stages' batches: 16 clips (supervised), 8 videos (SSL, semisup)
     x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
     x_ssl, x_semi, s = clips(10 * (B // 2), T_ssl), clips(B), torch.rand(B, device=device)
-    args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse")
+    args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse", student_forward="joint")
 
     def loop_step(opt, terms_of, n):
         sums, step = {}, iter(range(10**9))

@@ -106,11 +106,11 @@ def step_alone(fn, clips, steps, device, repeats=3):
 def stage_loaders(run, stage):
     """The loaders a stage zips, built as train.py's stage builds them (a tool may repeat a few lines)."""
     if stage in ("invariant", "distinctive"):
-        return [run.loader(run.dataset(run.train, "ssl"), train.BATCH[stage])]
+        return [run.loader(run.dataset(run.train, "ssl"), train.hparams(run.args, stage)[2])]
     if stage == "supervised":
         labeled = run.labeled * max(1, len(run.train) // len(run.labeled))
-        return [run.loader(run.dataset(labeled, "train"), train.BATCH[stage])]
-    bs, w = train.BATCH["semisup"], run.args.workers
+        return [run.loader(run.dataset(labeled, "train"), train.hparams(run.args, stage)[2])]
+    bs, w = train.hparams(run.args, "semisup")[2], run.args.workers
     unl = run.dataset(run.unlabeled, "train")
     steps, bs_l = len(unl) // bs, min(bs, len(run.labeled))
     lab = run.dataset(run.labeled * -(-steps * bs_l // len(run.labeled)), "train", stream=1)
@@ -171,7 +171,7 @@ def profile(flags, out, stage, steps=10):
     `train.fit` runs them: its tables into OUT/profile_<stage>.txt, a summary printed."""
     run = train.Run(train.get_args(["--stage", stage, "--out", os.path.join(out, "profile"), *flags]))
     ssl = stage == "invariant"
-    model = run.model(proj_dim=128) if ssl else run.model(num_classes=len(run.classes), dropout=0.5)
+    model = run.model(proj_dim=128) if ssl else run.model(num_classes=len(run.classes), dropout=run.args.dropout)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     batches = (b for epoch in range(10**6) for b in run.batches(stage_loaders(run, stage)[0], epoch))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if run.cuda else [])
