@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tb
 import train as train_py
 from models import R3D
 from test_train import FAST, last_line, load, train
