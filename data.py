@@ -1,10 +1,11 @@
-"""Clips from real video files, the clip samplers of TimeBalance, augmentations and split formats.
+"""The clip samplers of TimeBalance, clips from real video files, augmentations and split formats.
 Runtime imports: standard library, torch, av.
 
-    load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
     *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
+    load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
     augment(clip, size, g, recipe)     one random augmentation shared by every frame of a clip: the uint8
-                                       half here (crop, resize, flip), the float half by finish(x, params)
+                                       half in the loader (crop, resize, flip), the float half on the device
+                                       by augment_on_device(x, params)
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
 """
@@ -27,6 +28,60 @@ class VideoError(Exception):
 
 class DataError(Exception):
     """A bad dataset path, split file or flag: the run stops before any training (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip samplers. Each returns frame indices into a video of n frames.
+
+
+def clip_indices(n, T, stride, start):
+    """T frames at `stride` from `start`. A video shorter than the span first gets a lower stride
+    (down to 1), then its last frame repeated."""
+    if (T - 1) * stride + 1 > n:
+        stride = max(1, (n - 1) // max(1, T - 1))
+    return [min(start + i * stride, n - 1) for i in range(T)]
+
+
+def max_start(n, T, stride):
+    return max(0, n - ((T - 1) * stride + 1))
+
+
+def train_indices(n, T, stride, g):
+    """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
+    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
+    return clip_indices(n, T, stride, start)
+
+
+def ssl_indices(n, T, stride, g, n_dense=4):
+    """Self-supervised clip set: one sparse clip of T frames at `stride` spanning T*stride frames, and
+    `n_dense` dense clips tiling that span without overlap, each T frames at stride/n_dense (paper:
+    16 frames at stride 4, dense clip j = 16 consecutive frames from sparse frame 4j).
+    Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
+    span = T * stride
+    if span > n:
+        span = max(n_dense, n)
+    start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
+    sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
+    dense = []
+    for j in range(n_dense):
+        lo = start + (j * span) // n_dense
+        width = span // n_dense
+        dense.append([min(lo + (i * width) // T, n - 1) for i in range(T)])
+    return sparse, dense
+
+
+def test_indices(n, T, stride, K=10):
+    """K clips spread uniformly over the video (paper: 10), first and last starts at the ends."""
+    m = max_start(n, T, stride)
+    starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
+    return [clip_indices(n, T, stride, s) for s in starts]
+
+
+def score_indices(n, T, n_clips=4):
+    """Temporal similarity score: `n_clips` consecutive non-overlapping clips covering the video,
+    clip c = T frames spread evenly over the c-th quarter (docs/method.md "Temporal similarity score")."""
+    seg = n / n_clips
+    return [[min(n - 1, int(c * seg + i * seg / T)) for i in range(T)] for c in range(n_clips)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,63 +238,9 @@ def keep_decoded(paths, size, budget):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clip samplers. Each returns frame indices into a video of n frames.
-
-
-def clip_indices(n, T, stride, start):
-    """T frames at `stride` from `start`. A video shorter than the span first gets a lower stride
-    (down to 1), then its last frame repeated."""
-    if (T - 1) * stride + 1 > n:
-        stride = max(1, (n - 1) // max(1, T - 1))
-    return [min(start + i * stride, n - 1) for i in range(T)]
-
-
-def max_start(n, T, stride):
-    return max(0, n - ((T - 1) * stride + 1))
-
-
-def train_indices(n, T, stride, g):
-    """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
-    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
-    return clip_indices(n, T, stride, start)
-
-
-def ssl_indices(n, T, stride, g, n_dense=4):
-    """Self-supervised clip set: one sparse clip of T frames at `stride` spanning T*stride frames, and
-    `n_dense` dense clips tiling that span without overlap, each T frames at stride/n_dense (paper:
-    16 frames at stride 4, dense clip j = 16 consecutive frames from sparse frame 4j).
-    Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
-    span = T * stride
-    if span > n:
-        span = max(n_dense, n)
-    start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
-    sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
-    dense = []
-    for j in range(n_dense):
-        lo = start + (j * span) // n_dense
-        width = span // n_dense
-        dense.append([min(lo + (i * width) // T, n - 1) for i in range(T)])
-    return sparse, dense
-
-
-def test_indices(n, T, stride, K=10):
-    """K clips spread uniformly over the video (paper: 10), first and last starts at the ends."""
-    m = max_start(n, T, stride)
-    starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
-    return [clip_indices(n, T, stride, s) for s in starts]
-
-
-def score_indices(n, T, n_clips=4):
-    """Temporal similarity score: `n_clips` consecutive non-overlapping clips covering the video,
-    clip c = T frames spread evenly over the c-th quarter (docs/method.md "Temporal similarity score")."""
-    seg = n / n_clips
-    return [[min(n - 1, int(c * seg + i * seg / T)) for i in range(T)] for c in range(n_clips)]
-
-
-# ----------------------------------------------------------------------------------------------
 # Augmentations, in two halves, so that the float work runs once per batch on the training device:
 #   per clip, in the DataLoader workers, on uint8: crop, resize, flip          `augment`, `center_crop`
-#   per batch, on the device, in float: colour jitter, greyscale, normalisation, random erase   `finish`
+#   per batch, on the device, in float: colour jitter, greyscale, normalisation, random erase   `augment_on_device`
 # A clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it (PARAMS): 4x fewer bytes
 # through worker shared memory and the host-to-device copy than float clips.
 
@@ -264,7 +265,7 @@ RELEASED = {
 }
 
 
-def _u(g, lo=0.0, hi=1.0):
+def _uniform(g, lo=0.0, hi=1.0):
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
@@ -289,7 +290,7 @@ def center_crop(clip, size, fraction=0.0):
 def augment(clip, size, g, recipe="ssl"):
     """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw for the whole
     clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
-    here and applied by `finish`. Recipes:
+    here and applied by `augment_on_device`. Recipes:
       ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
                 brightness, contrast, saturation 0.8-1.2, hue rotated by any angle: on the toy set colour is a
                 video's easiest fingerprint), greyscale (p 0.2), one random erase (p 0.5, 0.1-0.4 of the side)
@@ -299,50 +300,52 @@ def augment(clip, size, g, recipe="ssl"):
     T, H, W, _ = clip.shape
     r = RELEASED.get(recipe)
     if r:
-        f = _u(g, r["crop"], 1.0)
+        f = _uniform(g, r["crop"], 1.0)
         h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
         for _ in range(10):
-            target = H * W * _u(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
-            ratio = math.exp(_u(g, math.log(3 / 4), math.log(4 / 3)))
+            target = H * W * _uniform(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
+            ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
             w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < w <= W and 0 < h <= H:
                 break
         else:
             h = w = min(H, W)
-    top = int(_u(g) * (H - h + 1))
-    left = int(_u(g) * (W - w + 1))
+    top = int(_uniform(g) * (H - h + 1))
+    left = int(_uniform(g) * (W - w + 1))
     x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
-    if _u(g) < 0.5:
+    if _uniform(g) < 0.5:
         x = x.flip(-1)
     x = x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
-    p = list(IDENTITY)
+    p = dict(zip(PARAMS, IDENTITY))
     if recipe == "ssl":
-        if _u(g) < 0.8:  # colour jitter
-            p[0:4] = _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, 0.8, 1.2), _u(g, -math.pi, math.pi)
-        p[4] = float(_u(g) < 0.2)  # greyscale
+        if _uniform(g) < 0.8:  # colour jitter
+            p["b"], p["c"], p["s"] = _uniform(g, 0.8, 1.2), _uniform(g, 0.8, 1.2), _uniform(g, 0.8, 1.2)
+            p["theta"] = _uniform(g, -math.pi, math.pi)
+        p["grey"] = float(_uniform(g) < 0.2)
         boxes = [(0.5, 0.1, 0.4)]  # (p, side from, side to) of each random erase
     elif r:
         def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
-            return _u(g, 1 - half, 1 + half) if _u(g) < prob else 1.0
-        p[1] = maybe(*r["contrast"])
-        p[3] = 2 * math.pi * _u(g, -r["hue"][1], r["hue"][1]) if _u(g) < r["hue"][0] else 0.0
-        p[2], p[0] = maybe(*r["saturation"]), maybe(*r["brightness"])
-        u = _u(g)
-        p[4] = float(u < r["grey"])  # greyscale, then gamma
-        p[10] = maybe(*r["gamma"]) if p[4] else 1.0
+            return _uniform(g, 1 - half, 1 + half) if _uniform(g) < prob else 1.0
+        p["c"] = maybe(*r["contrast"])
+        p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
+        p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
+        u = _uniform(g)
+        p["grey"] = float(u < r["grey"])  # greyscale, then gamma
+        p["gamma"] = maybe(*r["gamma"]) if p["grey"] else 1.0
         if r["grey"] <= u < r["grey"] + r["drop"]:  # or one colour channel set to 0
-            p[15] = 1 + int(_u(g) * 3)
+            p["drop"] = 1 + int(_uniform(g) * 3)
         boxes = [(prob, 1 / 6, 1 / 3) for prob in r["erase"]]
     else:
         boxes = []
-    if p[1] != 1.0:  # the contrast pivots about the clip's mean grey m
-        p[5] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
-    for k, (prob, lo, hi) in zip((6, 11), boxes):  # random erase: (top, left, height, width)
-        if _u(g) < prob:
-            eh, ew = int(size * _u(g, lo, hi)), int(size * _u(g, lo, hi))
-            p[k : k + 4] = int(_u(g) * (size - eh)), int(_u(g) * (size - ew)), eh, ew
-    return x, torch.tensor(p)
+    if p["c"] != 1.0:  # the contrast pivots about the clip's mean grey m
+        p["m"] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
+    for box, (prob, lo, hi) in zip(("", "2"), boxes):  # random erase: (top, left, height, width)
+        if _uniform(g) < prob:
+            eh, ew = int(size * _uniform(g, lo, hi)), int(size * _uniform(g, lo, hi))
+            p["et" + box], p["el" + box] = int(_uniform(g) * (size - eh)), int(_uniform(g) * (size - ew))
+            p["eh" + box], p["ew" + box] = eh, ew
+    return x, torch.tensor(list(p.values()))
 
 
 _CONSTANTS = {}
@@ -382,24 +385,24 @@ def colour_matrix(b, c, s, theta, grey, m):
     return A, (1 - c) * b * m
 
 
-def finish(x, p):
+def augment_on_device(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
         x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma;
                                                     a dropped channel 0)
           -> (x - mean) / std                      (normalisation)
           -> 0 inside the erased boxes             (random erase, to the mean colour)"""
-    N, S, p = x.shape[0], x.shape[-1], p.float()
-    b, c, s, theta, grey, m, *boxes, gamma = p[:, :11].unbind(1)  # (N,) each
-    A, o = colour_matrix(b, c, s, theta, grey, m)  # (N, 3, 3), (N,)
+    N, S = x.shape[0], x.shape[-1]
+    q = dict(zip(PARAMS, p.float().unbind(1)))  # (N,) each
+    A, o = colour_matrix(*(q[k] for k in ("b", "c", "s", "theta", "grey", "m")))  # (N, 3, 3), (N,)
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
-    keep = p[:, 15:16] != torch.arange(1, 4, device=p.device)  # (N, 3): False at a dropped channel
+    keep = q["drop"].view(N, 1) != torch.arange(1, 4, device=p.device)  # (N, 3): False at a dropped channel
     y = torch.where(keep.view(N, 3, 1, 1, 1), y, 0.0)
-    gamma = gamma.view(N, 1, 1, 1, 1)
+    gamma = q["gamma"].view(N, 1, 1, 1, 1)
     y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
     y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
     pos = torch.arange(S, device=x.device)
-    for et, el, eh, ew in (boxes, p[:, 11:15].unbind(1)):  # (N,) each
+    for et, el, eh, ew in ([q[k + box] for k in ("et", "el", "eh", "ew")] for box in ("", "2")):  # (N,) each
         rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
         cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
         y = y.masked_fill_(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), 0.0)  # (N, 1, 1, S, S) boxes
@@ -615,7 +618,7 @@ SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 1
 
 class VideoDataset(torch.utils.data.Dataset):
     """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
-    (3, T, S, S) with its row of augmentation parameters (`finish` applies the float half on the device):
+    (3, T, S, S) with its row of augmentation parameters (`augment_on_device` applies the float half on the device):
       train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
       ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
              [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS); `ssl_aug` "view": one draw a

@@ -106,13 +106,8 @@ def temporal_similarity(e_I, e_D):
         c = mean of the 12 off-diagonal entries of C,   s = (c + 1) / 2
     Identical clips give s = 1; clips that differ over time give lower s. The raw score sits in a
     narrow band on small data: `normalize_scores` spreads it over the training videos."""
-    return score_from_matrix(similarity_matrix(e_I, e_D))
-
-
-def score_from_matrix(C):
-    """s = (mean of the off-diagonal entries of C + 1) / 2, for C (B, n, n) from `similarity_matrix`. (B,)"""
-    n = C.shape[-1]
-    off = ~torch.eye(n, dtype=torch.bool, device=C.device)
+    C = similarity_matrix(e_I, e_D)  # (B, 4, 4)
+    off = ~torch.eye(C.shape[-1], dtype=torch.bool, device=C.device)
     c = C[:, off].mean(dim=1)  # (B,): mean off-diagonal cosine
     return (c + 1) / 2
 

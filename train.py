@@ -60,20 +60,22 @@ class StageError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Self-supervised pretraining: invariant (L_I), distinctive (L_D = L_LL + L_GL), both
+# The method, in the order it runs (docs/method.md): (1) the self-supervised encoders, (2) a teacher from each,
+# (3) the temporal similarity scores, (4) the student. Each step's data, folder and processes: after the method.
 
 
 def train_ssl(run, stage, resume=False):
+    """(1) A self-supervised encoder on every training video, no label used: `stage` invariant (L_I),
+    distinctive (L_D = L_LL + L_GL) or both (the student's start in the paper); then its kNN check."""
     a = run.args
     epochs, lr, bs, wd = hparams(a, stage)
-    ds = run.dataset(run.train, "ssl")  # all training videos; no labels are used
+    ds = run.dataset(run.train, "ssl")
     if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
-        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
-                         f"videos over {run.world} processes")
+        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no batch of 2 videos or more")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
-    gather = GatherVideos.apply if run.world > 1 else None
+    gather = GatherVideos.apply if run.world > 1 else None  # the negatives: every process's videos
 
     def terms(net, batch):
         return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather, a.balance)
@@ -107,82 +109,53 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, 
     return terms
 
 
-class GatherVideos(torch.autograd.Function):
-    """Every process's rows (along dim 0, equal counts), in process order. Backward: each process gets the
-    gradient of its own rows summed over the processes; as each computes the whole batch's loss, DDP's
-    average of the parameters' gradients is then the gradient of one process with the whole batch."""
-
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Classifiers on the labeled subset: the two teachers (finetune) and the supervised baseline
-
-
-def train_classifier(run, name, resume=False, init=None):
-    """Cross-entropy on the labeled clips, from scratch or from the backbone of the SSL checkpoint `init`
-    (loaded strictly, its projection head skipped); with --teacher class-mean, a teacher is its encoder with
-    the nearest-class-mean classifier and takes no step. Saves OUT/<name>.pt and records its test top-1."""
-    a = run.args
-    epochs, lr, bs, wd = hparams(a, "finetune" if init else "supervised")
-    torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
-    model = run.model(num_classes=len(run.classes), dropout=a.dropout)
-    if init is not None:
-        skipped = load_backbone(model, init["model"], source=f"{name} init")
-        run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
-    # the teachers' backbones learn at --finetune-backbone-lr times the rate of the new classifier
-    backbone = [p for k, p in model.named_parameters() if k.startswith(BACKBONE)]
-    head = [p for k, p in model.named_parameters() if not k.startswith(BACKBONE)]
-    scale = a.finetune_backbone_lr if init is not None else 1.0
-    if scale == 0:  # a frozen backbone, its BatchNorm statistics too (`fit`): a classifier on the SSL features
-        for p in backbone:
-            p.requires_grad_(False)
-    opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
-                           weight_decay=wd)
-    if init is not None and a.teacher == "class-mean":  # what pretraining learned, untouched by any step
-        class_mean_head(run, model, a.teacher_t)
-        save_checkpoint(run, name, model, opt, 0, 0)
-    else:
-        # --epoch train: an epoch shows as many clips as there are training videos, the labeled subset repeated
-        # (each repeat with its own augmentation), so epochs mean the same work in every stage; labeled: once
-        repeats = max(1, len(run.train) // len(run.labeled)) if a.epoch == "train" else 1
-        ds = run.dataset(run.labeled * repeats, "train")
-        bs = min(bs, len(ds) // run.world)
-        if bs == 0:
-            raise StageError(f"{len(ds)} labeled clips an epoch give no batch to each of {run.world} processes")
-        terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
-        fit(run, name, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume, progress=False)
-    evaluate(run, model, name)
+def make_teacher(run, name, init, resume=False):
+    """(2) A teacher from the encoder of the SSL checkpoint `init`: --teacher class-mean or finetune."""
+    if run.args.teacher == "class-mean":
+        return class_mean_teacher(run, name, init)
+    train_classifier(run, name, resume, init)
 
 
 @torch.no_grad()
-def class_mean_head(run, model, t):
-    """The classifier set to the nearest-class-mean classifier of the encoder's features on the labeled
-    videos' clips: with mu_c the mean of the unit feature vectors of class c's clips (each video's evaluation
-    clips, centre crop), and mean ||h|| over those clips,
-        w_c = (mu_c / ||mu_c||) / (t * mean ||h||),   b_c = 0
+def class_mean_teacher(run, name, init):
+    """(2) The default teacher: the encoder of the SSL checkpoint `init` with the nearest-class-mean classifier
+    of its features on the labeled videos' clips, and no training step. With mu_c the mean of the unit feature
+    vectors of class c's clips (each labeled video's evaluation clips) and mean ||h|| over those clips,
+        w_c = (mu_c / ||mu_c||) / (t * mean ||h||),   b_c = 0,   t = --teacher-t
     so that logits_c = ||h|| cos(h, mu_c) / (t * mean ||h||): a clip's argmax_c is its nearest class mean by
-    cosine, about as sharp as cos / t."""
-    def unit_and_norm(x):  # (B*n, 3, T, S, S) -> (B*n, C + 1)
+    cosine, about as sharp as cos / t. Saves OUT/<name>.pt and records its test top-1."""
+    model = classifier_from(run, name, init).eval()
+
+    def unit_and_norm(x):  # (B*n, 3, T, S, S) -> (B*n, C + 1): each clip's unit feature and its norm
         h = model.features(x).mean(dim=(2, 3, 4))  # (B*n, C)
         return torch.cat([F.normalize(h, dim=-1), h.norm(dim=-1, keepdim=True)], dim=1)
-    model.eval()
     u = clip_average(run, unit_and_norm, run.labeled)[0]  # (N_l, C + 1): over each video's clips
     y = torch.tensor([label for _, label in run.labeled], device=run.device)  # (N_l,)
     mu = torch.zeros(len(run.classes), u.shape[1] - 1, device=run.device).index_add_(0, y, u[:, :-1])  # (K, C)
-    fc = model.fc[-1]
-    fc.weight.copy_(F.normalize(mu, dim=-1) / (t * u[:, -1].mean()))  # (K, C)
-    fc.bias.zero_()
+    model.fc[-1].weight.copy_(F.normalize(mu, dim=-1) / (run.args.teacher_t * u[:, -1].mean()))  # (K, C)
+    model.fc[-1].bias.zero_()
+    save_checkpoint(run, name, model, None, 0, 0)
+    evaluate(run, model, name)
+
+
+def train_classifier(run, name, resume=False, init=None):
+    """(2) A teacher fine-tuned with cross-entropy on the labeled clips from the backbone of the SSL checkpoint
+    `init` (--teacher finetune, the paper's), or from scratch the supervised baseline. The backbone learns at
+    --finetune-backbone-lr times the new classifier's rate (0: frozen, its BatchNorm statistics too). Saves
+    OUT/<name>.pt and records its test top-1."""
+    a = run.args
+    epochs, lr, bs, wd = hparams(a, "finetune" if init else "supervised")
+    model = classifier_from(run, name, init)
+    scale = a.finetune_backbone_lr if init is not None else 1.0
+    backbone = [p for k, p in model.named_parameters() if k.startswith(BACKBONE)]
+    head = [p for k, p in model.named_parameters() if not k.startswith(BACKBONE)]
+    for p in backbone:
+        p.requires_grad_(scale > 0)
+    opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
+                           weight_decay=wd)
+    terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
+    fit(run, name, model, opt, [classifier_loader(run, bs)], terms, epochs, lr, resume, progress=False)
+    evaluate(run, model, name)
 
 
 def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
@@ -192,47 +165,41 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
     return {"CE": F.cross_entropy(logits, y)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The student (docs/method.md "Student") and the temporal similarity scores
+@torch.no_grad()
+def video_scores(run, f_I, f_D, items):
+    """(3) The temporal similarity score of each video of `items` (docs/method.md "Temporal similarity score"):
+    4 consecutive clips (`data.score_indices`) embedded by both SSL encoders' projection heads, e_I and e_D
+    (B, 4, D); C = (C_I + C_D) / 2, s = (mean off-diagonal C + 1) / 2 (`tb.temporal_similarity`); and, for
+    tools/ablation.py, s of C_I and of C_D alone. Returns (N, 20) rows on the device, (index in `items`, s,
+    s_I, s_D, C flattened), and the videos that could not be read."""
+    rows, bad = [], data.BadVideos()
+    for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "score"), 8, shuffle=False), 0):
+        bad.add(failed)  # x (B*4, 3, T, S, S)
+        e_I, e_D = (f(x, out="ssl")[0].view(len(idx), 4, -1) for f in (f_I, f_D))  # (B, 4, D)
+        C = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
+        s = tb.temporal_similarity(e_I, e_D)  # (B,)
+        s_alone = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
+        rows.append(torch.cat([idx.view(-1, 1).to(s.dtype), s.view(-1, 1), s_alone, C.flatten(1)], dim=1))  # (B, 20)
+    return torch.cat(rows), bad
 
 
 def train_student(run, name, resume=False, s_video=None):
-    """Per step a labeled and an unlabeled batch go through the student (`student_terms`); the frozen teachers
-    give p_T = s p_I + (1 - s) p_D on the same clips, s the video's temporal similarity score (--mix fixed:
-    0.5; `s_video` {path: s}: given for every training video); loss = CE(student, y) + w_l MSE(p_S, p_T) on
-    labeled + w_u MSE(p_S, p_T) on unlabeled."""
+    """(4) The student, from the backbone of --student-init: per step a labeled and an unlabeled batch
+    (`student_terms`), the frozen teachers' p_T = s p_I + (1 - s) p_D on the same clips, s the video's
+    temporal similarity score (--mix fixed: 0.5; `s_video` {path: s}: given for every training video)."""
     a = run.args
     epochs, lr, bs, wd = hparams(a, "semisup")
-    init = need(run, a.student_init, "ssl")
+    init = finished_checkpoint(run, a.student_init, "ssl")
     teachers = [teacher(run, k) for k in ENCODERS]
     if s_video is None:
         s_video = scores(run)["s"] if a.mix == "similarity" else {p: 0.5 for p, _ in run.train}
-    unl_ds = run.dataset(run.unlabeled, "train")
-    bs_l = min(bs, len(run.labeled) // run.world)
-    # --epoch train: a pass over the unlabeled videos; labeled: over the labeled ones (the release's zip ends
-    # with its labeled loader), the last partial batch dropped
-    steps = len(unl_ds) // (bs * run.world) if a.epoch == "train" else len(run.labeled) // max(1, bs_l * run.world)
-    if steps == 0 or bs_l == 0:
-        raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled and {len(run.labeled)} labeled videos "
-                         f"give no full batch to each of {run.world} processes")
-    # the small labeled subset repeated (each repeat with its own augmentation) to give one labeled
-    # batch per unlabeled batch: one labeled loader per epoch, not one per pass over the subset
-    repeats = math.ceil(steps * bs_l * run.world / len(run.labeled))
-    lab_ds = run.dataset(run.labeled * repeats, "train", stream=1)
-    s_lab = torch.tensor([s_video[p] for p, _ in lab_ds.items], device=run.device)  # (N_l,)
-    s_unl = torch.tensor([s_video[p] for p, _ in run.unlabeled], device=run.device)  # (N_u,)
-
+    loaders = student_loaders(run, bs)  # unlabeled, labeled
+    s_unl, s_lab = (torch.tensor([s_video[p] for p, _ in l.dataset.items], device=run.device) for l in loaders)
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=a.dropout)
     load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
     run.log(f"{name}: starts from the backbone of {run.path(a.student_init)}")
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
-    # --workers split between the two loaders in proportion to the clips each gives per step, at least one
-    # each where there are two; the labeled sampler draws exactly the batches the steps take
-    labeled_workers = round(a.workers * bs_l / (bs + bs_l))
-    labeled_workers = min(a.workers - 1, max(1, labeled_workers)) if a.workers > 1 else 0
-    loaders = [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=steps * bs),
-               run.loader(lab_ds, bs_l, workers=labeled_workers, length=steps * bs_l)]
 
     def terms(net, unl, lab):  # each batch (x, y, index, failed)
         s = torch.cat([s_lab[lab[2]], s_unl[unl[2]]])  # (B_l + B_u,): each video's score
@@ -261,60 +228,109 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
             "distill_u": a.w_unlabeled * tb.distillation_loss(logits[n_l:], p_T[n_l:], a.distill)}
 
 
+# ----------------------------------------------------------------------------------------------
+# What the method's steps are built from: the classifiers' start, the loaders, the scores' cache, the gather
+
+
+def classifier_from(run, name, init=None):
+    """A new classifier (--dropout before it), seeded by --seed, with the backbone of the SSL checkpoint
+    `init` loaded strictly (its projection head skipped) where one is given."""
+    torch.manual_seed(run.args.seed)  # initialisation and dropout: the same alone or inside --stage semisup
+    model = run.model(num_classes=len(run.classes), dropout=run.args.dropout)
+    if init is not None:
+        skipped = load_backbone(model, init["model"], source=f"{name} init")
+        run.log(f"{name}: loaded the SSL backbone, skipped {len(skipped)} head keys ({skipped[0]} ...)")
+    return model
+
+
+def classifier_loader(run, bs):
+    """The labeled clips. --epoch train: an epoch shows as many clips as there are training videos, the labeled
+    subset repeated (each repeat with its own augmentation), so epochs mean the same work in every stage;
+    labeled: each labeled video once, as released."""
+    repeats = max(1, len(run.train) // len(run.labeled)) if run.args.epoch == "train" else 1
+    ds = run.dataset(run.labeled * repeats, "train")
+    bs = min(bs, len(ds) // run.world)
+    if bs == 0:
+        raise StageError(f"{len(ds)} labeled clips an epoch give no batch to each of {run.world} processes")
+    return run.loader(ds, bs)
+
+
+def student_loaders(run, bs):
+    """The student's unlabeled and labeled loaders, one batch of each a step. --epoch train: an epoch is a pass
+    over the unlabeled videos; labeled: over the labeled ones (the release's zip ends with its labeled loader),
+    the last partial batch dropped. The small labeled subset is repeated (each repeat with its own augmentation)
+    to give one labeled batch a step; --workers are split between the two in proportion to their clips."""
+    a, unl_ds = run.args, run.dataset(run.unlabeled, "train")
+    bs_l = min(bs, len(run.labeled) // run.world)
+    steps = len(unl_ds) // (bs * run.world) if a.epoch == "train" else len(run.labeled) // max(1, bs_l * run.world)
+    if steps == 0 or bs_l == 0:
+        raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled and {len(run.labeled)} labeled videos "
+                         f"give no full batch to each of {run.world} processes")
+    repeats = math.ceil(steps * bs_l * run.world / len(run.labeled))
+    lab_ds = run.dataset(run.labeled * repeats, "train", second_stream=True)
+    labeled_workers = min(a.workers - 1, max(1, round(a.workers * bs_l / (bs + bs_l)))) if a.workers > 1 else 0
+    return [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=steps * bs),
+            run.loader(lab_ds, bs_l, workers=labeled_workers, length=steps * bs_l)]
+
+
 def scores(run):
-    """The temporal similarity score of every training video (docs/method.md "Temporal similarity score"),
-    cached in OUT/scores.json with the times of the encoders it came from. Returns {"raw": {path: s},
-    "C": {path: 4x4}, "each": {path: [s of C_I alone, s of C_D alone]}, "s": {path: s normalised over the
-    training videos (--score-norm)}}."""
-    ckpts = encoders(run)
+    """Every training video's temporal similarity score (`video_scores`), cached in OUT/scores.json with the
+    times of the encoders it came from. Returns {"raw": {path: s}, "C": {path: 4x4}, "alone": {path: [s of C_I
+    alone, s of C_D alone]}, "s": {path: s normalised over the training videos (--score-norm)}}."""
     source = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}
     cache = read_json(os.path.join(run.args.out, "scores.json"))
-    raw, C, each = (cache.get(k) for k in ("raw", "C", "each"))
-    if not (cache.get("source") == source and all(isinstance(d, dict) for d in (raw, C, each))
-            and all(isinstance(raw.get(p), float) and p in C and p in each for p, _ in run.train)):
-        cache = compute_scores(run, ckpts, source)
+    raw, C, alone = (cache.get(k) for k in ("raw", "C", "alone"))
+    if not (cache.get("source") == source and all(isinstance(d, dict) for d in (raw, C, alone))
+            and all(isinstance(raw.get(p), float) and p in C and p in alone for p, _ in run.train)):
+        cache = {"source": source, **compute_scores(run)}
+        if run.rank == 0:
+            write_json(os.path.join(run.args.out, "scores.json"), cache)
     paths = [p for p, _ in run.train]
     s = tb.normalize_scores(torch.tensor([cache["raw"][p] for p in paths]), run.args.score_norm)  # (N,)
     return {**cache, "s": dict(zip(paths, s.tolist()))}
 
 
-@torch.no_grad()
-def compute_scores(run, ckpts, source):
-    """s of each training video from 4 consecutive clips embedded by both SSL encoders' projection heads."""
+def compute_scores(run):
+    """`video_scores` of this process's share of the training videos, gathered from every process. Float32 on
+    every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would differ from run
+    to run and from the CPU's, moving the ties that --score-norm rank relies on."""
     # building the encoders must not move the global RNG: the student's init would then depend on whether
     # the scores were cached
     with torch.random.fork_rng(devices=[run.device] if run.cuda else []):
-        f_I, f_D = (load_into(run.model(proj_dim=128), ckpts[k], run.path(k)).eval() for k in ENCODERS)
-    ds = run.dataset(run.train[run.rank :: run.world], "score")
-    rows, bad = [], data.BadVideos()
-    # float32 on every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would
-    # differ from run to run and from the CPU's, moving the ties that --score-norm rank relies on
+        f_I, f_D = (load_into(run.model(proj_dim=128), ckpt, run.path(k)).eval() for k, ckpt in encoders(run).items())
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-        for x, _, idx, failed in run.batches(run.loader(ds, 8, shuffle=False), 0):  # x (B*4, 3, T, S, S)
-            bad.add(failed)
-            e_I, e_D = (f(x, out="ssl")[0].view(len(idx), 4, -1) for f in (f_I, f_D))  # (B, 4, D)
-            C_b = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
-            s = tb.score_from_matrix(C_b)  # (B,): tb.temporal_similarity, with C computed once
-            s_each = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
-            video = (idx * run.world + run.rank).view(-1, 1).to(s.dtype)  # (B, 1): its index in run.train
-            rows.append(torch.cat([video, s.view(-1, 1), s_each, C_b.flatten(1)], dim=1))  # (B, 20)
-    rows = torch.cat(rows)  # (N, 20): video, s, s from C_I alone, from C_D alone, C (Run: N >= 1 a process)
+        rows, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n, 20): this share
+    rows[:, 0] = rows[:, 0] * run.world + run.rank  # the videos' indices in run.train
     if run.world > 1:  # every process's share, padded to the first's (the longest), then cut to each one's
         shares = [len(run.train[r :: run.world]) for r in range(run.world)]
         parts = [rows.new_zeros(shares[0], rows.shape[1]) for _ in shares]
         dist.all_gather(parts, torch.cat([rows, rows.new_zeros(shares[0] - len(rows), rows.shape[1])]))
         rows = torch.cat([part[:n] for part, n in zip(parts, shares)])
-    raw, C, each = {}, {}, {}
-    for i, s_i, s_I, s_D, *C_i in rows.tolist():  # one read from the device
+    raw, C, alone = {}, {}, {}
+    for i, s, s_I, s_D, *C_i in rows.tolist():  # one read from the device
         p = run.train[int(i)][0]
-        raw[p], each[p] = s_i, [s_I, s_D]
-        C[p] = [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]  # 4x4
-    cache = {"source": source, "raw": raw, "C": C, "each": each}
-    if run.rank == 0:
-        write_json(os.path.join(run.args.out, "scores.json"), cache)
+        raw[p], alone[p], C[p] = s, [s_I, s_D], [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if bad else ""))
-    return cache
+    return {"raw": raw, "C": C, "alone": alone}
+
+
+class GatherVideos(torch.autograd.Function):
+    """Every process's rows (along dim 0, equal counts), in process order. Backward: each process gets the
+    gradient of its own rows summed over the processes; as each computes the whole batch's loss, DDP's
+    average of the parameters' gradients is then the gradient of one process with the whole batch."""
+
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,15 +358,12 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
                     p.requires_grad for p in m.parameters()):
                 m.eval()
         sums, read, clips, t_epoch = {}, 0, 0, time.time()
-        if a.schedule == "released":  # one rate an epoch, from the losses of the epochs before it
-            lr_epoch = released_lr(lr, epoch, losses, ssl=name in SSL_STAGES)
+        lr_epoch = released_lr(lr, epoch, losses, name in SSL_STAGES) if a.schedule == "released" else None
         if run.world > 1:  # dropout: other masks in each process, drawn anew each epoch (a resume too)
             torch.manual_seed((a.seed * 1009 + epoch) * 1009 + run.rank)
         for step, batches in enumerate(zip(*(run.batches(loader, epoch) for loader in loaders))):
-            # --schedule cosine: a linear warm-up over the first epoch, then cosine decay; a group's "scale"
-            # multiplies the rate
-            lr_step = lr_epoch if a.schedule == "released" else lr_at(epoch * steps + step, epochs * steps, lr, steps)
-            for group in opt.param_groups:
+            lr_step = lr_epoch or lr_at(epoch * steps + step, epochs * steps, lr, steps)  # --schedule cosine
+            for group in opt.param_groups:  # a group's "scale" multiplies the rate
                 group["lr"] = group.get("scale", 1.0) * lr_step
             terms = terms_of(net, *batches)
             opt.zero_grad(set_to_none=True)
@@ -460,11 +473,6 @@ def clip_average(run, fn, items):
     return torch.cat(out), bad
 
 
-def probabilities(run, model, items):
-    """Each video's class probabilities, the softmax of its clips averaged: (N, K), and the unreadable."""
-    return clip_average(run, lambda x: model(x).softmax(dim=-1), items)
-
-
 def all_sum(run, *tensors):
     """Each process's tensors summed over the processes, in place (a process takes every world-th item)."""
     if run.world > 1:
@@ -482,7 +490,7 @@ def evaluate(run, model, name):
         for b in model.buffers():  # last step they differ by one update: evaluate with rank 0's (saved)
             dist.broadcast(b, 0)
     items, K = run.test[run.rank :: run.world], len(run.classes)
-    p, bad = probabilities(run, model, items)  # (N, K)
+    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), items)  # (N, K): softmax averaged
     y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
     hit = (p.argmax(dim=1) == y).float() * torch.tensor([float(i not in bad) for i in range(len(items))],
                                                          device=run.device)  # (N,)
@@ -535,14 +543,13 @@ def run_stage(args, stage):
         train_ssl(run, stage, args.resume)
     elif stage == "finetune":
         for k, init in encoders(run).items():  # both present before any work
-            train_classifier(run, f"teacher_{k}", args.resume, init=init)
+            make_teacher(run, f"teacher_{k}", init, args.resume)
     elif stage == "supervised":
         train_classifier(run, "supervised", args.resume)
     elif stage == "semisup":
         semisup(run)
     elif stage == "eval":  # recorded as eval_<name>: a training stage's own figure stays
         evaluate(run, run.classifier(ckpt, args.ckpt), "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
-    return run
 
 
 def semisup(run):
@@ -556,7 +563,7 @@ def semisup(run):
     for k in ENCODERS:
         how = "with its nearest-class-mean classifier on" if run.args.teacher == "class-mean" else "fine-tuned on"
         steps.append((f"teacher_{k}", "classifier", f"the {k} encoder {how} the labeled videos",
-                      lambda resume, k=k: train_classifier(run, f"teacher_{k}", resume, init=inits[k])))
+                      lambda resume, k=k: make_teacher(run, f"teacher_{k}", inits[k], resume)))
     name = "student" if run.args.mix == "similarity" else "student_fixed"
     steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
                   f"teachers, --mix {run.args.mix}", lambda resume: train_student(run, name, resume)))
@@ -586,7 +593,7 @@ def predict(args):
     ckpt = load_checkpoint(args.ckpt, "classifier")
     run = Run(argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""}), "predict")
     model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
-    p, bad = probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)
+    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), [(v, -1) for v in args.videos])  # (N, K)
     for i, video in enumerate(args.videos):
         top = p[i].topk(min(5, p.shape[1]))
         named = ", ".join(f"{ckpt['classes'][c]} {100 * v:.1f}%"
@@ -666,8 +673,8 @@ class Run:
         os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, "run.json")
         recorded = read_json(path)
-        kind = "ssl" if self.stage in SSL_STAGES else "labeled" if self.stage in LABELED_STAGES else "data"
-        current = check_flags(recorded, a, kind, f"{path} by this run's earlier stages")  # every rank
+        scope = "ssl" if self.stage in SSL_STAGES else "labeled" if self.stage in LABELED_STAGES else "data"
+        current = check_flags(recorded, a, scope, f"{path} by this run's earlier stages")  # every rank
         for summary in ("results.json", "per_class.json", "scores.json"):
             read_json(os.path.join(a.out, summary))
         if self.rank == 0:
@@ -701,14 +708,14 @@ class Run:
         model = self.model(num_classes=len(classes or self.classes))  # eval mode: dropout plays no part
         return load_into(model, ckpt, path)
 
-    def dataset(self, items, mode, stream=0):
-        """`stream` > 0: augmentation drawn apart from stream 0's, for a second loader in the same epoch. Its
+    def dataset(self, items, mode, second_stream=False):
+        """`second_stream`: augmentation drawn apart from the first's, for a second loader in one epoch. Its
         videos are decoded whole and kept in memory while they fit in --cache-mb (`data.keep_decoded`). The
         score's clips are as long as the clips the SSL encoders were trained on."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
-        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * stream, a.aug,
-                               a.ssl_aug, a.test_crop)
+        ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * second_stream,
+                               a.aug, a.ssl_aug, a.test_crop)
         data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
         return ds
 
@@ -727,9 +734,9 @@ class Run:
             generator=torch.Generator().manual_seed(self.args.seed))
 
     def batches(self, loader, epoch):
-        """The batches of `epoch` as (x, y, index, failed), x (N, 3, T, S, S) float on the device, finished
-        there (`data.finish`); on CUDA copied from pinned memory without making the host wait. A batch of
-        clip sets (B, n, ...) is flattened clip-major for SSL (n*B: clip c of every video together, as
+        """The batches of `epoch` as (x, y, index, failed), x (N, 3, T, S, S) float on the device, augmented
+        there (`data.augment_on_device`); on CUDA copied from pinned memory without making the host wait. A batch
+        of clip sets (B, n, ...) is flattened clip-major for SSL (n*B: clip c of every video together, as
         `ssl_terms` reads them), else video-major (B*n)."""
         loader.sampler.set_epoch(epoch)
         for clips, params, y, idx, failed in loader:
@@ -738,7 +745,7 @@ class Run:
                 if loader.dataset.mode == "ssl":
                     clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
                 clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
-            x = data.finish(clips, params)  # (N, 3, T, S, S) float
+            x = data.augment_on_device(clips, params)  # (N, 3, T, S, S) float
             if self.args.channels_last and self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             yield x, y, idx, failed
@@ -747,7 +754,7 @@ class Run:
 def recipe_text(args):
     """What --recipe released set, and the released values that flags given on the command line overrode."""
     flag = lambda k, v: f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"  # noqa: E731
-    steps = ", ".join(f"{s} {'/'.join(f'{v:g}' for v in RELEASED_STEPS[s])}" for s in ("invariant", "finetune", "semisup"))
+    steps = ", ".join(f"{s} {'/'.join(f'{v:g}' for v in RELEASED_STEPS[s])}" for s in ("invariant", "semisup"))
     given = [flag(k, getattr(args, k)) for k in ("epochs", "lr", "batch_size", "weight_decay") if getattr(args, k)
              is not None] + [f"{flag(k, getattr(args, k))} (released: {flag(k, v)[len(k) + 3:]})"
                              for k, v in args.overrode.items()]
@@ -818,13 +825,13 @@ CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and pr
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
 
 
-def check_flags(recorded, args, kind, source):
-    """{flag: value} of the flags that define a stage or checkpoint of `kind` (a key of DEFINING) in `args`
+def check_flags(recorded, args, scope, source):
+    """{flag: value} of the flags that define a stage or checkpoint of `scope` (a key of DEFINING) in `args`
     (a namespace or a checkpoint's dict of one); one of them `recorded` in `source` with another value
     stops the run with one line."""
     args = args if isinstance(args, dict) else vars(args)
     current = {}
-    for flag in DEFINING[kind]:
+    for flag in DEFINING[scope]:
         value = args.get(flag)
         if flag == "subset_seed":  # the seed the subset was drawn with, where one was drawn
             value = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
@@ -855,14 +862,14 @@ def checkpoint(run, name, kind):
     if not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, kind)
-    flags = "encoder" if kind == "ssl" else "labeled"
-    saved = check_flags({}, ckpt["args"], flags, path)
-    check_flags({k: v for k, v in saved.items() if k in ckpt["args"] or k == "subset_seed"}, run.args, flags,
+    scope = "encoder" if kind == "ssl" else "labeled"
+    saved = check_flags({}, ckpt["args"], scope, path)
+    check_flags({k: v for k, v in saved.items() if k in ckpt["args"] or k == "subset_seed"}, run.args, scope,
                 path)
     return ckpt
 
 
-def need(run, name, kind, stage=None):
+def finished_checkpoint(run, name, kind, stage=None):
     """The finished checkpoint OUT/<name>.pt, or a one-line error naming the stage to run (default `name`)."""
     ckpt, stage = checkpoint(run, name, kind), stage or name
     if ckpt is None:
@@ -875,12 +882,12 @@ def need(run, name, kind, stage=None):
 
 def encoders(run):
     """{k: the finished checkpoint of encoder k} for both self-supervised encoders of this run folder."""
-    return {k: need(run, k, "ssl") for k in ENCODERS}
+    return {k: finished_checkpoint(run, k, "ssl") for k in ENCODERS}
 
 
 def teacher(run, k):
     """The finished teacher_<k>.pt of this run folder, frozen, in eval mode."""
-    ckpt = need(run, f"teacher_{k}", "classifier", stage="finetune")
+    ckpt = finished_checkpoint(run, f"teacher_{k}", "classifier", stage="finetune")
     return run.classifier(ckpt, run.path(f"teacher_{k}")).eval().requires_grad_(False)
 
 
@@ -900,9 +907,9 @@ def save_checkpoint(run, name, model, opt, epoch, epochs, losses=()):
     each epoch's mean loss (the released schedules read them)."""
     if run.rank == 0:
         cuda = run.device.type == "cuda"
-        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, epochs=epochs, losses=list(losses),
-                     arch=model.arch, args=vars(run.args), classes=run.classes, rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None)
+        state = dict(model=model.state_dict(), optimizer=opt.state_dict() if opt else {}, epoch=epoch, epochs=epochs,
+                     losses=list(losses), arch=model.arch, args=vars(run.args), classes=run.classes,
+                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None)
         torch.save(state, run.path(name) + ".tmp")
         os.replace(run.path(name) + ".tmp", run.path(name))
     run.barrier()
@@ -1007,90 +1014,90 @@ def parser(command=True):
     p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
     p.add_argument("--recipe", choices=["default", "released"], default="default", help="default: chosen for small "
                    "data on a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
-    a = p.add_argument_group("data (data.py)").add_argument
-    a("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    a("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
-    a("--splits", type=str, default=None,
-      help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits (if not --root)")
-    a("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
-    a("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
-    a("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
-    a("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
-    a("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
-    a("--classes", type=_classes, default=None,
-      help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
-    a("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
-    a("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
-    a("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
-    a("--holdout", type=at_least(0), default=0,
-      help="for tuning: the last N training videos of each class replace the test split")
-    a("--labeled", type=at_least(0, float, above=True), default=3,
-      help="labeled subset: fraction (<1) or videos per class (>=1)")
-    a("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
-    a("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
-    a = p.add_argument_group("schedule (left out: each step's own default, train.STEPS or RELEASED_STEPS)").add_argument
-    a("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
-    a("--batch-size", type=at_least(1), default=None,
-      help="videos per batch and process (semisup: labeled and unlabeled each)")
-    a("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
-    a("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
-    a("--schedule", choices=["cosine", "released"], default="cosine",
-      help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
-    a("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
-      "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
-    a("--teacher", choices=["class-mean", "finetune"], default="class-mean",
-      help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
-           "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
-    a("--teacher-t", type=at_least(0, float, above=True), default=0.2,
-      help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
-    a("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier (released: none)")
-    a("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
-      help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
-           "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
-    a = p.add_argument_group("model and clips").add_argument
-    a("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
-    a("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
-    a("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
-    a("--aug", choices=data.AUGMENTATIONS, default="light",
-      help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
-           "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
-    a("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
-      "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
-    a("--test-crop", type=at_least(0, float), default=0.0, help="evaluation and score clips: 0 the centre square of "
-      "the short side, F > 0 the central F of each side (released 0.8)")
-    a("--ssl-stride", type=at_least(4), default=4,
-      help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
-    a("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
-    a("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
-    a("--width", type=at_least(1), default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
-    a("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
-    a = p.add_argument_group("method (docs/method.md)").add_argument
-    a("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
-    a("--balance", choices=sorted(tb.BALANCE), default="mean",
-      help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
-           "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
-    a("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
-    a("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
-    a("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
-    a("--mix", choices=["similarity", "fixed"], default="similarity",
-      help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
-    a("--student-forward", choices=["joint", "separate"], default="joint", help="the labeled and unlabeled "
-      "batches through the student in one forward, or one each (released)")
-    a("--student-init", choices=["distinctive", "both"], default="distinctive",
-      help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
-           "paper's; semisup trains it first)")
-    a("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
-      help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
-    a = p.add_argument_group("running").add_argument
-    a("--resume", action="store_true",
-      help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
-    a("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
-    a("--cache-mb", type=at_least(0), default=1024,
-      help="decoded videos kept in memory, in MiB: a dataset that fits is decoded once, not every epoch")
-    a("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
-    a("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
-    a("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+    add = p.add_argument_group("data (data.py)").add_argument
+    add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
+    add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
+    add("--splits", type=str, default=None,
+        help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits (if not --root)")
+    add("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
+    add("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
+    add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
+    add("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
+    add("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
+    add("--classes", type=_classes, default=None,
+        help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
+    add("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
+    add("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
+    add("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
+    add("--holdout", type=at_least(0), default=0,
+        help="for tuning: the last N training videos of each class replace the test split")
+    add("--labeled", type=at_least(0, float, above=True), default=3,
+        help="labeled subset: fraction (<1) or videos per class (>=1)")
+    add("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
+    add("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
+    add = p.add_argument_group("schedule (left out: each step's own, train.STEPS or RELEASED_STEPS)").add_argument
+    add("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
+    add("--batch-size", type=at_least(1), default=None,
+        help="videos per batch and process (semisup: labeled and unlabeled each)")
+    add("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
+    add("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
+    add("--schedule", choices=["cosine", "released"], default="cosine",
+        help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
+    add("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
+        "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
+    add("--teacher", choices=["class-mean", "finetune"], default="class-mean",
+        help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
+             "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
+    add("--teacher-t", type=at_least(0, float, above=True), default=0.2,
+        help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
+    add("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier (released: none)")
+    add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
+        help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
+             "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
+    add = p.add_argument_group("model and clips").add_argument
+    add("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
+    add("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
+    add("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
+    add("--aug", choices=data.AUGMENTATIONS, default="light",
+        help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
+             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
+    add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
+        "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
+    add("--test-crop", type=at_least(0, float), default=0.0, help="evaluation and score clips: 0 the centre square of "
+        "the short side, F > 0 the central F of each side (released 0.8)")
+    add("--ssl-stride", type=at_least(4), default=4,
+        help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
+    add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
+    add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
+    add("--width", type=at_least(1), default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
+    add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
+    add = p.add_argument_group("method (docs/method.md)").add_argument
+    add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
+    add("--balance", choices=sorted(tb.BALANCE), default="mean",
+        help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
+             "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
+    add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
+    add("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
+    add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
+    add("--mix", choices=["similarity", "fixed"], default="similarity",
+        help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
+    add("--student-forward", choices=["joint", "separate"], default="joint", help="the labeled and unlabeled "
+        "batches through the student in one forward, or one each (released)")
+    add("--student-init", choices=["distinctive", "both"], default="distinctive",
+        help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
+             "paper's; semisup trains it first)")
+    add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
+        help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
+    add = p.add_argument_group("running").add_argument
+    add("--resume", action="store_true",
+        help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
+    add("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
+    add("--cache-mb", type=at_least(0), default=1024,
+        help="decoded videos kept in memory, in MiB: a dataset that fits is decoded once, not every epoch")
+    add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
+    add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
+    add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
     return p
 
 

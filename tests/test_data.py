@@ -127,7 +127,7 @@ def test_augment_shares_parameters_across_frames():
     for seed in range(10):
         x, p = data.augment(clip, 32, torch.Generator().manual_seed(seed))
         assert x.shape == (3, 8, 32, 32) and x.dtype == torch.uint8 and p.shape == (len(data.PARAMS),)
-        y = data.finish(x[None], p[None])[0]
+        y = data.augment_on_device(x[None], p[None])[0]
         assert torch.equal(y, y[:, :1].expand_as(y))  # still identical after augmentation
     a = data.augment(clip, 32, torch.Generator().manual_seed(1))
     b = data.augment(clip, 32, torch.Generator().manual_seed(2))
@@ -171,54 +171,54 @@ def old_augment(clip, size, g, recipe="ssl"):
     colour ops one by one: the reference that the split path must reproduce, for each recipe."""
     T, H, W, _ = clip.shape
     if recipe in RELEASED_NUMBERS:  # a side factor, the aspect kept
-        f = data._u(g, RELEASED_NUMBERS[recipe]["crop"], 1.0)
+        f = data._uniform(g, RELEASED_NUMBERS[recipe]["crop"], 1.0)
         h, w = max(1, round(f * H)), max(1, round(f * W))
     else:
         for _ in range(10):
-            target = H * W * data._u(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
-            ratio = math.exp(data._u(g, math.log(3 / 4), math.log(4 / 3)))
+            target = H * W * data._uniform(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
+            ratio = math.exp(data._uniform(g, math.log(3 / 4), math.log(4 / 3)))
             w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < w <= W and 0 < h <= H:
                 break
         else:
             h = w = min(H, W)
-    top, left = int(data._u(g) * (H - h + 1)), int(data._u(g) * (W - w + 1))
+    top, left = int(data._uniform(g) * (H - h + 1)), int(data._uniform(g) * (W - w + 1))
     x = clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2).double()  # (T, 3, h, w)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) / 255
-    if data._u(g) < 0.5:
+    if data._uniform(g) < 0.5:
         x = x.flip(-1)
     b, c, s, theta, grey, gamma, boxes, drop = 1, 1, 1, 0, False, 1, [], 0
     if recipe == "ssl":
-        if data._u(g) < 0.8:
-            b, c, s = data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2), data._u(g, 0.8, 1.2)
-            theta = data._u(g, -math.pi, math.pi)
-        grey, boxes = data._u(g) < 0.2, [(0.5, 0.1, 0.4)]
+        if data._uniform(g) < 0.8:
+            b, c, s = data._uniform(g, 0.8, 1.2), data._uniform(g, 0.8, 1.2), data._uniform(g, 0.8, 1.2)
+            theta = data._uniform(g, -math.pi, math.pi)
+        grey, boxes = data._uniform(g) < 0.2, [(0.5, 0.1, 0.4)]
     elif recipe in RELEASED_NUMBERS:
         r = RELEASED_NUMBERS[recipe]
-        maybe = lambda p, lo, hi: data._u(g, lo, hi) if data._u(g) < p else 1  # noqa: E731
+        maybe = lambda p, lo, hi: data._uniform(g, lo, hi) if data._uniform(g) < p else 1  # noqa: E731
         c = maybe(*r["contrast"])
-        theta = 2 * math.pi * data._u(g, *r["hue"][1:]) if data._u(g) < r["hue"][0] else 0
+        theta = 2 * math.pi * data._uniform(g, *r["hue"][1:]) if data._uniform(g) < r["hue"][0] else 0
         s, b = maybe(*r["saturation"]), maybe(*r["brightness"])
-        u = data._u(g)
+        u = data._uniform(g)
         grey = u < r["grey"]
         gamma = maybe(*r["gamma"]) if grey else 1
-        drop = 1 + int(data._u(g) * 3) if r["grey"] <= u < r["grey"] + r["drop"] else 0
+        drop = 1 + int(data._uniform(g) * 3) if r["grey"] <= u < r["grey"] + r["drop"] else 0
         boxes = [(p, 1 / 6, 1 / 3) for p in r["erase"] if p]
     x = _one_by_one_colour(x, b, c, s, theta, grey).clamp(0, 1) ** gamma
     if drop:
         x[:, drop - 1] = 0
     x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
     for p, lo, hi in boxes:
-        if data._u(g) < p:
-            eh, ew = int(size * data._u(g, lo, hi)), int(size * data._u(g, lo, hi))
-            et, el = int(data._u(g) * (size - eh)), int(data._u(g) * (size - ew))
+        if data._uniform(g) < p:
+            eh, ew = int(size * data._uniform(g, lo, hi)), int(size * data._uniform(g, lo, hi))
+            et, el = int(data._uniform(g) * (size - eh)), int(data._uniform(g) * (size - ew))
             x[:, :, et : et + eh, el : el + ew] = 0.0
     return x.float()
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_split_augmentation_equals_the_old_path(device):
-    """uint8 crop / resize / flip in the worker + `finish` on the batch == the float path one clip at a time,
+    """uint8 crop / resize / flip in the worker + `augment_on_device` on the batch == the float path one clip at a time,
     for the same drawn parameters (same seeds), every recipe: within 2 levels of 255 after normalisation (the
     uint8 resize rounds; colour maps and gamma stretch that by at most ~1.5)."""
     g = torch.Generator().manual_seed(0)
@@ -229,7 +229,7 @@ def test_split_augmentation_equals_the_old_path(device):
         x, p = data.augment(video, 28, torch.Generator().manual_seed(seed), recipe)
         clips.append(x), params.append(p)
         refs.append(old_augment(video, 28, torch.Generator().manual_seed(seed), recipe))
-    got = data.finish(torch.stack(clips).to(device), torch.stack(params).to(device)).cpu()  # one batch
+    got = data.augment_on_device(torch.stack(clips).to(device), torch.stack(params).to(device)).cpu()  # one batch
     want = torch.stack(refs)
     assert (got - want).abs().max() < 2 * 1.5 / 255 / 0.225
     drawn = torch.stack(params)
@@ -250,7 +250,7 @@ def test_released_recipe_ranges_and_rates(recipe):
     for seed in range(n):
         x, p = data.augment(clip, S, torch.Generator().manual_seed(seed), recipe)
         if seed < 50:
-            y = data.finish(x[None], p[None])[0]
+            y = data.augment_on_device(x[None], p[None])[0]
             assert torch.equal(y, y[:, :1].expand_as(y))
         rows.append(p)
     b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2, drop = torch.stack(rows).double().unbind(1)
@@ -286,13 +286,13 @@ def test_released_recipe_ranges_and_rates(recipe):
 
 
 def test_a_dropped_channel_is_black():
-    """`finish` with a channel dropped: that channel is 0 before normalisation, the other two as without it."""
+    """`augment_on_device` with a channel dropped: that channel 0 before normalisation, the others as without."""
     x = (torch.rand(1, 3, 2, 8, 8) * 255).to(torch.uint8)
     keep = torch.tensor([data.IDENTITY])
     for k in (1, 2, 3):
         p = keep.clone()
         p[0, data.PARAMS.index("drop")] = k
-        y, ref = data.finish(x, p)[0], data.finish(x, keep)[0]
+        y, ref = data.augment_on_device(x, p)[0], data.augment_on_device(x, keep)[0]
         black = (0 - data.MEAN[k - 1]) / data.STD[k - 1]
         assert torch.allclose(y[k - 1], black.expand_as(y[k - 1]))
         others = [c for c in range(3) if c != k - 1]
@@ -314,7 +314,7 @@ def test_center_crop_against_hand():
     clip[:, :, 1:5] = 255  # the central 4x4 square is white
     x = data.center_crop(clip, 4)
     assert x.dtype == torch.uint8 and torch.equal(x, torch.full((3, 2, 4, 4), 255, dtype=torch.uint8))
-    y = data.finish(x[None], torch.tensor([data.IDENTITY]))[0]
+    y = data.augment_on_device(x[None], torch.tensor([data.IDENTITY]))[0]
     white = (1 - data.MEAN.flatten()) / data.STD.flatten()
     assert torch.allclose(y, white.view(3, 1, 1, 1).expand(3, 2, 4, 4))
 

@@ -24,7 +24,6 @@ from torch.utils._pytree import tree_leaves
 import data
 import tb
 from conftest import numbers_in_line, write_audio_only
-from models import load_backbone
 from tools import toy
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,7 +269,7 @@ def test_teachers_backbone_learning_rate(chain, toy_root, tmp_path):
         assert not torch.equal(frozen["fc.1.weight"], default["fc.1.weight"])
 
 
-def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, tmp_path):
+def test_class_mean_teacher_is_the_nearest_class_mean_classifier(chain, toy_root, tmp_path):
     """--teacher class-mean: the teacher predicts each test clip's class as the nearest class mean (by cosine)
     of the labeled videos' unit clip features, computed here by hand from the decoded clips."""
     import train as train_py
@@ -279,10 +278,8 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
     args = train_py.get_args(["--stage", "finetune", "--root", toy_root, "--out", str(tmp_path), "--teacher-t", "0.3",
                               *FAST])
     run = train_py.Run(args)
-    model = run.model(num_classes=8, dropout=0.5)
-    load_backbone(model, load(out / "invariant.pt")["model"])
-    train_py.class_mean_head(run, model, args.teacher_t)
-    model.eval()
+    train_py.class_mean_teacher(run, "teacher_invariant", load(out / "invariant.pt"))
+    model = run.classifier(load(tmp_path / "teacher_invariant.pt"), tmp_path / "teacher_invariant.pt").eval()
 
     def by_hand(items):  # (N, 2, C) features and (N, 2, K) logits of each video's 2 test clips
         feats, logits = [], []
@@ -290,8 +287,8 @@ def test_class_mean_head_is_the_nearest_class_mean_classifier(chain, toy_root, t
             video = os.path.join(toy_root, path)
             n = data.count_frames(video)
             frames = data.load_frames(video, sum(data.test_indices(n, 4, 2, 2), []), round(32 * 8 / 7))
-            x = data.finish(torch.stack([data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]),
-                            torch.tensor([data.IDENTITY] * 2))  # (2, 3, 4, 32, 32)
+            clips = [data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]
+            x = data.augment_on_device(torch.stack(clips), torch.tensor([data.IDENTITY] * 2))  # (2, 3, 4, 32, 32)
             with torch.no_grad():
                 feats.append(model.features(x).mean(dim=(2, 3, 4)))
                 logits.append(model(x))
@@ -310,7 +307,8 @@ def test_resume_of_a_teacher_with_one_optimizer_group_fails_clearly(chain, toy_r
     """A teacher saved before the backbone had its own learning rate (one Adam parameter group)."""
     out, _ = chain
     copy_run(out, tmp_path, ["invariant.pt", "distinctive.pt"])
-    ckpt = load(out / "teacher_invariant.pt")
+    train("--stage", "finetune", "--teacher", "finetune", root=toy_root, out=tmp_path)  # a teacher that trains
+    ckpt = load(tmp_path / "teacher_invariant.pt")
     groups = ckpt["optimizer"]["param_groups"]
     ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": groups[0]["params"] + groups[1]["params"]}]
     torch.save(ckpt, tmp_path / "teacher_invariant.pt")
@@ -713,7 +711,7 @@ def step_of_each_stage(args, device, B=2, K=8):
     def clips(n):
         x = torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8).to(device)
         p = torch.tensor([data.IDENTITY] * n).to(device)
-        return data.finish(x, p)  # (n, 3, 4, 32, 32)
+        return data.augment_on_device(x, p)  # (n, 3, 4, 32, 32)
 
     y = torch.randint(0, K, (B,)).to(device)
     ssl = R3D(8, (1, 1, 1, 1), proj_dim=128).to(device)
@@ -914,7 +912,7 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
             [data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]
         )  # (2, 3, 4, 32, 32)
         with torch.no_grad():
-            prob = model(data.finish(x, torch.tensor([data.IDENTITY] * 2))).softmax(-1).mean(0)
+            prob = model(data.augment_on_device(x, torch.tensor([data.IDENTITY] * 2))).softmax(-1).mean(0)
         top = prob.topk(5)  # the classes in this order, each probability to the printed digit (+- 0.05)
         named = [part.rsplit(" ", 1) for part in line.removeprefix(f"{video}: ").split(", ")]
         assert [name for name, _ in named] == [toy.TOY_CLASSES[c] for c in top.indices.tolist()]
@@ -1082,7 +1080,7 @@ def test_headroom_mixes(chain, toy_root, tmp_path):
     prob_of = [[], []]  # per teacher, each training video's class probabilities
     for i, (_, y) in enumerate(run.train):
         clips, params = ds[i][:2]  # (K, 3, T, S, S), (K, P)
-        x = data.finish(clips, params)
+        x = data.augment_on_device(clips, params)
         with torch.no_grad():
             for j, t in enumerate(teachers):
                 prob_of[j].append(t(x).softmax(dim=-1).mean(dim=0))
@@ -1142,10 +1140,13 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     from tools import report  # its page: every seed's figure as ablation.json has it, the paired differences
 
     page = Page(report.report(str(tmp_path)))
-    assert {r[0]: [float(v) for v in r[2:]] for r in page.tables["ablation.json"][1:]} == table["top1"]
+    from tools.ablation import LABELS
+
+    assert {r[0]: [float(v) for v in r[2:]] for r in page.tables["ablation.json"][1:]} == {
+        LABELS[k]: v for k, v in table["top1"].items()}  # named as the console names them
     assert page.why == []  # an ablation's folder is not missing a run's files
     paired = dict((r[0], [float(v) for v in r[2:]]) for r in page.tables["paired"][1:])  # under its header
-    assert paired["student - supervised"] == [round(v, 2) for v in d]
+    assert paired["student - supervised-only"] == [round(v, 2) for v in d]
     best = [max(a, b) for a, b in zip(table["top1"]["knn_invariant"], table["top1"]["knn_distinctive"])]
     assert paired["student - best encoder kNN"] == [round(a - b, 2) for a, b in zip(table["top1"]["student"], best)]
     # seed 0's encoders copied into another folder: reused, not retrained, and the same figures come out (the
@@ -1353,11 +1354,15 @@ def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
     shutil.copytree(chain[0], run)
     page = Page(report.report(str(run)))
     results, per_class = (json.load(open(run / name)) for name in ("results.json", "per_class.json"))
-    assert {m: float(v) for m, v in page.tables["results.json"][1:]} == results
+    from tools.ablation import LABELS
+
+    assert {m: float(v) for _, m, v in page.tables["results.json"][1:]} == results
+    assert [label for label, m, _ in page.tables["results.json"][1:]] == [LABELS[m] for m in results]
     header, *rows = page.tables["per_class.json"]
     assert {m: {r[0]: float(r[1 + k]) for r in rows} for k, m in enumerate(header[1:])} == per_class
     flags = [row for part in ("run.json",) for row in page.tables[part] if row[0] != "flag"]
     assert dict(flags)["root"] == json.load(open(run / "run.json"))["root"]
+    assert "None" not in dict(flags).values() and "labeled_list" not in dict(flags)  # unset flags: one line
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     for r in log:
         for term in set(r) & {"L_I", "L_D", "CE", "distill_u", "lr", "clips_per_s"}:
@@ -1386,3 +1391,50 @@ def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
     assert "per_class.json" not in page.tables and "training" not in page.ids and "results.json" in page.tables
     assert any("per_class.json is damaged (JSONDecodeError)" in w for w in page.why)
     assert any(w.startswith("not shown: no ") and "log.jsonl" in w for w in page.why)
+
+
+def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
+    """tools/compare.py: each differing flag and only those, each figure with its difference to the first run,
+    one curve per run in each chart where both ran, the last record of an epoch logged twice (a resumed run;
+    the report page shows the same); one folder with itself: no differing flag, every difference 0; bad input:
+    one line naming the folder or file, and nothing written."""
+    from tools import compare, report
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(chain[0], a)
+    train("--stage", "supervised", "--dropout", "0.2", root=toy_root, out=b, extra=["--epochs", "2"])
+    log = [json.loads(line) for line in open(b / "log.jsonl")]
+    again = {**log[-1], "CE": log[-1]["CE"] + 1.0, "run": "resumed"}  # the epoch logged a second time
+    with open(b / "log.jsonl", "a") as f:
+        f.write(json.dumps(again) + "\n")
+    page = Page(compare.compare([str(a), str(b)], str(tmp_path / "page.html")))
+    flags = {row[0]: row[1:] for row in page.tables["flags"][1:]}
+    assert flags["dropout"] == ["0.5", "0.2"] and "size" not in flags and "root" not in flags
+    ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
+    rows = {row[1]: row[2:] for row in page.tables["results"][1:]}
+    assert set(rows) == set(ra) | set(rb)
+    assert float(rows["supervised"][0]) == ra["supervised"] and float(rows["supervised"][1]) == rb["supervised"]
+    assert abs(float(rows["supervised"][2]) - (rb["supervised"] - ra["supervised"])) < 0.011
+    assert rows["student"][1:] == ["-", "-"]  # b has no student
+    by_chart = {}
+    for p in page.points:
+        by_chart.setdefault(p["chart"], set()).add(p["data-series"])
+    assert {"run 1", "run 2"} in by_chart.values() and all(s <= {"run 1", "run 2"} for s in by_chart.values())
+    for pg in (page, Page(report.report(str(b)))):  # the twice-logged epoch: its last record, once
+        ce = [p for p in pg.points if p["data-x"] == repr(again["epoch"]) and p["data-series"] in ("CE", "run 2")
+              and abs(float(p["data-y"]) - again["CE"]) < 1e-9]
+        stale = [p for p in pg.points if p["data-series"] in ("CE", "run 2") and float(p["data-y"]) == log[-1]["CE"]]
+        assert len(ce) == 1 and not stale
+    same = Page(compare.compare([str(a), str(a)], str(tmp_path / "same.html")))
+    assert "flags" not in same.tables and all(row[-1] in ("0.0", "-") for row in same.tables["results"][1:])
+    (tmp_path / "empty").mkdir()
+    (b / "results.json").write_text("{")
+    for folders, named in (([a, tmp_path / "empty"], "empty: neither a run folder"),
+                           ([a, b], f"{b / 'results.json'} is damaged")):
+        before = {p: set(os.listdir(p)) for p in (a, b)}
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+            compare.main([str(f) for f in folders])
+        assert exit_.value.code == 2 and stderr.getvalue().startswith("error: ") and named in stderr.getvalue()
+        assert len(stderr.getvalue().strip().splitlines()) == 1
+        assert {q: set(os.listdir(q)) for q in (a, b)} == before

@@ -21,6 +21,20 @@ import tb  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
 
+# Every figure's name as the tables and pages print it, in their order (results.json and ablation.json: the keys)
+LABELS = {"supervised": "supervised-only", "teacher_invariant": "invariant teacher",
+          "teacher_distinctive": "distinctive teacher", "student_fixed": "student, fixed mix s = 0.5",
+          "student": "TimeBalance student (similarity mix)",
+          "student_invariant": "student, invariant teacher only (s = 1)",
+          "student_distinctive": "student, distinctive teacher only (s = 0)",
+          "student_group": "student, group oracle (s = 1 repetitive, 0 ordered)",
+          "student_class": "student, class oracle (better teacher on its unlabeled videos)",
+          "student_video": "student, per-video oracle (better teacher on each video)",
+          "student_soft": "student, soft per-video oracle (0.5; a teacher alone where only it fixes the target)",
+          "student_permuted": "student, s permuted across the training videos (control)",
+          "student_constant": "student, s constant at its mean (control)",
+          "knn_invariant": "kNN, invariant encoder", "knn_distinctive": "kNN, distinctive encoder",
+          "knn_both": "kNN, L_I + L_LL + L_GL encoder"}
 HEADROOM = ("invariant", "distinctive", "group", "class", "video", "soft")  # --headroom: students of these mixes
 CONTROLS = ("permuted", "constant")  # --controls: the score's values without its per-video information
 
@@ -48,12 +62,13 @@ def ablation(args):
             train.reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
                                  lambda resume, run=run, stage=stage: train.train_ssl(run, stage, resume))
             if f"knn_{stage}" not in train.read_json(os.path.join(out, "results.json")):  # a reused encoder's
-                train.knn_check(run, stage, train.load_into(run.model(proj_dim=128), train.need(run, stage, "ssl"),
-                                                            run.path(stage)))
+                encoder = train.finished_checkpoint(run, stage, "ssl")
+                train.knn_check(run, stage, train.load_into(run.model(proj_dim=128), encoder, run.path(stage)))
         for stage, mix in (("semisup", "similarity"), ("supervised", None), ("semisup", "fixed")):
             run.log(f"=== seed {seed}: {stage}" + (f" --mix {mix}" if mix else ""))
-            run = train.run_stage(argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix}), stage)
-            runs += [run] if mix == "similarity" else []
+            stage_args = argparse.Namespace(**{**vars(sub), "mix": mix or sub.mix})
+            train.run_stage(stage_args, stage)
+            runs += [train.Run(stage_args, stage)] if mix == "similarity" else []
         for mix in (HEADROOM if args.headroom else ()) + (CONTROLS if args.controls else ()):
             other_mix(runs[-1], seed, mix)
         mixes[seed] = mix_check(runs[-1], permuted=args.controls)
@@ -89,21 +104,7 @@ def print_ablation(args, table):
     joined = lambda values, f: " / ".join(f.format(v) for v in values)  # noqa: E731
     seeds = " ".join(map(str, args.seeds))
     print(f"\n| model | top-1 % (mean +- std, seeds {seeds}) | per seed |\n|---|---|---|")
-    for label, key in (("supervised-only", "supervised"), ("invariant teacher", "teacher_invariant"),
-                       ("distinctive teacher", "teacher_distinctive"),
-                       ("student, fixed mix s = 0.5", "student_fixed"),
-                       ("TimeBalance student (similarity mix)", "student"),
-                       ("student, invariant teacher only (s = 1)", "student_invariant"),
-                       ("student, distinctive teacher only (s = 0)", "student_distinctive"),
-                       ("student, group oracle (s = 1 repetitive, 0 ordered)", "student_group"),
-                       ("student, class oracle (better teacher on its unlabeled videos)", "student_class"),
-                       ("student, per-video oracle (better teacher on each video)", "student_video"),
-                       ("student, soft per-video oracle (0.5; a teacher alone where only it fixes the target)",
-                        "student_soft"),
-                       ("student, s permuted across the training videos (control)", "student_permuted"),
-                       ("student, s constant at its mean (control)", "student_constant"),
-                       ("kNN, invariant encoder", "knn_invariant"),
-                       ("kNN, distinctive encoder", "knn_distinctive")):
+    for key, label in LABELS.items():
         v = table.get(key, [])
         if len(v) == len(args.seeds):
             mean, std = statistics.mean(v), statistics.pstdev(v)
@@ -160,7 +161,7 @@ def print_scores(args, per_class, mixes, runs):
         videos = [(cache[j], p) for j, r in enumerate(runs) for p, y in r.train if y == c]
         r = [s["raw"][p] for s, p in videos]
         norm, s_I, s_D = (statistics.mean(f(s, p) for s, p in videos) for f in (
-            lambda s, p: s["s"][p], lambda s, p: s["each"][p][0], lambda s, p: s["each"][p][1]))
+            lambda s, p: s["s"][p], lambda s, p: s["alone"][p][0], lambda s, p: s["alone"][p][1]))
         print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
               f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
     groups = toy.read_groups(args.root, runs[-1].classes)
@@ -169,7 +170,7 @@ def print_scores(args, per_class, mixes, runs):
         per_seed = []
         for c, r in zip(cache, runs):
             repetitive = torch.tensor([groups[y] == "repetitive" for _, y in r.train])  # (N,)
-            s = torch.tensor([[c["raw"][p], *c["each"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
+            s = torch.tensor([[c["raw"][p], *c["alone"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
             per_seed.append([group_auc(s[:, j], repetitive) for j in range(3)])
         auc = dict(zip(("C", "C_I", "C_D"), map(statistics.mean, zip(*per_seed))))
         print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
@@ -212,7 +213,7 @@ def mix_weights(run, mix, teachers=None):
         return {p: float(groups[label] == "repetitive") for p, label in run.train}
     teachers = teachers or [train.teacher(run, k) for k in train.ENCODERS]
     y = torch.tensor([label for _, label in run.train], device=run.device)  # (N,)
-    P_I, P_D = (train.probabilities(run, t, run.train)[0] for t in teachers)  # (N, K) each
+    P_I, P_D = (train.clip_average(run, lambda x, t=t: t(x).softmax(-1), run.train)[0] for t in teachers)  # (N, K) each
     if mix == "soft":
         right_I, right_D = P_I.argmax(1) == y, P_D.argmax(1) == y  # (N,) each
         fixed_right = tb.mix_teachers(P_I, P_D, torch.full_like(y, 0.5, dtype=P_I.dtype)).argmax(1) == y
@@ -236,7 +237,8 @@ def mix_check(run, permuted=False):
     takes every world-th video): each teacher's prediction as in evaluation, each video's score; with
     `permuted`, also sim_fixes / sim_breaks under the permuted control's s."""
     items = run.unlabeled[run.rank :: run.world]
-    p_I, p_D = (train.probabilities(run, train.teacher(run, k), items)[0] for k in train.ENCODERS)  # (N, K)
+    teachers = [train.teacher(run, k) for k in train.ENCODERS]
+    p_I, p_D = (train.clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), items)[0] for t in teachers)  # (N, K)
     y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
     counts = {}
     for mix in ("similarity", "permuted") if permuted else ("similarity",):

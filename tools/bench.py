@@ -139,7 +139,7 @@ def bench_toy_loader(root, workers_list, steps_clips):
     for w in workers_list:
         loader = torch.utils.data.DataLoader(ds, 16, shuffle=True, num_workers=w, collate_fn=data.collate)
         t = time.perf_counter()
-        n = sum(data.finish(x, p).shape[0] for x, p, *_ in loader)  # the float half too, as train.py does
+        n = sum(data.augment_on_device(x, p).shape[0] for x, p, *_ in loader)  # the float half too, as train.py does
         print(f"- workers {w}: loader {n / (time.perf_counter() - t):.0f} clips/s vs supervised step "
               f"{steps_clips:.0f} clips/s")
 

@@ -1,5 +1,5 @@
 """What an encoder of a run sees in a repetitive toy video: clips starting at every frame of a fresh video
-of one class, read as scoring reads them (a written file, the centre crop, `data.finish`), each compared with
+of one class, read as scoring reads them (a written file, the centre crop, `data.augment_on_device`), each compared with
 the first clip (cosine of the projection head's embeddings), against how far apart the two clips are in the
 cycle (its phase, known from the video's own draws). An encoder that tells the phases of a cycle apart puts
 a repetitive video's score clips apart, and so gives it a low temporal similarity.
@@ -54,7 +54,7 @@ def main():
             # 8 frames 1.5 apart, as a score clip of a 48-frame video takes them
             clips = [data.center_crop(data.load_frames(path, [o + round(1.5 * i) for i in range(T)],
                                                        round(S * 8 / 7)), S) for o in starts]
-            x = data.finish(torch.stack(clips), torch.tensor([data.IDENTITY] * 30))  # (30, 3, T, S, S)
+            x = data.augment_on_device(torch.stack(clips), torch.tensor([data.IDENTITY] * 30))  # (30, 3, T, S, S)
             with torch.no_grad():
                 for name, enc in encoders.items():
                     e = enc(x, out="ssl")[0]  # (30, D), unit vectors

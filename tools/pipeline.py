@@ -113,13 +113,13 @@ def stage_loaders(run, stage):
     bs, w = train.hparams(run.args, "semisup")[2], run.args.workers
     unl = run.dataset(run.unlabeled, "train")
     steps, bs_l = len(unl) // bs, min(bs, len(run.labeled))
-    lab = run.dataset(run.labeled * -(-steps * bs_l // len(run.labeled)), "train", stream=1)
+    lab = run.dataset(run.labeled * -(-steps * bs_l // len(run.labeled)), "train", second_stream=True)
     w_l = min(w - 1, max(1, round(w * bs_l / (bs + bs_l)))) if w > 1 else 0
     return [run.loader(unl, bs, workers=w - w_l), run.loader(lab, bs_l, workers=w_l, length=steps * bs_l)]
 
 
 def loader_alone(run, stage, batches):
-    """Clips/s of the stage's loaders through `run.batches` (copy, `data.finish`), no model: the first batch
+    """Clips/s of the stage's loaders through `run.batches` (copy, `data.augment_on_device`), no model: the first batch
     (the workers' first fill) is not timed, then at least `batches` batches over as many epochs as it takes."""
     loaders = stage_loaders(run, stage)
     n, clips, epoch = -1, 0, 0

@@ -1,12 +1,11 @@
 """One self-contained page for a run folder, OUT/report.html: no dependency, nothing fetched (inline SVG and
-CSS, pictures as data URIs), readable from disk in any browser. Each part only where its files are; a
-missing or damaged file leaves its part out with one line saying why:
+CSS, pictures as data URIs), readable from disk in any browser. Each part only where its files are; a missing or
+damaged file leaves its part out with one line saying why (two runs side by side: tools/compare.py):
 
     python tools/report.py runs/default            # a folder of train.py's stages, or of the ablation/demo
 
-the run (run.json, labeled.txt, log.jsonl), the figures (results.json, per_class.json), training curves
-per stage (log.jsonl), the temporal similarity score (scores.json and the videos), the seed ablation
-(ablation.json). `python tools/demo.py` writes one for its folder and for each seed's.
+the run (run.json, labeled.txt, log.jsonl), the figures (results.json, per_class.json), training curves per
+stage (log.jsonl), the temporal similarity score (scores.json and the videos), the seed ablation (ablation.json).
 """
 import argparse
 import base64
@@ -24,7 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import tb  # noqa: E402
 from tools import toy  # noqa: E402
+from tools.ablation import LABELS  # noqa: E402
 
+FILES = ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")  # a folder's
+LOG_FIELDS = ("stage", "epoch", "lr", "bad_videos", "clips_per_s", "wall_s", "run", "machine")  # log.jsonl, not a loss
 COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")  # Okabe-Ito
 CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}table{border-collapse:collapse;margin:.5em 0}
@@ -113,31 +115,31 @@ def part_run(out, run, log):
     if log:
         rows += [["first and last logged run", f"{log[0].get('run', '?')} .. {log[-1].get('run', '?')}"],
                  ["machine", log[-1].get("machine", "not logged")]]
-    flags = table(["flag", "value"], sorted(run.items()), "run.json")
-    return '<h2 id="run">The run</h2>' + table(["", ""], rows) + flags
+    flags = table(["flag", "value"], sorted((k, v) for k, v in run.items() if v is not None), "run.json")
+    unset = html.escape(", ".join(sorted(k for k, v in run.items() if v is None)))
+    return f'<h2 id="run">The run</h2>{table(["", ""], rows)}{flags}<p>not set: {unset}</p>'
 
 
 def part_figures(results, per_class):
     """Test top-1 of every model, and per class the models side by side."""
-    text = '<h2 id="figures">Figures</h2>' + table(["model", "top-1 %"], list(results.items()), "results.json")
+    rows = [[LABELS.get(k, k), k, v] for k, v in results.items()]
+    text = '<h2 id="figures">Figures</h2>' + table(["model", "in results.json", "top-1 %"], rows, "results.json")
     if per_class:
-        names = list(per_class)
-        classes = list(per_class[names[0]])
-        text += bar_chart({c: [per_class[m].get(c, 0) for m in names] for c in classes}, names)
+        names, classes = list(per_class), list(next(iter(per_class.values())))
+        labels = [LABELS.get(m, m) for m in names]
+        text += bar_chart({c: [per_class[m].get(c, 0) for m in names] for c in classes}, labels)
         text += table(["class", *names], [[c, *(per_class[m].get(c, "") for m in names)] for c in classes],
                       "per_class.json")
     return text
 
 
 def part_training(log):
-    """Per stage, each logged term, the learning rate and clips/s over the epochs (a resumed stage as one curve:
-    the last entry of each epoch)."""
+    """Per stage, each logged term, the learning rate and clips/s over the epochs (a resumed epoch: its last entry)."""
     text = '<h2 id="training">Training</h2>'
     for stage in dict.fromkeys(r["stage"] for r in log):
         epochs = {r["epoch"]: r for r in log if r["stage"] == stage}  # a rerun's entry replaces the earlier
         rows = [epochs[e] for e in sorted(epochs)]
-        terms = [k for k in rows[0] if k not in ("stage", "epoch", "lr", "bad_videos", "clips_per_s", "wall_s",
-                                                 "run", "machine")]
+        terms = [k for k in rows[0] if k not in LOG_FIELDS]
         curve = lambda k: [(r["epoch"], r[k]) for r in rows if k in r]  # noqa: E731
         text += f"<h3>{html.escape(stage)}</h3>" + line_chart(f"{stage}: loss terms", {k: curve(k) for k in terms},
                                                                "epoch", "mean loss")
@@ -162,8 +164,7 @@ def part_scores(out, run, scores, classes, P=64):
     """Per class the spread of its training videos' raw and normalised s, then its median video: the middle
     frames of its 4 score clips beside its matrix C."""
     items = [(p, int(y)) for name in ("labeled.txt", "unlabeled.txt") if os.path.exists(os.path.join(out, name))
-             for p, y in (line.split() for line in open(os.path.join(out, name)))]
-    items = [(p, y) for p, y in items if p in scores["raw"]]
+             for p, y in (line.split() for line in open(os.path.join(out, name))) if p in scores["raw"]]
     head = '<h2 id="scores">Temporal similarity score</h2>'
     if not items or not classes:
         return head + "<p class=why>no labeled.txt and unlabeled.txt, or no per_class.json: no class to show</p>"
@@ -208,9 +209,8 @@ def heatmap(C, cell=32):
         for j, v in enumerate(row):
             g = round(255 * min(max(v, 0.0), 1.0))
             parts.append(f'<rect x="{j * cell}" y="{i * cell}" width="{cell}" height="{cell}" fill="rgb({g},{g},{g})" '
-                         f'data-c="{v!r}" '
-                         f'stroke="#888"/><text x="{j * cell + cell / 2}" y="{i * cell + 20}" text-anchor="middle" '
-                         f'font-size="11" fill="{"#000" if g > 127 else "#fff"}">{v:.2f}</text>')
+                         f'data-c="{v!r}" stroke="#888"/><text x="{j * cell + cell / 2}" y="{i * cell + 20}" '
+                         f'text-anchor="middle" font-size="11" fill="{"#000" if g > 127 else "#fff"}">{v:.2f}</text>')
     return f'<svg width="{4 * cell}" height="{4 * cell}" role="img">{"".join(parts)}</svg>'
 
 
@@ -230,10 +230,11 @@ def part_ablation(out, ab):
     """The seed ablation's tables (the paired differences the method's claims rest on: the student minus each
     other model, per seed), and per model each seed's figure as a point beside the mean (a bar)."""
     seeds, top1 = ab["seeds"], ab["top1"]
-    rows = [[k, round(statistics.mean(v), 2), *v] for k, v in top1.items() if len(v) == len(seeds)]
+    rows = [[LABELS.get(k, k), round(statistics.mean(v), 2), *v] for k, v in top1.items() if len(v) == len(seeds)]
     others = {**top1, "best encoder kNN": ab.get("best_knn", [])}  # the better of each seed's two kNN checks
-    paired = [[f"student - {k}", *(round(a - b, 2) for a, b in zip(top1["student"], v))] for k, v in others.items()
-              if "student" in top1 and k != "student" and not k.startswith("knn") and len(v) == len(seeds)]
+    paired = [[f"student - {LABELS.get(k, k)}", *(round(a - b, 2) for a, b in zip(top1["student"], v))]
+              for k, v in others.items() if "student" in top1 and k != "student" and not k.startswith("knn")
+              and len(v) == len(seeds)]
     W, H = 760, 30 + 22 * len(rows)
     X = scale(0, 100, 230, W - 20)
     parts = [f'<text x="{X(v)}" y="14" text-anchor="middle">{v} %</text>' for v in (0, 50, 100)]
@@ -258,8 +259,7 @@ def part_ablation(out, ab):
 
 def report(out):
     """OUT/report.html from what the folder holds; returns its path."""
-    files = {name: read(out, name, name.endswith(".jsonl")) for name in
-             ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")}
+    files = {name: read(out, name, name.endswith(".jsonl")) for name in FILES}
     # a file is missed only where this kind of folder holds it: a seed ablation's, or a run's (its labeled steps')
     expected = {"ablation.json"} if files["ablation.json"][0] is not None or any(
         d.startswith("seed") for d in os.listdir(out)) else {"run.json", "results.json", "log.jsonl", *(
