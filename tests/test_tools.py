@@ -223,3 +223,39 @@ def test_the_ordered_variant_is_bob_and_pulse_ordered_classes(tmp_path):
     toy.make_toy(str(tmp_path), train_per_class=1, test_per_class=0, frames=8, size=32, variant="ordered")
     classes = toy.TOY_VARIANTS["ordered"]
     assert toy.read_groups(str(tmp_path), classes) == ["ordered"] * 8 and len(set(classes)) == 8
+
+
+def test_pipeline_gpu_summary_and_workers_that_fit():
+    """tools/pipeline.py's pure parts: nvidia-smi samples read over the stage's steady window only, a field
+    reported as [N/A] left out (power on some GPUs), no sample at all said so; and the workers whose batches in
+    flight fit in /dev/shm."""
+    from tools import pipeline
+
+    stamp = lambda s: __import__("datetime").datetime.fromtimestamp(s).strftime("%Y/%m/%d %H:%M:%S.%f")  # noqa
+    rows = [[stamp(100 + k), str(10 * k), "[N/A]", "500"] for k in range(10)]  # utilisation 0, 10, ..., 90
+    text = pipeline.gpu_summary(rows, 103, 106)  # samples 3..6: mean 45, median 45
+    assert "utilisation mean 45 %" in text and "(median 45)" in text and "power" not in text and "4 samples" in text
+    rows = [[stamp(100 + k), "[N/A]", "250.5", "500"] for k in range(3)]
+    assert "power mean 250 W" in pipeline.gpu_summary(rows, 0, 1e12) and "utilisation" not in pipeline.gpu_summary(
+        rows, 0, 1e12)
+    assert pipeline.gpu_summary(rows, 0, 1).startswith("no GPU sample")
+    mb = 2**20
+    assert pipeline.workers_that_fit(14, 48 * mb, 64 * mb) == 0  # 64 MB: not one batch in flight
+    assert pipeline.workers_that_fit(14, 48 * mb, 10 * 2**30) == 14
+    for shm in (200 * mb, 500 * mb, 2**30):  # what fits: (2 w + 1) batches within 0.8 of /dev/shm
+        w = pipeline.workers_that_fit(14, 48 * mb, shm)
+        assert (2 * w + 1) * 48 * mb <= 0.8 * shm < (2 * (w + 1) + 1) * 48 * mb
+
+
+def test_pipeline_bench_runs_tiny_on_the_cpu(tmp_path):
+    """The device script's path, tiny, on the CPU: each row of a stage printed with its three rates and ratios."""
+    cmd = ["bash", os.path.join(ROOT, "tools", "device_pipeline.sh"), str(tmp_path), "--device", "cpu", "--width",
+           "8", "--layers", "1", "1", "1", "1", "--size", "32", "--ssl-frames", "8", "--workers", "1", "--videos",
+           "8", "--repeat", "2", "--batches", "5", "--steps", "2", "--epochs", "2", "--stages", "supervised"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    row = next(line for line in p.stdout.splitlines() if line.startswith("| supervised |"))
+    step, loader, stage, ratio, _ = (float(v) for v in row.strip("|").split("|")[1:6])
+    assert min(step, loader, stage) > 0 and abs(ratio - stage / min(step, loader)) < 0.01 + 0.01 * ratio
+    assert "profile of 10 steady supervised steps" in p.stdout and "/dev/shm" in p.stdout
+    assert (tmp_path / "profile_supervised.txt").exists() and "cores; /dev/shm" in (tmp_path / "device.txt").read_text()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The steady-state pipeline bench on one GPU in one call (about 6 minutes on an H100 or H200, at most 8):
-# R3D-18 layout at 112 px, 16-frame SSL clips, 240 UCF-like videos listed 8 times, every stage's rows
+# The steady-state pipeline bench on one GPU in one call (an estimate: about 5 minutes on an H100 or H200;
+# its timeout 7):
+# R3D-18 layout at 112 px, 16-frame SSL clips, 240 UCF-like videos listed 6 times, every stage's rows
 # (step alone, loader alone, the stage from its epoch 2, GPU utilisation and power every 200 ms), then
 # torch.profiler over 10 steady steps of supervised and invariant. Everything lands in OUT.
 #
@@ -18,7 +19,9 @@ if ! python3 -c "import av" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true) | tee "$OUT/device.txt"
+echo "$(nproc) cores; /dev/shm $(df -h --output=size /dev/shm 2>/dev/null | tail -1)" | tee -a "$OUT/device.txt"
 python3 -c "import torch, av; print('torch', torch.__version__, 'PyAV', av.__version__)" | tee -a "$OUT/device.txt"
-PYTHONUNBUFFERED=1 timeout 470 python3 tools/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 \
-    --ssl-frames 16 --workers 14 --videos 240 --repeat 8 --epochs 3 --profile --out "$OUT" "$@" 2>&1 \
-    | tee "$OUT/pipeline.log"
+# each row is printed as it ends, so a run cut by the timeout still keeps the rows before it
+PYTHONUNBUFFERED=1 timeout 420 python3 tools/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 \
+    --ssl-frames 16 --workers 14 --videos 240 --repeat 6 --epochs 3 --batches 200 --profile --out "$OUT" "$@" \
+    2>&1 | tee "$OUT/pipeline.log"

@@ -18,6 +18,7 @@ their real data path: the top kernels by self CUDA time, the top host ops by sel
         --repeat 4 --profile --out /tmp/pipeline
 """
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -119,40 +120,72 @@ def stage_loaders(run, stage):
 
 
 def loader_alone(run, stage, batches):
-    """Clips/s of the stage's loaders through `run.batches` (copy, `data.augment_on_device`), no model: the first batch
-    (the workers' first fill) is not timed, then at least `batches` batches over as many epochs as it takes."""
+    """Clips/s of the stage's loaders through `run.batches` (copy, `data.augment_on_device`), no model. The batches
+    the workers prefetched while starting (prefetch_factor 2 a worker) are not timed, then exactly `batches`
+    batches, over as many epochs as it takes (stopping inside an epoch)."""
     loaders = stage_loaders(run, stage)
-    n, clips, epoch = -1, 0, 0
-    while n < batches:
+    skip = 1 + 2 * max(loader.num_workers for loader in loaders)
+    n, clips, epoch = 0, 0, 0
+    while n < skip + batches:
         for group in zip(*(run.batches(loader, epoch) for loader in loaders)):
             n += 1
-            if n == 0:
+            if n == skip:
                 t = time.perf_counter()
-            else:
+            elif n > skip:
                 clips += sum(x.shape[0] for x, *_ in group)
+            if n == skip + batches:
+                break
         epoch += 1
     if run.cuda:
         torch.cuda.synchronize()
     return clips / (time.perf_counter() - t)
 
 
+def gpu_summary(rows, start, end):
+    """nvidia-smi's samples (timestamp, utilisation %, power W, memory MiB as it prints them) from `start` to
+    `end` (seconds since the epoch): the stage's steady part. A field it reports as [N/A] is left out."""
+    def t(stamp):
+        return datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    rows = [r for r in rows if start <= t(r[0]) <= end]
+    util, power = ([float(r[k]) for r in rows if r[k].strip() not in ("", "[N/A]")] for k in (1, 2))
+    parts = [f"GPU utilisation mean {statistics.mean(util):.0f} % (median {statistics.median(util):.0f})"
+             ] if util else []
+    parts += [f"power mean {statistics.mean(power):.0f} W"] if power else []
+    return (", ".join(parts) or "no GPU sample") + f" over the steady epochs ({len(rows)} samples)"
+
+
+def workers_that_fit(workers, batch_bytes, shm_bytes):
+    """Workers whose batches in flight (2 a worker, prefetched, plus one being handed over) fit in 0.8 of
+    /dev/shm, which holds them: a small /dev/shm (64 MB in some containers) otherwise ends the first batch
+    with a bus error."""
+    fit = int(0.8 * shm_bytes // batch_bytes - 1) // 2
+    return max(0, min(workers, fit))
+
+
 def stage_run(flags, out, stage, epochs):
-    """Clips/s of `train.py --stage stage` over its epochs 2 on, from OUT/log.jsonl, and nvidia-smi's samples
-    over the whole command where it runs on CUDA."""
-    smi = None
+    """Clips/s of `train.py --stage stage` over its epochs 2 on, from OUT/log.jsonl, and on CUDA nvidia-smi's
+    samples over the same epochs (from the moment epoch 1's line is logged to the moment the last one's is)."""
+    smi, log_path = None, os.path.join(out, "run", "log.jsonl")
     if "cuda" in flags[flags.index("--device") + 1] and shutil.which("nvidia-smi"):
         csv = open(os.path.join(out, f"gpu_{stage}.csv"), "w")
         smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,power.draw,memory.used",
                                 "--format=csv,noheader,nounits", "-lms", "200"], stdout=csv)
-    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage",
-                        stage, "--out", os.path.join(out, "run"), "--epochs", str(epochs), *flags],
-                       capture_output=True, text=True)
+    logged = len(open(log_path).readlines()) if os.path.exists(log_path) else 0
+    with open(os.path.join(out, f"stage_{stage}.txt"), "w") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage",
+                                 stage, "--out", os.path.join(out, "run"), "--epochs", str(epochs), *flags],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        seen = {}  # lines of log.jsonl -> when they were first seen
+        while proc.poll() is None:
+            n = len(open(log_path).readlines()) if os.path.exists(log_path) else 0
+            seen.setdefault(n, time.time())
+            time.sleep(0.1)
     if smi:
         smi.terminate()
         smi.wait()
         csv.close()
-    if p.returncode:
-        sys.exit(f"{stage} failed:\n{p.stderr[-2000:]}")
+    if proc.returncode:
+        sys.exit(f"{stage} failed:\n{open(os.path.join(out, f'stage_{stage}.txt')).read()[-2000:]}")
     log = [json.loads(line) for line in open(os.path.join(out, "run", "log.jsonl"))]
     log = [r for r in log if r["stage"] == STAGES[stage][1] and r["run"] == log[-1]["run"]]
     walls = [0.0] + [r["wall_s"] for r in log]
@@ -161,22 +194,23 @@ def stage_run(flags, out, stage, epochs):
     if not smi:
         return rate, ""
     rows = [line.split(", ") for line in open(os.path.join(out, f"gpu_{stage}.csv")) if line.count(",") == 3]
-    util, power = ([float(r[k]) for r in rows if r[k].strip() not in ("", "[N/A]")] for k in (1, 2))
-    return rate, (f"GPU utilisation mean {statistics.mean(util):.0f} % (median {statistics.median(util):.0f}), power "
-                  f"mean {statistics.mean(power):.0f} W over the command ({len(rows)} samples)") if util else ""
+    start, end = seen.get(logged + 1, time.time()), seen.get(logged + epochs, time.time())
+    return rate, gpu_summary(rows, start, end)
 
 
 def profile(flags, out, stage, steps=10):
-    """torch.profiler over `steps` steady steps of `stage` on its real data path (10 steps before it), as
-    `train.fit` runs them: its tables into OUT/profile_<stage>.txt, a summary printed."""
+    """torch.profiler over `steps` steady steps of `stage` on its real data path, after as many steps as the
+    workers prefetch while starting and `steps` more, as `train.fit` runs them: its tables into
+    OUT/profile_<stage>.txt, a summary printed."""
     run = train.Run(train.get_args(["--stage", stage, "--out", os.path.join(out, "profile"), *flags]))
     ssl = stage == "invariant"
     model = run.model(proj_dim=128) if ssl else run.model(num_classes=len(run.classes), dropout=run.args.dropout)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     batches = (b for epoch in range(10**6) for b in run.batches(stage_loaders(run, stage)[0], epoch))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if run.cuda else [])
-    for k in range(2 * steps):
-        if k == steps:
+    warm = steps + 1 + 2 * run.args.workers  # past the batches prefetched while the workers started
+    for k in range(warm + steps):
+        if k == warm:
             prof = torch.profiler.profile(activities=activities)
             prof.__enter__()
             t = time.perf_counter()
@@ -196,7 +230,8 @@ def profile(flags, out, stage, steps=10):
               events.table(sort_by="self_cpu_time_total", row_limit=12)]
     with open(os.path.join(out, f"profile_{stage}.txt"), "w") as f:
         f.write("\n\n".join(tables))
-    busy = f"GPU busy {100 * device_us / 1e6 / wall:.0f} % of the wall time" if run.cuda else "no GPU"
+    busy = (f"GPU busy {100 * device_us / 1e6 / wall:.0f} % of the wall time" if device_us else
+            "GPU busy not measured (no CUDA kernel recorded: is CUPTI missing?)") if run.cuda else "no GPU"
     top_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:3]
     print(f"- profile of {steps} steady {stage} steps: {wall:.2f} s, {busy}; top host ops: " + ", ".join(
         f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in top_host), flush=True)
@@ -213,6 +248,13 @@ def bench_pipeline(args):
     torch.backends.cudnn.benchmark = dev.type == "cuda"  # as train.Run sets it
     print("| stage | step alone | loader alone | the stage (epochs 2 on) | stage / min(loader, step) | loader / step |"
           "\n|---|---|---|---|---|---|", flush=True)
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    if shm:  # the largest batch in flight: an SSL batch of uint8 clips
+        batch = train.STEPS["invariant"][2] * 10 * 3 * args.ssl_frames * args.size**2
+        fit = workers_that_fit(args.workers, batch, shm.f_bavail * shm.f_frsize)
+        print(f"/dev/shm: {shm.f_bavail * shm.f_frsize / 2**20:.0f} MiB free; SSL batches of {batch / 2**20:.0f} MiB"
+              + (f": --workers lowered from {args.workers} to {fit}" if fit < args.workers else ""), flush=True)
+        flags[flags.index("--workers") + 1], args.workers = str(fit), fit
     run = train.Run(train.get_args(["--stage", "semisup", "--out", os.path.join(args.out, "loader"), *flags]))
     for stage in args.stages:
         key = STAGES[stage][0]
