@@ -31,7 +31,7 @@ STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict")
 # Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each) and weight
 # decay, at toy CPU scale; --epochs, --lr, --batch-size, --weight-decay override them.
 STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "both": (8, 1e-3, 8, 1e-4),
-         "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 8, 1e-4)}
+         "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 16, 1e-4)}
 # --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the
 # file named. A flag given on the command line wins, and the run's first lines name the value it overrode;
 # what this code cannot follow (R3D-50, the authors' labeled lists) is in the README's departures table.
@@ -1050,7 +1050,7 @@ def parser(command=True):
              "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
     add("--teacher-t", type=at_least(0, float, above=True), default=0.2,
         help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
-    add("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier (released: none)")
+    add("--dropout", type=at_least(0, float), default=0.0, help="dropout before each classifier")
     add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
         help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
              "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
@@ -1063,8 +1063,8 @@ def parser(command=True):
              "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
     add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
         "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
-    add("--test-crop", type=at_least(0, float), default=0.0, help="evaluation and score clips: 0 the centre square of "
-        "the short side, F > 0 the central F of each side (released 0.8)")
+    add("--test-crop", type=at_least(0, float), default=0.8, help="evaluation and score clips: the central F of "
+        "each side, squeezed into the square; 0: the centre square of the short side")
     add("--ssl-stride", type=at_least(4), default=4,
         help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
     add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
@@ -1081,8 +1081,8 @@ def parser(command=True):
     add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
     add("--mix", choices=["similarity", "fixed"], default="similarity",
         help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
-    add("--student-forward", choices=["joint", "separate"], default="joint", help="the labeled and unlabeled "
-        "batches through the student in one forward, or one each (released)")
+    add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
+        "batches through the student one after the other (BatchNorm's statistics each batch's own), or in one")
     add("--student-init", choices=["distinctive", "both"], default="distinctive",
         help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
              "paper's; semisup trains it first)")

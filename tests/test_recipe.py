@@ -162,8 +162,8 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
     text = train_py.recipe_text(args)
     assert "--dropout 0.3 (released: 0.0)" in text and "--teacher class-mean (released: finetune)" in text
     default = train_py.get_args(["--stage", "semisup", "--root", toy_root])
-    assert default.dropout == 0.5 and default.ssl_aug == "view" and default.overrode == {}
-    assert train_py.hparams(default, "semisup") == (25, 5e-4, 8, 1e-4)
+    assert default.dropout == 0.0 and default.ssl_aug == "view" and default.test_crop == 0.8 and default.overrode == {}
+    assert train_py.hparams(default, "semisup") == (25, 5e-4, 16, 1e-4)
     p = train("--stage", "invariant", "--recipe", "paper", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "argument --recipe: invalid choice: 'paper'" in p.stderr
 
@@ -177,7 +177,7 @@ RECORDED = {
             ("classes", "4"), ("per_class", "4"), ("test_per_class", "1"), ("fold", "2")],
     "labeled": [("recipe", "released"), ("frames", "2"), ("stride", "3"), ("labeled", "1"), ("seed", "5"),
                 ("aug", "released"), ("teacher", "finetune"), ("teacher_t", "0.5"), ("dropout", "0.1"),
-                ("test_crop", "0.8"), ("student_forward", "separate"), ("epoch", "labeled"),
+                ("test_crop", "0.5"), ("student_forward", "joint"), ("epoch", "labeled"),
                 ("schedule", "released"), ("width", "12"), ("size", "28")],
 }
 

@@ -287,7 +287,7 @@ def test_class_mean_teacher_is_the_nearest_class_mean_classifier(chain, toy_root
             video = os.path.join(toy_root, path)
             n = data.count_frames(video)
             frames = data.load_frames(video, sum(data.test_indices(n, 4, 2, 2), []), round(32 * 8 / 7))
-            clips = [data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]
+            clips = [data.center_crop(c, 32, 0.8) for c in frames.view(2, 4, *frames.shape[1:])]
             x = data.augment_on_device(torch.stack(clips), torch.tensor([data.IDENTITY] * 2))  # (2, 3, 4, 32, 32)
             with torch.no_grad():
                 feats.append(model.features(x).mean(dim=(2, 3, 4)))
@@ -480,10 +480,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     ],
 )
 def test_resume_after_sigkill_matches_uninterrupted_run(chain, toy_root, tmp_path, stage, name, device):
-    """With the default 2 workers (persistent loaders) and dropout in the classifiers: a run killed after an
+    """With the default 2 workers (persistent loaders) and dropout in the supervised classifier: a run killed after an
     epoch and resumed ends with the weights, optimizer and RNG state of an uninterrupted one (on CUDA, the
     CUDA generator's state too: dropout draws from it there)."""
     args = ["--stage", stage, "--epochs", "3", "--workers", "2", "--device", device]
+    args += ["--dropout", "0.5"] if stage == "supervised" else []  # the student's teachers come from the chain
     inputs = (
         ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
         if stage == "semisup"
@@ -885,7 +886,7 @@ def test_run_folder_refuses_other_flags(chain, toy_root, tmp_path):
 
 def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
     """predict's probabilities against a reference built from data.py's parts: the 2 test clips of each video
-    (test_indices, load_frames, center_crop, finish) through the checkpoint's model, softmaxes averaged."""
+    (test_indices, load_frames, center_crop of 0.8, augment_on_device) through the checkpoint's model, softmaxes averaged."""
     from models import R3D
 
     out, _ = chain
@@ -909,7 +910,7 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
         n = data.count_frames(video)
         frames = data.load_frames(video, sum(data.test_indices(n, 4, 2, 2), []), round(32 * 8 / 7))
         x = torch.stack(
-            [data.center_crop(c, 32) for c in frames.view(2, 4, *frames.shape[1:])]
+            [data.center_crop(c, 32, 0.8) for c in frames.view(2, 4, *frames.shape[1:])]
         )  # (2, 3, 4, 32, 32)
         with torch.no_grad():
             prob = model(data.augment_on_device(x, torch.tensor([data.IDENTITY] * 2))).softmax(-1).mean(0)
@@ -1409,7 +1410,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
         f.write(json.dumps(again) + "\n")
     page = Page(compare.compare([str(a), str(b)], str(tmp_path / "page.html")))
     flags = {row[0]: row[1:] for row in page.tables["flags"][1:]}
-    assert flags["dropout"] == ["0.5", "0.2"] and "size" not in flags and "root" not in flags
+    assert flags["dropout"] == ["0.0", "0.2"] and "size" not in flags and "root" not in flags
     ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
     rows = {row[1]: row[2:] for row in page.tables["results"][1:]}
     assert set(rows) == set(ra) | set(rb)
