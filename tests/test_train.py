@@ -402,14 +402,15 @@ def test_bad_cli_input(toy_root, tmp_path, flags, message):
 def test_each_epoch_logs_its_own_speed(toy_root, tmp_path):
     """log.jsonl: clips_per_s is the epoch's own clips over the epoch's own wall time (checkpoint included),
     wall_s the stage's running time: so clips_per_s x (wall_s - the previous wall_s) is the epoch's clips,
-    up to the rounding of wall_s (0.1 s, on both ends). Here 32 clips an epoch: 8 classes x 5 videos, the
+    up to the rounding of wall_s (0.05 s on both ends) and the moments between one epoch's end and the next
+    one's start (the log line, the console line). Here 32 clips an epoch: 8 classes x 5 videos, the
     labeled 2 a class (16) repeated 40 // 16 = 2 times towards the 40 training videos' size, batches of 4."""
     train("--stage", "supervised", root=toy_root, out=tmp_path, extra=["--epochs", "3", "--workers", "2"])
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     for before, r in zip([0.0] + [r["wall_s"] for r in log], log):
         dt = r["wall_s"] - before
-        assert abs(r["clips_per_s"] * dt - 32) <= r["clips_per_s"] * 0.1 + 0.5, (r, before)
+        assert abs(r["clips_per_s"] * dt - 32) <= r["clips_per_s"] * 0.15 + 0.5, (r, before)
 
 
 def test_holdout_replaces_the_test_split_by_training_videos(toy_root, tmp_path):
