@@ -388,16 +388,16 @@ def colour_matrix(b, c, s, theta, grey, m):
 def augment_on_device(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
-        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`; gamma;
-                                                    a dropped channel 0)
+        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`, a dropped
+                                                    channel's row of it 0; gamma)
           -> (x - mean) / std                      (normalisation)
           -> 0 inside the erased boxes             (random erase, to the mean colour)"""
     N, S = x.shape[0], x.shape[-1]
     q = dict(zip(PARAMS, p.float().unbind(1)))  # (N,) each
     A, o = colour_matrix(*(q[k] for k in ("b", "c", "s", "theta", "grey", "m")))  # (N, 3, 3), (N,)
-    y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 1, 1, 1, 1)).clamp_(0, 1)
-    keep = q["drop"].view(N, 1) != torch.arange(1, 4, device=p.device)  # (N, 3): False at a dropped channel
-    y = torch.where(keep.view(N, 3, 1, 1, 1), y, 0.0)
+    keep = (q["drop"].view(N, 1) != torch.arange(1, 4, device=p.device)).to(A.dtype)  # (N, 3): 0 at a dropped one
+    A, o = A * keep.view(N, 3, 1), o.view(N, 1) * keep  # (N, 3, 3), (N, 3): a dropped channel maps to 0
+    y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 3, 1, 1, 1)).clamp_(0, 1)
     gamma = q["gamma"].view(N, 1, 1, 1, 1)
     y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
     y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
