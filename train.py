@@ -71,7 +71,8 @@ def train_ssl(run, stage, resume=False):
     epochs, lr, bs, wd = hparams(a, stage)
     ds = run.dataset(run.train, "ssl")
     if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
-        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no batch of 2 videos or more")
+        raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
+                         f"videos over {run.world} processes")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
@@ -194,7 +195,8 @@ def train_student(run, name, resume=False, s_video=None):
     if s_video is None:
         s_video = scores(run)["s"] if a.mix == "similarity" else {p: 0.5 for p, _ in run.train}
     loaders = student_loaders(run, bs)  # unlabeled, labeled
-    s_unl, s_lab = (torch.tensor([s_video[p] for p, _ in l.dataset.items], device=run.device) for l in loaders)
+    s_unl, s_lab = (torch.tensor([s_video[p] for p, _ in loader.dataset.items], device=run.device)
+                    for loader in loaders)  # (N_u,), (N_l,): each video's score
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=a.dropout)
     load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
@@ -473,6 +475,11 @@ def clip_average(run, fn, items):
     return torch.cat(out), bad
 
 
+def probabilities(run, model, items):
+    """Each video's class probabilities, the softmax of its clips averaged: (N, K), and the unreadable."""
+    return clip_average(run, lambda x: model(x).softmax(dim=-1), items)
+
+
 def all_sum(run, *tensors):
     """Each process's tensors summed over the processes, in place (a process takes every world-th item)."""
     if run.world > 1:
@@ -490,7 +497,7 @@ def evaluate(run, model, name):
         for b in model.buffers():  # last step they differ by one update: evaluate with rank 0's (saved)
             dist.broadcast(b, 0)
     items, K = run.test[run.rank :: run.world], len(run.classes)
-    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), items)  # (N, K): softmax averaged
+    p, bad = probabilities(run, model, items)  # (N, K)
     y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
     hit = (p.argmax(dim=1) == y).float() * torch.tensor([float(i not in bad) for i in range(len(items))],
                                                          device=run.device)  # (N,)
@@ -593,7 +600,7 @@ def predict(args):
     ckpt = load_checkpoint(args.ckpt, "classifier")
     run = Run(argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""}), "predict")
     model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
-    p, bad = clip_average(run, lambda x: model(x).softmax(dim=-1), [(v, -1) for v in args.videos])  # (N, K)
+    p, bad = probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)
     for i, video in enumerate(args.videos):
         top = p[i].topk(min(5, p.shape[1]))
         named = ", ".join(f"{ckpt['classes'][c]} {100 * v:.1f}%"
@@ -753,13 +760,14 @@ class Run:
 
 def recipe_text(args):
     """What --recipe released set, and the released values that flags given on the command line overrode."""
-    flag = lambda k, v: f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"  # noqa: E731
+    value = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
     steps = ", ".join(f"{s} {'/'.join(f'{v:g}' for v in RELEASED_STEPS[s])}" for s in ("invariant", "semisup"))
-    given = [flag(k, getattr(args, k)) for k in ("epochs", "lr", "batch_size", "weight_decay") if getattr(args, k)
-             is not None] + [f"{flag(k, getattr(args, k))} (released: {flag(k, v)[len(k) + 3:]})"
-                             for k, v in args.overrode.items()]
-    return (f"--recipe released set {', '.join(flag(k, v) for k, v in RELEASED.items() if k not in args.overrode)}"
-            f"; epochs/lr/batch/weight decay: {steps} (train.RELEASED)"
+    given = [f"{flag(k)} {getattr(args, k)}" for k in ("epochs", "lr", "batch_size", "weight_decay")
+             if getattr(args, k) is not None]
+    given += [f"{flag(k)} {value(getattr(args, k))} (released: {value(v)})" for k, v in args.overrode.items()]
+    set_ = ", ".join(f"{flag(k)} {value(v)}" for k, v in RELEASED.items() if k not in args.overrode)
+    return (f"--recipe released set {set_}; epochs/lr/batch/weight decay: {steps} (train.RELEASED)"
             + (f"\n--recipe released: given on the command line instead: {', '.join(given)}" if given else ""))
 
 

@@ -213,7 +213,7 @@ def mix_weights(run, mix, teachers=None):
         return {p: float(groups[label] == "repetitive") for p, label in run.train}
     teachers = teachers or [train.teacher(run, k) for k in train.ENCODERS]
     y = torch.tensor([label for _, label in run.train], device=run.device)  # (N,)
-    P_I, P_D = (train.clip_average(run, lambda x, t=t: t(x).softmax(-1), run.train)[0] for t in teachers)  # (N, K) each
+    P_I, P_D = (train.probabilities(run, t, run.train)[0] for t in teachers)  # (N, K) each
     if mix == "soft":
         right_I, right_D = P_I.argmax(1) == y, P_D.argmax(1) == y  # (N,) each
         fixed_right = tb.mix_teachers(P_I, P_D, torch.full_like(y, 0.5, dtype=P_I.dtype)).argmax(1) == y
@@ -237,8 +237,7 @@ def mix_check(run, permuted=False):
     takes every world-th video): each teacher's prediction as in evaluation, each video's score; with
     `permuted`, also sim_fixes / sim_breaks under the permuted control's s."""
     items = run.unlabeled[run.rank :: run.world]
-    teachers = [train.teacher(run, k) for k in train.ENCODERS]
-    p_I, p_D = (train.clip_average(run, lambda x, t=t: t(x).softmax(dim=-1), items)[0] for t in teachers)  # (N, K)
+    p_I, p_D = (train.probabilities(run, train.teacher(run, k), items)[0] for k in train.ENCODERS)  # (N, K)
     y = torch.tensor([label for _, label in items], device=run.device)  # (N,)
     counts = {}
     for mix in ("similarity", "permuted") if permuted else ("similarity",):
