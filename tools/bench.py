@@ -148,8 +148,8 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
     """The training steps of train.py on random input, each the body of `train.fit`'s loop as it runs (the
     learning rate, the stage's terms, backward and step, the terms added to the sums on the device; the
     sums are read only every --log-every steps): the invariant and distinctive stages (10 clips per video of
-    T_ssl frames, L_I / L_D), supervised and the semisup student (B/2 labeled + B/2 unlabeled clips, both
-    teachers), the classifiers' clips 8 frames."""
+    T_ssl frames, L_I / L_D), supervised and the semisup student (its default batch of labeled and as many
+    unlabeled clips, its default forward, both teachers), the classifiers' clips 8 frames."""
     import train
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -164,10 +164,12 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
     clf, ssl = model(num_classes=K), model(proj_dim=128)
     teachers = [model(num_classes=K).eval().requires_grad_(False) for _ in range(2)]
     opt_c, opt_s = torch.optim.Adam(clf.parameters()), torch.optim.Adam(ssl.parameters())
-    B = train.STEPS["supervised"][2]  # the stages' batches: 16 clips (supervised), 8 videos (SSL, semisup)
-    x_sup, y = clips(B), torch.randint(0, K, (B,), device=device)
-    x_ssl, x_semi, s = clips(10 * (B // 2), T_ssl), clips(B), torch.rand(B, device=device)
-    args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse", student_forward="joint")
+    B = train.STEPS["supervised"][2]  # the stages' batches: 16 clips (supervised), 8 videos (SSL)
+    h = train.STEPS["semisup"][2]  # the student's: h labeled + h unlabeled clips
+    x_sup, y_sup, y = clips(B), torch.randint(0, K, (B,), device=device), torch.randint(0, K, (2 * h,), device=device)
+    x_ssl, x_semi, s = clips(10 * (B // 2), T_ssl), clips(2 * h), torch.rand(2 * h, device=device)
+    forward = train.parser().get_default("student_forward")
+    args = argparse.Namespace(w_labeled=50.0, w_unlabeled=100.0, distill="mse", student_forward=forward)
 
     def loop_step(opt, terms_of, n):
         sums, step = {}, iter(range(10**9))
@@ -192,15 +194,15 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
     def student_only():
         return train.classifier_terms(clf, x_semi, y, autocast)
 
-    h = B // 2
     return {
-        "ssl": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "invariant", 0.1, autocast), 10 * h),
-        "distinctive": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "distinctive", 0.1, autocast), 10 * h),
-        "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y, autocast), B),
+        "ssl": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "invariant", 0.1, autocast), 10 * (B // 2)),
+        "distinctive": loop_step(opt_s, lambda: train.ssl_terms(ssl, x_ssl, "distinctive", 0.1, autocast),
+                                 10 * (B // 2)),
+        "supervised": loop_step(opt_c, lambda: train.classifier_terms(clf, x_sup, y_sup, autocast), B),
         "semisup": loop_step(opt_c, lambda: train.student_terms(clf, teachers, x_semi[:h], y[:h], x_semi[h:], s,
-                                                                args, autocast), B),
-        "_student": loop_step(opt_c, student_only, B),
-        "_teachers": (teacher_fwd, B),
+                                                                args, autocast), 2 * h),
+        "_student": loop_step(opt_c, student_only, 2 * h),
+        "_teachers": (teacher_fwd, 2 * h),
     }
 
 

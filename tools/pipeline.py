@@ -105,18 +105,11 @@ def step_alone(fn, clips, steps, device, repeats=3):
 
 
 def stage_loaders(run, stage):
-    """The loaders a stage zips, built as train.py's stage builds them (a tool may repeat a few lines)."""
+    """The loaders a stage zips, built by train.py's own builders."""
+    bs = train.hparams(run.args, stage)[2]
     if stage in ("invariant", "distinctive"):
-        return [run.loader(run.dataset(run.train, "ssl"), train.hparams(run.args, stage)[2])]
-    if stage == "supervised":
-        labeled = run.labeled * max(1, len(run.train) // len(run.labeled))
-        return [run.loader(run.dataset(labeled, "train"), train.hparams(run.args, stage)[2])]
-    bs, w = train.hparams(run.args, "semisup")[2], run.args.workers
-    unl = run.dataset(run.unlabeled, "train")
-    steps, bs_l = len(unl) // bs, min(bs, len(run.labeled))
-    lab = run.dataset(run.labeled * -(-steps * bs_l // len(run.labeled)), "train", second_stream=True)
-    w_l = min(w - 1, max(1, round(w * bs_l / (bs + bs_l)))) if w > 1 else 0
-    return [run.loader(unl, bs, workers=w - w_l), run.loader(lab, bs_l, workers=w_l, length=steps * bs_l)]
+        return [run.loader(run.dataset(run.train, "ssl"), bs)]
+    return [train.classifier_loader(run, bs)] if stage == "supervised" else train.student_loaders(run, bs)
 
 
 def loader_alone(run, stage, batches):
