@@ -70,8 +70,15 @@ def ssl_indices(n, T, stride, g, n_dense=4):
     return sparse, dense
 
 
-def test_indices(n, T, stride, K=10):
-    """K clips spread uniformly over the video (paper: 10), first and last starts at the ends."""
+def test_indices(n, T, stride, K=10, released=False):
+    """K clips spread uniformly over the video (paper: 10), first and last starts at the ends. `released`: as
+    the release's test loader (dl_semisup_2clips.py): the stride halved where T strides pass the end, the starts
+    int(linspace(0, n - stride T - 10, K)), a negative one replaced by the clip's number."""
+    if released:
+        k = stride / 2 if stride * T > n else stride
+        stop = n - k * T - 10
+        starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # numpy's
+        return [clip_indices(n, T, max(1, int(k)), s if s >= 0 else j) for j, s in enumerate(starts)]
     m = max_start(n, T, stride)
     starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
     return [clip_indices(n, T, stride, s) for s in starts]
@@ -249,14 +256,15 @@ STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
 # a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
 # set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box,
-# a colour channel dropped (its index + 1; 0: none)
-PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop")
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # nothing changed
+# a colour channel dropped (its index + 1; 0: none), the erased boxes' fill on [0, 1] (the mean grey, or black)
+PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop",
+          "fill")
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.45)  # nothing changed
 AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
 SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
 # The released loaders as data: the crop's least side fraction; (rate, half-range) of contrast, hue (in turns),
 # saturation, brightness, gamma (on greyscale clips); greyscale and channel-drop rates (one draw decides between
-# them); each erase's rate (a box of 1/6-1/3 of each side; the release scales it to UCF101's 240x320 frames)
+# them); each erase's rate (`augment`: the box's sides from the frame's, its corner anywhere, filled black)
 RELEASED = {
     "released": dict(crop=0.4, contrast=(0.125, 0.1), hue=(0.15, 0.05), saturation=(0.15, 0.1),  # dl_semisup_2clips.py
                      brightness=(0.15, 0.1), grey=0.1, drop=0.0, gamma=(0.75, 0.15), erase=(0.4, 0.4)),
@@ -267,6 +275,11 @@ RELEASED = {
 
 def _uniform(g, lo=0.0, hi=1.0):
     return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def _randint(g, lo, hi):
+    """An integer in [lo, hi) (lo where the range is empty), as numpy's randint."""
+    return lo + int(_uniform(g) * max(0, hi - lo))
 
 
 def _resize(x, size):
@@ -341,10 +354,16 @@ def augment(clip, size, g, recipe="ssl"):
     if p["c"] != 1.0:  # the contrast pivots about the clip's mean grey m
         p["m"] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
     for box, (prob, lo, hi) in zip(("", "2"), boxes):  # random erase: (top, left, height, width)
-        if _uniform(g) < prob:
+        if _uniform(g) >= prob:
+            continue
+        if r:  # released: sides lo-hi of the frame's height and width times size / 224, the corner anywhere and
+            eh, ew = (_randint(g, int(side * lo * size / 224), int(side * hi * size / 224)) for side in (H, W))
+            et, el = _randint(g, 0, size), _randint(g, 0, size)  # the box clipped at the edge
+            eh, ew, p["fill"] = min(eh, size - et), min(ew, size - el), 0.0  # black (torchvision's erase, v=0)
+        else:  # sides lo-hi of the clip's, kept inside, the mean grey
             eh, ew = int(size * _uniform(g, lo, hi)), int(size * _uniform(g, lo, hi))
-            p["et" + box], p["el" + box] = int(_uniform(g) * (size - eh)), int(_uniform(g) * (size - ew))
-            p["eh" + box], p["ew" + box] = eh, ew
+            et, el = int(_uniform(g) * (size - eh)), int(_uniform(g) * (size - ew))
+        p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, eh, ew
     return x, torch.tensor(list(p.values()))
 
 
@@ -390,8 +409,8 @@ def augment_on_device(x, p):
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
         x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`, a dropped
                                                     channel's row of it 0; gamma)
-          -> (x - mean) / std                      (normalisation)
-          -> 0 inside the erased boxes             (random erase, to the mean colour)"""
+          -> fill inside the erased boxes          (random erase: the mean grey, or black as released)
+          -> (x - mean) / std                      (normalisation)"""
     N, S = x.shape[0], x.shape[-1]
     q = dict(zip(PARAMS, p.float().unbind(1)))  # (N,) each
     A, o = colour_matrix(*(q[k] for k in ("b", "c", "s", "theta", "grey", "m")))  # (N, 3, 3), (N,)
@@ -400,12 +419,12 @@ def augment_on_device(x, p):
     y = torch.einsum("nij,njthw->nithw", A / 255, x.float()).add_(o.view(N, 3, 1, 1, 1)).clamp_(0, 1)
     gamma = q["gamma"].view(N, 1, 1, 1, 1)
     y = torch.where(gamma == 1, y, y.pow(gamma))  # exactly y where gamma is 1 (a vectorised pow may round)
-    y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
-    pos = torch.arange(S, device=x.device)
+    pos, fill = torch.arange(S, device=x.device), q["fill"].view(N, 1, 1, 1, 1)
     for et, el, eh, ew in ([q[k + box] for k in ("et", "el", "eh", "ew")] for box in ("", "2")):  # (N,) each
         rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
         cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
-        y = y.masked_fill_(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), 0.0)  # (N, 1, 1, S, S) boxes
+        y = torch.where(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), fill, y)  # (N, 1, 1, S, S) boxes
+    y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
     return y
 
 
@@ -624,19 +643,23 @@ class VideoDataset(torch.utils.data.Dataset):
              [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS); `ssl_aug` "view": one draw a
              view, "released": one draw a clip
       test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
-             (`test_crop`: `center_crop`'s fraction)
+             (`test_crop`: `center_crop`'s fraction; `released`: the release's starts, `test_indices`)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
     An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
     (clips, params, label, index, bad): `bad` lists the items that failed to decode on the way. A failed
     train/ssl item is replaced by another random video; a failed test/score item comes back as zeros with
-    its index in `bad`, so evaluation can count it wrong. Randomness comes from a generator seeded by
+    its index in `bad`, so evaluation can count it wrong. `released` in ssl mode: videos of 7/8 of the sparse
+    span or fewer frames are left out, as the release's SSL loader leaves out those of 56 at its 16 x 4
+    (dl_ssl.py). Randomness comes from a generator seeded by
     (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
 
     def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light",
-                 ssl_aug="view", test_crop=0.0):
+                 ssl_aug="view", test_crop=0.0, released=False):
         if mode not in ("train", "ssl", "test", "score"):
             raise ValueError(f"unknown mode {mode}")
-        self.items, self.root, self.mode, self.aug = items, root, mode, aug
+        if released and mode == "ssl":
+            items = [item for item in items if _longer_than(os.path.join(root, item[0]), frames * stride * 7 // 8)]
+        self.items, self.root, self.mode, self.aug, self.released = items, root, mode, aug, released
         self.ssl_aug, self.test_crop = ssl_aug, test_crop
         self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
         self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
@@ -684,7 +707,7 @@ class VideoDataset(torch.utils.data.Dataset):
             params = torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
             return torch.stack(views), params  # (10, 3, T, S, S): the order of SSL_CLIPS
         if self.mode == "test":
-            sets = test_indices(n, self.T, self.stride, self.K)
+            sets = test_indices(n, self.T, self.stride, self.K, self.released)
         else:
             sets = score_indices(n, self.T)
         frames = self.frames(i, sum(sets, []))
@@ -706,6 +729,14 @@ class VideoDataset(torch.utils.data.Dataset):
                     return zeros, torch.tensor([IDENTITY] * n), self.items[i][1], i, bad
                 i = int(torch.randint(0, len(self.items), (1,), generator=g))
         raise VideoError(f"20 videos in a row failed to decode, the last: {bad[-1][1]}")
+
+
+def _longer_than(path, n):
+    """Whether the video has more than n frames; an unreadable one is kept (skipped and counted when drawn)."""
+    try:
+        return count_frames(path) > n
+    except VideoError:
+        return True
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import data
 import tb
-from models import BACKBONE, R3D, load_backbone
+import models
+from models import BACKBONE, load_backbone
 
 DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
@@ -34,13 +35,16 @@ STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "
          "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 16, 1e-4)}
 # --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the
 # file named. A flag given on the command line wins, and the run's first lines name the value it overrode;
-# what this code cannot follow (R3D-50, the authors' labeled lists) is in the README's departures table.
+# what this code cannot follow (the authors' labeled lists, their selection on the test split) is in the README's
+# departures table.
 RELEASED_STEPS = {**dict.fromkeys(SSL_STAGES, (1000, 5e-3, 40, 1e-9)),  # configs/conf_ssl.py
                   "finetune": (150, 1e-4, 16, 0.0),  # conf_finetune.py; finetune.py: Adam, no weight decay
                   "supervised": (150, 1e-4, 16, 0.0),  # the same script from no SSL checkpoint
                   "semisup": (150, 1e-4, 16, 0.0)}  # conf_semisup.py; train_semisup.py: Adam, no weight decay
 RELEASED = {
-    "width": 64, "layers": [2, 2, 2, 2], "size": 224,  # models/r3d.py: R3D-18 (configs name R3D-50); reso_h, reso_w
+    "arch": "r3d50", "size": 224,  # configs: R3D50, reso_h, reso_w; models/model.py: pytorchvideo's slow_r50
+    "ssl_forward": "per-clip",  # pretraining.py: model((clip, type)) for each of the 10 clip types
+    "last_batch": "keep",  # DataLoader(...) without drop_last in every released script
     "ssl_frames": 16, "ssl_stride": 4,  # conf_ssl.py: num_frames, sr_ratio
     "frames": 8, "stride": 2, "test_clips": 10,  # conf_finetune.py, conf_semisup.py: num_frames, fix_skip, num_modes
     "test_crop": 0.8,  # conf_semisup.py: cropping_facs = [0.8]
@@ -48,7 +52,7 @@ RELEASED = {
     "aug": "released",  # dataloaders/dl_semisup_2clips.py: baseline_dataloader_train_strong
     "balance": "authors",  # pretraining.py: the losses' sums (tb.BALANCE)
     "teacher": "finetune", "finetune_backbone_lr": 1.0,  # finetune.py: Adam over model.parameters()
-    "dropout": 0.0,  # models/r3d_classifier.py: no Dropout
+    "dropout": 0.5,  # slow_r50's head: Dropout(0.5) before the replaced projection (models/model.py)
     "student_init": "both",  # conf_semisup.py: checkpoint_tclr_checkpoint (L_I + L_LL + L_GL)
     "student_forward": "separate",  # train_semisup.py: model(inputs_labeled), then model(inputs_unlabeled)
     "epoch": "labeled",  # train_semisup.py: zip(data_loader_labeled, data_loader_unlabeled); finetune.py
@@ -73,26 +77,30 @@ def train_ssl(run, stage, resume=False):
     if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
                          f"videos over {run.world} processes")
+    length = len(ds) // run.world  # --last-batch keep: a last batch of one video has no negative, so it is dropped
+    length -= a.last_batch == "keep" and run.world == 1 and length % bs == 1
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
     gather = GatherVideos.apply if run.world > 1 else None  # the negatives: every process's videos
+    groups = 10 if a.ssl_forward == "per-clip" else 1
 
     def terms(net, batch):
-        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather, a.balance)
+        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather, a.balance, groups)
 
-    fit(run, stage, model, opt, [run.loader(ds, bs)], terms, epochs, lr, resume)
+    fit(run, stage, model, opt, [run.loader(ds, bs, length=length)], terms, epochs, lr, resume)
     knn_check(run, stage, model)
 
 
-def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, balance="mean"):
+def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, balance="mean", groups=1):
     """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each,
     clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`. `gather`
     (several processes): every process's embeddings, so that the negatives are the whole batch's.
-    `balance`: the terms' weights, a key of `tb.BALANCE`."""
+    `balance`: the terms' weights, a key of `tb.BALANCE`. `groups`: 10 puts each clip type through the
+    network alone (--ssl-forward per-clip), 1 all 10B clips at once."""
     B = x.shape[0] // 10
     with autocast():
-        g, L = net(x, out="ssl")  # (10B, D), (10B, 4, D)
+        g, L = net(x, out="ssl", groups=groups)  # (10B, D), (10B, 4, D)
     g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
     if gather is not None:  # (10, world * B, ...): the videos of process 0, then of 1, ...
         g, L = (gather(t.transpose(0, 1)).transpose(0, 1) for t in (g, L))
@@ -259,20 +267,24 @@ def classifier_loader(run, bs):
 
 def student_loaders(run, bs):
     """The student's unlabeled and labeled loaders, one batch of each a step. --epoch train: an epoch is a pass
-    over the unlabeled videos; labeled: over the labeled ones (the release's zip ends with its labeled loader),
-    the last partial batch dropped. The small labeled subset is repeated (each repeat with its own augmentation)
-    to give one labeled batch a step; --workers are split between the two in proportion to their clips."""
+    over the unlabeled videos; labeled: over the labeled ones (the release's zip ends with its labeled loader).
+    --last-batch: the last partial batch dropped, or kept. The small labeled subset is repeated (each repeat
+    with its own augmentation) to give one labeled batch a step; --workers are split between the two in
+    proportion to their clips."""
     a, unl_ds = run.args, run.dataset(run.unlabeled, "train")
-    bs_l = min(bs, len(run.labeled) // run.world)
-    steps = len(unl_ds) // (bs * run.world) if a.epoch == "train" else len(run.labeled) // max(1, bs_l * run.world)
+    n_u, n_l = len(unl_ds) // run.world, len(run.labeled) // run.world  # each process's
+    bs_l = min(bs, n_l)
+    steps_of = math.ceil if a.last_batch == "keep" else math.floor
+    steps = steps_of(n_u / bs) if a.epoch == "train" else steps_of(n_l / max(1, bs_l))
     if steps == 0 or bs_l == 0:
         raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled and {len(run.labeled)} labeled videos "
-                         f"give no full batch to each of {run.world} processes")
-    repeats = math.ceil(steps * bs_l * run.world / len(run.labeled))
-    lab_ds = run.dataset(run.labeled * repeats, "train", second_stream=True)
+                         f"give no batch to each of {run.world} processes")
+    lab_length = steps * bs_l if a.epoch == "train" else min(steps * bs_l, n_l)  # labeled: its last batch partial
+    lab_ds = run.dataset(run.labeled * math.ceil(lab_length * run.world / len(run.labeled)), "train",
+                         second_stream=True)
     labeled_workers = min(a.workers - 1, max(1, round(a.workers * bs_l / (bs + bs_l)))) if a.workers > 1 else 0
-    return [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=steps * bs),
-            run.loader(lab_ds, bs_l, workers=labeled_workers, length=steps * bs_l)]
+    return [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=min(steps * bs, n_u)),
+            run.loader(lab_ds, bs_l, workers=labeled_workers, length=lab_length)]
 
 
 def scores(run):
@@ -707,7 +719,7 @@ class Run:
 
     def model(self, **kw):
         a = self.args
-        m = R3D(a.width, a.layers, **kw).to(self.device)
+        m = models.build(a.arch, width=a.width, layers=a.layers, **kw).to(self.device)
         return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.cuda else m
 
     def classifier(self, ckpt, path, classes=None):
@@ -722,7 +734,7 @@ class Run:
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
         ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * second_stream,
-                               a.aug, a.ssl_aug, a.test_crop)
+                               a.aug, a.ssl_aug, a.test_crop, released=a.recipe == "released")
         data.keep_decoded(sorted({ds.path(i) for i in range(len(ds))}), ds.decode_size, a.cache_mb * 2**20)
         return ds
 
@@ -736,7 +748,7 @@ class Run:
         rank, world = (self.rank, self.world) if shuffle else (0, 1)
         return torch.utils.data.DataLoader(
             ds, batch_size, sampler=data.EpochSampler(len(ds), self.args.seed, shuffle, rank, world, length),
-            drop_last=shuffle, num_workers=workers, collate_fn=data.collate,
+            drop_last=shuffle and self.args.last_batch == "drop", num_workers=workers, collate_fn=data.collate,
             pin_memory=self.cuda, persistent_workers=shuffle and workers > 0,
             generator=torch.Generator().manual_seed(self.args.seed))
 
@@ -823,13 +835,14 @@ def read_splits(args):
 DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names",
               "classes", "per_class", "test_per_class", "subset_seed", "holdout")
 DEFINING = {"data": DATA_FLAGS,
-            "encoder": DATA_FLAGS + ("width", "layers"),
-            "ssl": DATA_FLAGS + ("recipe", "width", "layers", "ssl_frames", "ssl_stride", "size", "balance", "ssl_aug"),
-            "labeled": DATA_FLAGS + ("recipe", "width", "layers", "frames", "stride", "size", "labeled",
+            "encoder": DATA_FLAGS + ("arch", "width", "layers"),
+            "ssl": DATA_FLAGS + ("recipe", "arch", "width", "layers", "ssl_frames", "ssl_stride", "size", "balance",
+                                 "ssl_aug", "ssl_forward", "last_batch"),
+            "labeled": DATA_FLAGS + ("recipe", "arch", "width", "layers", "last_batch", "frames", "stride", "size", "labeled",
                                      "labeled_list", "seed", "aug", "teacher", "teacher_t", "dropout", "test_crop",
                                      "student_forward", "epoch", "schedule")}
 LABELED_STAGES = ("finetune", "supervised", "semisup")
-CLIP_FLAGS = ("width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
+CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
 
 
@@ -905,7 +918,7 @@ def load_into(model, ckpt, path):
     if saved["num_classes"] != own["num_classes"]:
         raise StageError(f"{path}: {saved['num_classes']} classes, dataset has {own['num_classes']}")
     if saved != own:
-        raise StageError(f"{path}: saved model {saved} differs from this run's {own} (--width, --layers)")
+        raise StageError(f"{path}: saved model {saved} differs from this run's {own} (--arch, --width, --layers)")
     model.load_state_dict(ckpt["model"], strict=True)
     return model
 
@@ -954,6 +967,7 @@ def load_checkpoint(path, kind=None):
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if not isinstance(arch, dict):
         raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
+    arch.setdefault("name", "compact")  # saved before the networks had names
     missing = [k for k in ("model", "optimizer", "epoch", "epochs", "arch", "args", "classes", "rng")
                if k not in ckpt] + [f"arch.{k}" for k in ("width", "layers", "num_classes", "proj_dim")
                                     if k not in arch]
@@ -1077,8 +1091,10 @@ def parser(command=True):
         help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
     add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
     add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
-    add("--width", type=at_least(1), default=16, help="base width of the 3D CNN (widths w, 2w, 4w, 8w)")
-    add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="residual blocks per stage")
+    add("--arch", choices=sorted(models.NETWORKS), default="compact", help="the network (models.py): compact, "
+        "the CPU default; r3d18, r3d50: the release's R3D-18 (torchvision's layout) and R3D-50 (slow_r50)")
+    add("--width", type=at_least(1), default=16, help="compact: base width (widths w, 2w, 4w, 8w)")
+    add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="compact: residual blocks per stage")
     add = p.add_argument_group("method (docs/method.md)").add_argument
     add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
     add("--balance", choices=sorted(tb.BALANCE), default="mean",
@@ -1089,6 +1105,8 @@ def parser(command=True):
     add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
     add("--mix", choices=["similarity", "fixed"], default="similarity",
         help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
+    add("--ssl-forward", choices=["joint", "per-clip"], default="joint", help="the 10 SSL clip types through the "
+        "encoder in one forward, or one forward each (BatchNorm's statistics each type's own, as released)")
     add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
         "batches through the student one after the other (BatchNorm's statistics each batch's own), or in one")
     add("--student-init", choices=["distinctive", "both"], default="distinctive",
@@ -1105,6 +1123,8 @@ def parser(command=True):
     add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
+    add("--last-batch", choices=["drop", "keep"], default="drop", help="an epoch's last partial batch: dropped, or "
+        "kept as released (an SSL batch of one video, which has no negative, is dropped)")
     add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
     return p
 

@@ -208,8 +208,16 @@ def old_augment(clip, size, g, recipe="ssl"):
     if drop:
         x[:, drop - 1] = 0
     x = (x.permute(1, 0, 2, 3) - data.MEAN.double()) / data.STD.double()  # (3, T, S, S)
+    randint = lambda lo, hi: lo + int(data._uniform(g) * max(0, hi - lo))  # noqa: E731  numpy's [lo, hi)
     for p, lo, hi in boxes:
-        if data._uniform(g) < p:
+        if data._uniform(g) >= p:
+            continue
+        if recipe in RELEASED_NUMBERS:  # dl_ssl.py, dl_semisup_2clips.py: erase(v=0)
+            eh = randint(int(H / 6 * size / 224), int(H / 3 * size / 224))  # of the frame's height, times size/224
+            ew = randint(int(W / 6 * size / 224), int(W / 3 * size / 224))
+            et, el = randint(0, size), randint(0, size)
+            x[:, :, et : et + eh, el : el + ew] = (-data.MEAN.double() / data.STD.double()).view(3, 1, 1, 1)  # black
+        else:
             eh, ew = int(size * data._uniform(g, lo, hi)), int(size * data._uniform(g, lo, hi))
             et, el = int(data._uniform(g) * (size - eh)), int(data._uniform(g) * (size - ew))
             x[:, :, et : et + eh, el : el + ew] = 0.0
@@ -235,7 +243,11 @@ def test_split_augmentation_equals_the_old_path(device):
     drawn = torch.stack(params)
     assert (drawn[:, 4] == 1).any() and (drawn[:, 8] > 0).any() and (drawn[:, 0] != 1).any()  # grey, erase, jitter
     assert (drawn[:, 10] != 1).any() and (drawn[:, 13] > 0).any()  # gamma, a second box
-    assert ((got == 0).flatten(1).float().mean(1) > 0.004).sum() == ((drawn[:, 8] > 0) | (drawn[:, 13] > 0)).sum()
+    ssl = torch.arange(80) % 4 == 0  # boxes of the mean grey: 0 after normalisation
+    erased = (got[ssl] == 0).flatten(1).float().mean(1) > 0.004
+    assert erased.sum() == ((drawn[ssl, 8] > 0) | (drawn[ssl, 13] > 0)).sum()
+    boxed = (drawn[:, 8] > 0) | (drawn[:, 13] > 0)  # the released recipes' boxes are black, the others mean grey
+    assert ((drawn[:, 16] == 0) == (boxed & ~ssl & (torch.arange(80) % 4 != 1))).all()
 
 
 @pytest.mark.parametrize("recipe", sorted(RELEASED_NUMBERS))
@@ -243,7 +255,7 @@ def test_released_recipe_ranges_and_rates(recipe):
     """The released recipes: each parameter within its range, drawn at its rate (within 4 binomial standard
     deviations over 4,000 clips), one draw for the whole clip (the crop itself: against the float path)."""
     want = RELEASED_NUMBERS[recipe]
-    frame = torch.arange(40 * 60 * 3).remainder(251).to(torch.uint8).view(1, 40, 60, 3)
+    frame = torch.arange(240 * 320 * 3).remainder(251).to(torch.uint8).view(1, 240, 320, 3)  # UCF101's frames
     clip = frame.expand(4, -1, -1, -1)  # 4 identical frames: any per-frame draw would tell them apart
     n, S = 4000, 24
     rows = []
@@ -253,7 +265,7 @@ def test_released_recipe_ranges_and_rates(recipe):
             y = data.augment_on_device(x[None], p[None])[0]
             assert torch.equal(y, y[:, :1].expand_as(y))
         rows.append(p)
-    b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2, drop = torch.stack(rows).double().unbind(1)
+    b, c, s, theta, grey, m, et, el, eh, ew, gamma, et2, el2, eh2, ew2, drop, fill = torch.stack(rows).double().unbind(1)
 
     def rate(changed, p, lo, hi, value, among=n):
         assert abs(changed.double().mean() - p) <= 4 * math.sqrt(p * (1 - p) / among)
@@ -273,9 +285,14 @@ def test_released_recipe_ranges_and_rates(recipe):
     assert ((gamma != 1) <= (grey == 1)).all()  # gamma only on greyscale clips
     rate(gamma[grey == 1] != 1, *want["gamma"], gamma[grey == 1], among=int((grey == 1).sum()))
     for (top, left, h, w), p in zip(((et, el, eh, ew), (et2, el2, eh2, ew2)), want["erase"]):
-        rate(h > 0, p, int(S / 6), int(S / 3), h)
-        assert ((w[h > 0] >= int(S / 6)) & (w[h > 0] <= int(S / 3))).all()
-        assert ((top + h <= S) & (left + w <= S)).all()
+        # sides 1/6-1/3 of the 240x320 frame's times S / 224 (clipped at the edge), the corner anywhere, black
+        side = lambda n, lo: int(n * lo * S / 224)  # noqa: E731
+        rate(h > 0, p, 1, side(240, 1 / 3) - 1, h)
+        assert ((w[h > 0] >= 1) & (w[h > 0] <= side(320, 1 / 3) - 1)).all()
+        full = (top + side(240, 1 / 3) < S) & (left + side(320, 1 / 3) < S) & (h > 0)  # not clipped
+        assert ((h[full] >= side(240, 1 / 6)) & (w[full] >= side(320, 1 / 6))).all()
+        assert ((top + h <= S) & (left + w <= S)).all() and (fill[h > 0] == 0).all()
+        assert p == 0 or top[h > 0].max() >= S - 3
     # the crop: a side fraction f in [crop, 1] of both sides, read back from a frame whose pixels count columns
     cols = torch.arange(60).view(1, 1, 60, 1).expand(4, 40, 60, 3).to(torch.uint8)
     spans = []

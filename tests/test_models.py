@@ -3,11 +3,11 @@ import torch
 import torch.nn as nn
 
 from tools.bench import count_flops
-from models import R3D, load_backbone
+from models import compact, load_backbone
 
 
 def test_shapes_and_normalised_projection():
-    m = R3D(8, (1, 1, 1, 1), proj_dim=128).eval()
+    m = compact(8, (1, 1, 1, 1), proj_dim=128).eval()
     x = torch.randn(3, 3, 8, 64, 64)
     assert m.features(x).shape == (3, 64, 4, 2, 2)  # (B, 8w, T/2, H/32, W/32)
     g, L = m(x, out="ssl")
@@ -16,20 +16,20 @@ def test_shapes_and_normalised_projection():
     # slice p of L is the head applied to time step p of the feature map
     fmap = m.features(x)
     assert torch.allclose(L[:, 2], m.project(fmap[:, :, 2].mean(dim=(2, 3))), atol=1e-6)
-    c = R3D(8, (2, 1, 1, 1), num_classes=5).eval()
+    c = compact(8, (2, 1, 1, 1), num_classes=5).eval()
     assert c(x).shape == (3, 5)
 
 
 def test_load_backbone_strict_and_reports_skipped_keys():
-    ssl = R3D(8, proj_dim=32)
-    clf = R3D(8, num_classes=4)
+    ssl = compact(8, proj_dim=32)
+    clf = compact(8, num_classes=4)
     skipped = load_backbone(clf, ssl.state_dict())
     assert skipped and all(k.startswith("head.") for k in skipped)
     for k, v in ssl.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(clf.state_dict()[k], v)
     with pytest.raises(ValueError, match="--width"):
-        load_backbone(R3D(16, num_classes=4), ssl.state_dict(), source="x.pt")
+        load_backbone(compact(16, num_classes=4), ssl.state_dict(), source="x.pt")
 
 
 def test_count_flops_by_hand():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train as train_py
-from models import R3D
+from models import compact
 from test_train import FAST, last_line, load, train
 
 
@@ -76,8 +76,8 @@ def test_student_forwards_separate_and_joint():
     the loss written out: CE + w_l MSE(p_S, p_T) on labeled + w_u MSE on unlabeled."""
     torch.manual_seed(0)
     K, B = 5, 3
-    net = R3D(8, (1, 1, 1, 1), num_classes=K).train()
-    teachers = [R3D(8, (1, 1, 1, 1), num_classes=K).eval().requires_grad_(False) for _ in range(2)]
+    net = compact(8, (1, 1, 1, 1), num_classes=K).train()
+    teachers = [compact(8, (1, 1, 1, 1), num_classes=K).eval().requires_grad_(False) for _ in range(2)]
     x_l, x_u = torch.randn(B, 3, 4, 32, 32), torch.randn(B, 3, 4, 32, 32) * 2 + 1  # batches of other statistics
     y, s = torch.randint(0, K, (B,)), torch.rand(2 * B)
     x = torch.cat([x_l, x_u])
@@ -127,28 +127,29 @@ def test_recipe_released_in_a_tiny_run_of_the_three_commands(toy_root, tmp_path)
     groups at the same rate, no dropout, no weight decay, the released epoch); run.json records the recipe and
     the folder refuses to go on without it."""
     for stage in ("invariant", "distinctive", "semisup"):
-        p = train("--stage", stage, "--recipe", "released", "--width", "8", "--layers", "1", "1", "1", "1",
-                  root=toy_root, out=tmp_path)
+        p = train("--stage", stage, "--recipe", "released", "--arch", "compact", "--width", "8", "--layers", "1", "1",
+                  "1", "1", root=toy_root, out=tmp_path)
         first = p.stdout.splitlines()[:2]
         assert first[0].startswith("--recipe released set ") and "--ssl-aug released" in first[0]
-        assert "--schedule released" in first[0] and "--width" not in first[0]
-        assert "--width 8 (released: 64)" in first[1] and "--layers 1 1 1 1 (released: 2 2 2 2)" in first[1]
+        assert "--schedule released" in first[0] and "--ssl-forward per-clip" in first[0] and "--arch" not in first[0]
+        assert "--arch compact (released: r3d50)" in first[1]
         assert "--size 32 (released: 224)" in first[1] and "--epochs 1" in first[1]
     recorded = json.load(open(tmp_path / "run.json"))
     assert recorded["recipe"] == "released" and recorded["ssl_aug"] == "released"
-    assert recorded["dropout"] == 0.0 and recorded["schedule"] == "released" and recorded["test_crop"] == 0.8
+    assert recorded["dropout"] == 0.5 and recorded["schedule"] == "released" and recorded["test_crop"] == 0.8
+    assert recorded["ssl_forward"] == "per-clip" and recorded["last_batch"] == "keep"
     student = load(tmp_path / "student.pt")
     assert student["args"]["student_init"] == "both" and (tmp_path / "both.pt").exists()
     assert student["optimizer"]["param_groups"][0]["weight_decay"] == 0.0
     assert adam_steps(tmp_path / "student.pt") == 16 // 4  # the released epoch: 16 labeled videos, batches of 4
     teacher = load(tmp_path / "teacher_distinctive.pt")
     assert [g["scale"] for g in teacher["optimizer"]["param_groups"]] == [1.0, 1.0]  # backbone at the full rate
-    assert student["args"]["dropout"] == 0.0 and student["args"]["student_forward"] == "separate"
+    assert student["args"]["dropout"] == 0.5 and student["args"]["student_forward"] == "separate"
     # an SSL stage at the released schedule's first epoch: 0.01 of the released rate
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert math.isclose(next(e["lr"] for e in log if e["stage"] == "invariant"), 0.01 * 5e-3, rel_tol=1e-6)
-    p = train("--stage", "semisup", "--width", "8", "--layers", "1", "1", "1", "1", root=toy_root, out=tmp_path,
-              check=False)
+    p = train("--stage", "semisup", "--arch", "compact", "--width", "8", "--layers", "1", "1", "1", "1",
+              root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "--recipe default differs from released" in last_line(p)
 
 
@@ -156,11 +157,11 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
     args = train_py.get_args(["--stage", "semisup", "--recipe", "released", "--dropout", "0.3", "--test-crop=0",
                               "--teacher", "class-mean", "--root", toy_root])
     assert args.dropout == 0.3 and args.test_crop == 0.0 and args.teacher == "class-mean"
-    assert args.ssl_aug == "released" and args.width == 64 and args.schedule == "released"
+    assert args.ssl_aug == "released" and args.arch == "r3d50" and args.schedule == "released"
     assert train_py.hparams(args, "invariant") == (1000, 5e-3, 40, 1e-9)
     assert train_py.hparams(args, "semisup") == (150, 1e-4, 16, 0.0)
     text = train_py.recipe_text(args)
-    assert "--dropout 0.3 (released: 0.0)" in text and "--teacher class-mean (released: finetune)" in text
+    assert "--dropout 0.3 (released: 0.5)" in text and "--teacher class-mean (released: finetune)" in text
     default = train_py.get_args(["--stage", "semisup", "--root", toy_root])
     assert default.dropout == 0.0 and default.ssl_aug == "view" and default.test_crop == 0.8 and default.overrode == {}
     assert train_py.hparams(default, "semisup") == (25, 5e-4, 16, 1e-4)
@@ -172,13 +173,14 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
 # stop, naming the flag. Written out here (not read from train.DEFINING), so that a flag left out of the recorded
 # set fails this test.
 RECORDED = {
-    "ssl": [("recipe", "released"), ("width", "12"), ("layers", "1 1 2 1"), ("ssl_frames", "8"),
+    "ssl": [("recipe", "released"), ("arch", "r3d18"), ("ssl_forward", "per-clip"), ("last_batch", "keep"),
+            ("width", "12"), ("layers", "1 1 2 1"), ("ssl_frames", "8"),
             ("ssl_stride", "8"), ("size", "28"), ("balance", "authors"), ("ssl_aug", "released"), ("holdout", "1"),
             ("classes", "4"), ("per_class", "4"), ("test_per_class", "1"), ("fold", "2")],
     "labeled": [("recipe", "released"), ("frames", "2"), ("stride", "3"), ("labeled", "1"), ("seed", "5"),
                 ("aug", "released"), ("teacher", "finetune"), ("teacher_t", "0.5"), ("dropout", "0.1"),
                 ("test_crop", "0.5"), ("student_forward", "joint"), ("epoch", "labeled"),
-                ("schedule", "released"), ("width", "12"), ("size", "28")],
+                ("schedule", "released"), ("width", "12"), ("size", "28"), ("arch", "r3d50"), ("last_batch", "keep")],
 }
 
 

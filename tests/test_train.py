@@ -708,7 +708,7 @@ def step_of_each_stage(args, device, B=2, K=8):
     and step, the terms added to the sums on the device), on random batches finished on `device` before the
     first step. Yields (stage, step) before each step runs."""
     import train as train_py
-    from models import R3D
+    from models import compact
 
     def clips(n):
         x = torch.randint(0, 256, (n, 3, 4, 32, 32), dtype=torch.uint8).to(device)
@@ -716,9 +716,9 @@ def step_of_each_stage(args, device, B=2, K=8):
         return data.augment_on_device(x, p)  # (n, 3, 4, 32, 32)
 
     y = torch.randint(0, K, (B,)).to(device)
-    ssl = R3D(8, (1, 1, 1, 1), proj_dim=128).to(device)
-    clf = R3D(8, (1, 1, 1, 1), num_classes=K, dropout=0.5).to(device)
-    teachers = [R3D(8, (1, 1, 1, 1), num_classes=K).to(device).eval().requires_grad_(False) for _ in range(2)]
+    ssl = compact(8, (1, 1, 1, 1), proj_dim=128).to(device)
+    clf = compact(8, (1, 1, 1, 1), num_classes=K, dropout=0.5).to(device)
+    teachers = [compact(8, (1, 1, 1, 1), num_classes=K).to(device).eval().requires_grad_(False) for _ in range(2)]
     s = torch.rand(2 * B).to(device)
     steps = {
         "both": (ssl, [clips(10 * B) for _ in range(2)],
@@ -889,11 +889,11 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
     """predict's probabilities against a reference built from data.py's parts: the 2 test clips of each video
     (test_indices, load_frames, center_crop of 0.8, augment_on_device) through the checkpoint's model, softmaxes
     averaged."""
-    from models import R3D
+    from models import compact
 
     out, _ = chain
     ckpt = load(out / "student.pt")
-    model = R3D(ckpt["arch"]["width"], ckpt["arch"]["layers"], num_classes=8)
+    model = compact(ckpt["arch"]["width"], ckpt["arch"]["layers"], num_classes=8)
     model.load_state_dict(ckpt["model"])
     model.eval()
     videos = [

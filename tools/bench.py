@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from models import R3D  # noqa: E402
+from models import compact  # noqa: E402
 from tools import toy  # noqa: E402
 
 SIZE = 32  # train.py's --size default
@@ -155,7 +155,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def model(**kw):
-        return R3D(width, layers, **kw).to(device, memory_format=fmt)
+        return compact(width, layers, **kw).to(device, memory_format=fmt)
 
     def clips(n, T=8):
         return torch.randn(n, 3, T, size, size, device=device).contiguous(memory_format=fmt)
@@ -208,7 +208,7 @@ def step_fns(width, layers, size, device, amp=False, channels_last=False, K=8, T
 
 def bench_steps_cpu(reps, size=SIZE):
     dev = torch.device("cpu")
-    m = R3D(16, (1, 1, 1, 1), num_classes=8)
+    m = compact(16, (1, 1, 1, 1), num_classes=8)
     print(f"\n## Default model (width 16, 1 block per stage) at 8x{size}x{size}: "
           f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters (classifier), "
           f"{count_flops(m, torch.zeros(1, 3, 8, size, size)) / 1e9:.3f} GFLOPs per clip forward")

@@ -102,7 +102,7 @@ def gloo_probe(device):
         x = torch.randn(4, 8, device=device, requires_grad=True)
         train.GatherVideos.apply(x).square().sum().backward()  # all_gather, then all_reduce of the gradient
         done.append("all_gather + all_reduce")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models.R3D(width=4, num_classes=3)).to(device)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models.compact(width=4, num_classes=3)).to(device)
         net = torch.nn.parallel.DistributedDataParallel(model)
         net(torch.randn(2, 3, 4, 16, 16, device=device)).square().mean().backward()  # SyncBatchNorm, DDP
         done.append("DDP step with SyncBatchNorm")

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
-from models import R3D  # noqa: E402
+from models import compact  # noqa: E402
 from tools import toy  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main():
     for name in ("invariant", "distinctive"):
         ckpt = torch.load(os.path.join(a.run, f"{name}.pt"), map_location="cpu", weights_only=True)
         args = ckpt["args"]
-        encoders[name] = R3D(args["width"], args["layers"], proj_dim=128).eval()
+        encoders[name] = compact(args["width"], args["layers"], proj_dim=128).eval()
         encoders[name].load_state_dict(ckpt["model"])
     T, S = args["frames"], args["size"]
     pairs = {name: [] for name in encoders}  # (phase apart in [0, 0.5] cycles, cosine)
