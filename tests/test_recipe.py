@@ -194,3 +194,66 @@ def test_run_folder_refuses_each_recorded_flag(toy_root, tmp_path, kind, flag, v
                                f"--{flag.replace('_', '-')}", *value.split()])
     with pytest.raises(train_py.StageError, match=f"--{flag.replace('_', '-')} .* differs from"):
         train_py.check_flags(recorded, other, kind, "run.json")
+
+
+def test_released_test_clip_starts_by_hand():
+    """--recipe released's test clips (dl_semisup_2clips.py): starts int(linspace(0, n - stride T - 10, 10)), a
+    negative one replaced by the clip's number, the stride halved where T strides pass the end; by hand."""
+    import data
+
+    starts = lambda n, T, k: [c[0] for c in data.test_indices(n, T, k, 10, released=True)]  # noqa: E731
+    assert starts(100, 8, 2) == [0, 8, 16, 24, 32, 41, 49, 57, 65, 74]  # linspace(0, 74, 10)
+    assert starts(20, 8, 2) == [0, 0, 2, 3, 4, 5, 6, 7, 8, 9]  # linspace(0, -6, 10): -0.67 truncates to 0
+    assert data.test_indices(100, 8, 2, 10, released=True)[1] == list(range(8, 24, 2))
+    assert data.test_indices(12, 8, 2, 10, released=True)[9] == [9, 10, 11, 11, 11, 11, 11, 11]  # stride 1
+    assert starts(100, 8, 2) != [c[0] for c in data.test_indices(100, 8, 2, 10)]  # the default spreads 0 .. n - 15
+
+
+def test_released_ssl_leaves_out_short_videos(tmp_path):
+    """--recipe released: an SSL video of 7/8 of the sparse span or fewer frames is left out (dl_ssl.py: 56 at
+    16 x 4); an unreadable one stays, to be skipped and counted when drawn; other modes keep every video."""
+    import data
+    from conftest import moving_frames
+    from tools import toy
+
+    for n in (13, 14, 15, 40):
+        toy.write_video(str(tmp_path / f"v{n}.avi"), moving_frames(n))
+    (tmp_path / "bad.avi").write_bytes(b"not a video")
+    items = [(f"v{n}.avi", 0) for n in (13, 14, 15, 40)] + [("bad.avi", 0)]
+    ds = data.VideoDataset(items, str(tmp_path), "ssl", frames=4, stride=4, size=16, released=True)  # span 16: 14
+    assert [p for p, _ in ds.items] == ["v15.avi", "v40.avi", "bad.avi"]
+    assert len(data.VideoDataset(items, str(tmp_path), "ssl", frames=4, stride=4, size=16)) == 5
+    assert len(data.VideoDataset(items, str(tmp_path), "train", frames=4, stride=4, size=16, released=True)) == 5
+
+
+def test_last_batch_kept_or_dropped(toy_root, tmp_path):
+    """--last-batch keep: a stage's steps are ceil(items / batch) where drop gives floor, and an SSL batch of one
+    video (no negative) is left out: 40 training videos, 16 labeled (2 a class), 24 unlabeled."""
+    for bs, want in ((6, 7), (13, 3)):  # 40 = 6 x 6 + 4: a partial batch of 4; 40 = 3 x 13 + 1: the one dropped
+        train("--stage", "invariant", "--batch-size", str(bs), "--last-batch", "keep", root=toy_root, out=tmp_path / str(bs))
+        assert adam_steps(tmp_path / str(bs) / "invariant.pt") == want
+    for flag, sup, student in (("keep", 7, 5), ("drop", 6, 4)):  # 32 labeled clips (16 x 2) and 24 unlabeled, by 5
+        folder = tmp_path / flag
+        for stage in ("invariant", "distinctive"):
+            train("--stage", stage, "--last-batch", flag, root=toy_root, out=folder)
+        for stage in ("semisup", "supervised"):
+            train("--stage", stage, "--batch-size", "5", "--last-batch", flag, "--teacher", "finetune",
+                  root=toy_root, out=folder)
+        assert adam_steps(folder / "supervised.pt") == sup and adam_steps(folder / "teacher_invariant.pt") == sup
+        assert adam_steps(folder / "student.pt") == student
+
+
+@pytest.mark.parametrize("arch", ["r3d18", "r3d50"])
+def test_paper_scale_commands_end_to_end_small(toy_root, tmp_path, arch):
+    """The README's paper-scale commands with --recipe released and the released network, small: 2 classes, 3
+    videos each, 4 x 16 x 16 clips, batch 2, 1 epoch; every stage through the student (the recipe's
+    'both' encoder and fine-tuned teachers included); the checkpoints are of the network asked for."""
+    small = ["--recipe", "released", "--arch", arch, "--classes", "2", "--per-class", "3", "--test-per-class", "1",
+             "--ssl-frames", "4", "--frames", "4", "--size", "16", "--batch-size", "2", "--labeled", "2"]
+    for stage in ("invariant", "distinctive", "semisup"):
+        train("--stage", stage, *small, root=toy_root, out=tmp_path)
+    for name in ("invariant", "distinctive", "both", "teacher_invariant", "teacher_distinctive", "student"):
+        assert load(tmp_path / f"{name}.pt")["arch"]["name"] == arch
+    assert "student" in json.load(open(tmp_path / "results.json"))
+    p = train("--stage", "semisup", *small, "--arch", "compact", root=toy_root, out=tmp_path, check=False)
+    assert p.returncode == 2 and "--arch compact differs from " + arch in last_line(p)
