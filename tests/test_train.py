@@ -1503,7 +1503,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
 
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(chain[0], a)
-    train("--stage", "supervised", "--dropout", "0.2", root=toy_root, out=b, extra=["--epochs", "2"])
+    train("--stage", "supervised", "--dropout", "0.2", root=toy_root, out=b, extra=["--epochs", "4"])
     log = [json.loads(line) for line in open(b / "log.jsonl")]
     again = {**log[-1], "CE": log[-1]["CE"] + 1.0, "run": "resumed"}  # the epoch logged a second time
     with open(b / "log.jsonl", "a") as f:
@@ -1512,6 +1512,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
     flags = {row[0]: row[1:] for row in page.tables["flags"][1:]}
     assert flags["dropout"] == ["0.0", "0.2"] and "size" not in flags and "root" not in flags
     ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
+    assert ra["supervised"] != rb["supervised"]  # a difference of the wrong sign would show
     rows = {row[1]: row[2:] for row in page.tables["results"][1:]}
     assert set(rows) == set(ra) | set(rb)
     assert float(rows["supervised"][0]) == ra["supervised"] and float(rows["supervised"][1]) == rb["supervised"]
