@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -289,14 +290,15 @@ def student_loaders(run, bs):
 
 def scores(run):
     """Every training video's temporal similarity score (`video_scores`), cached in OUT/scores.json with the
-    times of the encoders it came from. Returns {"raw": {path: s}, "C": {path: 4x4}, "alone": {path: [s of C_I
-    alone, s of C_D alone]}, "s": {path: s normalised over the training videos (--score-norm)}}."""
-    source = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}
+    times of the encoders it came from and its settings. Returns {"raw": {path: s}, "C": {path: 4x4}, "alone":
+    {path: [s of C_I alone, s of C_D alone]}, "s": {path: s normalised over the training videos (--score-norm)}}."""
+    source, own = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}, settings(run.args, "scores")
     cache = read_json(os.path.join(run.args.out, "scores.json"))
     raw, C, alone = (cache.get(k) for k in ("raw", "C", "alone"))
-    if not (cache.get("source") == source and all(isinstance(d, dict) for d in (raw, C, alone))
+    if not (cache.get("source") == source and cache.get("settings") == own
+            and all(isinstance(d, dict) for d in (raw, C, alone))
             and all(isinstance(raw.get(p), float) and p in C and p in alone for p, _ in run.train)):
-        cache = {"source": source, **compute_scores(run)}
+        cache = {"source": source, "settings": own, **compute_scores(run)}
         if run.rank == 0:
             write_json(os.path.join(run.args.out, "scores.json"), cache)
     paths = [p for p, _ in run.train]
@@ -572,17 +574,18 @@ def run_stage(args, stage):
 
 
 def semisup(run):
-    """`--stage semisup`: the method downstream of the two self-supervised encoders, each step not done yet,
-    in order (with --student-init both, first the student's initial encoder); then the table of figures."""
-    inits = encoders(run)  # both present before any work
-    steps = []  # (name, checkpoint kind, what it is, train(resume))
-    if run.args.student_init == "both":
-        steps.append(("both", "ssl", "L_I + L_LL + L_GL, the student's initial encoder",
-                      lambda resume: train_ssl(run, "both", resume)))
+    """`--stage semisup`: the whole method, each step not done yet, in order: the two self-supervised encoders
+    (unless their own stages trained them), with --student-init both the student's initial encoder, the
+    teachers, then the scores and the student; then the table of figures."""
+    what = {"invariant": "L_I", "distinctive": "L_D = L_LL + L_GL", "both": "L_I + L_LL + L_GL, the student's "
+            "initial encoder"}
+    steps = [(k, "ssl", what[k], lambda resume, k=k: train_ssl(run, k, resume))  # (name, kind, what, train(resume))
+             for k in ENCODERS + (("both",) if run.args.student_init == "both" else ())]
     for k in ENCODERS:
         how = "with its nearest-class-mean classifier on" if run.args.teacher == "class-mean" else "fine-tuned on"
         steps.append((f"teacher_{k}", "classifier", f"the {k} encoder {how} the labeled videos",
-                      lambda resume, k=k: make_teacher(run, f"teacher_{k}", inits[k], resume)))
+                      lambda resume, k=k: make_teacher(run, f"teacher_{k}", finished_checkpoint(run, k, "ssl"),
+                                                       resume)))
     name = "student" if run.args.mix == "similarity" else "student_fixed"
     steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
                   f"teachers, --mix {run.args.mix}", lambda resume: train_student(run, name, resume)))
@@ -686,22 +689,30 @@ class Run:
         self.open_folder(lists, subset)
 
     def open_folder(self, lists, subset):
-        """OUT/run.json: the flags that define the stages run here; a stage with other values stops. Its
-        summaries are read once before any work (a damaged one stops the stage); the lists are written."""
+        """The run folder, checked before anything is written: the flags that reach every step against OUT/run.json,
+        each step this command reaches against what it recorded (a damaged file stops the stage); then --from's
+        steps taken, the flags recorded, the lists written."""
         a = self.args
-        os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, "run.json")
-        recorded = read_json(path)
-        scope = "ssl" if self.stage in SSL_STAGES else "labeled" if self.stage in LABELED_STAGES else "data"
-        current = check_flags(recorded, a, scope, f"{path} by this run's earlier stages")  # every rank
+        path, steps = os.path.join(a.out, "run.json"), steps_of(a, self.stage)
+        taken = take_from(self, steps) if a.source else {}  # every rank
+        run_json = read_json(path)
+        check_step(self, "run", run_json, True, f"{path} by this run's earlier stages")
+        for name, got in ((n, recorded(a.out, n)) for n in steps):
+            if got:
+                check_step(self, name, *got)
         for summary in ("results.json", "per_class.json", "scores.json"):
             read_json(os.path.join(a.out, summary))
         if self.rank == 0:
-            write_json(path, {**recorded, **current})
+            os.makedirs(a.out, exist_ok=True)
+            if a.source:
+                take(self, taken)
+            source = {"from": a.source, "taken": list(taken)} if a.source else {}
+            write_json(path, {**run_json, **settings(a, "run" if self.stage == "eval" else None), **source})
             for name, items in lists.items():
                 data.write_lines(os.path.join(a.out, f"{name}.txt"), (f"{p} {label}" for p, label in items))
             if subset:
                 data.write_lines(os.path.join(a.out, "classes.txt"), self.classes)
+        self.barrier()  # the files taken are there for every process
 
     def barrier(self):
         if self.world > 1:
@@ -828,39 +839,119 @@ def read_splits(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags that define a run, checkpoints, JSON files
+# What defines each step of a run folder, checkpoints, JSON files
 
-# The flags that define what a stage computes: a later stage in the same --out (OUT/run.json), or a
-# checkpoint reused, must agree with them (`check_flags`). Paths are absolute (`get_args`) and compared so.
-DATA_FLAGS = ("dataset", "root", "splits", "fold", "hmdb_unused", "train_list", "test_list", "class_names",
-              "classes", "per_class", "test_per_class", "subset_seed", "holdout")
-DEFINING = {"data": DATA_FLAGS,
-            "encoder": DATA_FLAGS + ("arch", "width", "layers"),
-            "ssl": DATA_FLAGS + ("recipe", "arch", "width", "layers", "ssl_frames", "ssl_stride", "size", "balance",
-                                 "ssl_aug", "ssl_forward", "last_batch"),
-            "labeled": DATA_FLAGS + ("recipe", "arch", "width", "layers", "last_batch", "frames", "stride", "size", "labeled",
-                                     "labeled_list", "seed", "aug", "teacher", "teacher_t", "dropout", "test_crop",
-                                     "student_forward", "epoch", "schedule")}
+# The flags that cannot change what a step computes. Every other flag of `parser` defines each step it reaches
+# (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
+NOT_DEFINING = ("help", "stage", "ckpt", "videos", "out", "source", "resume", "workers", "cache_mb", "device",
+                "no_amp", "channels_last", "log_every")
+# Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
+# the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
+# the class-mean teachers and the scores take no training step and read none of it.
+CLASSIFIER_FLAGS = ("aug", "dropout", "epoch")
+TEACHER_FLAGS = ("teacher", "teacher_t", "finetune_backbone_lr")
+STUDENT_FLAGS = ("w_labeled", "w_unlabeled", "distill", "mix", "score_norm", "student_init", "student_forward")
+SCHEDULE = ("epochs", "lr", "batch_size", "weight_decay")
 LABELED_STAGES = ("finetune", "supervised", "semisup")
 CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
-PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list")
+PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list", "source")
 
 
-def check_flags(recorded, args, scope, source):
-    """{flag: value} of the flags that define a stage or checkpoint of `scope` (a key of DEFINING) in `args`
-    (a namespace or a checkpoint's dict of one); one of them `recorded` in `source` with another value
-    stops the run with one line."""
+def settings(args, name=None):
+    """{flag: value} of the flags that define step `name` in `args` (a namespace, or a checkpoint's dict of one:
+    a flag newer than it is left out), the schedule as the step resolves it. `name`: a checkpoint's, "scores",
+    "run" (the flags that reach every step), or None (every defining flag as given: OUT/run.json)."""
     args = args if isinstance(args, dict) else vars(args)
-    current = {}
-    for flag in DEFINING[scope]:
-        value = args.get(flag)
-        if flag == "subset_seed":  # the seed the subset was drawn with, where one was drawn
-            value = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
-        if flag in recorded and recorded[flag] != value:
-            raise StageError(f"--{flag.replace('_', '-')} {value} differs from {recorded[flag]}, recorded in "
-                             f"{source}: use another --out for a new run (or give {recorded[flag]})")
-        current[flag] = value
-    return current
+    kind = "teacher" if str(name).startswith("teacher_") else "student" if str(name).startswith("student") else name
+    narrow = {None: (), "student": (), "teacher": STUDENT_FLAGS, "supervised": TEACHER_FLAGS + STUDENT_FLAGS}.get(
+        kind, CLASSIFIER_FLAGS + TEACHER_FLAGS + STUDENT_FLAGS)  # the SSL steps, the scores, the run
+    skip = NOT_DEFINING + narrow + (SCHEDULE if name else ())
+    got = {a.dest: args[a.dest] for a in parser()._actions if a.dest not in skip and a.dest in args}
+    if "subset_seed" in got:  # the seed the subset was drawn with, where one was drawn
+        got["subset_seed"] = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
+    table = {"teacher": "finetune", "student": "semisup"}.get(kind, kind)
+    if table in STEPS and (kind != "teacher" or args.get("teacher") == "finetune"):
+        got.update(zip(SCHEDULE, hparams(argparse.Namespace(**args), table)))
+    return got
+
+
+def steps_of(args, stage):
+    """{name: the steps upstream of it} of each step that `stage` reaches, in the order they run: OUT/<name>.pt,
+    or OUT/scores.json for "scores". semisup's are the whole method."""
+    teachers = {f"teacher_{k}": (k,) for k in ENCODERS}
+    if stage == "finetune":
+        return {**dict.fromkeys(ENCODERS, ()), **teachers}
+    if stage != "semisup":
+        return {stage: ()} if stage in SSL_STAGES + ("supervised",) else {}
+    scores = {"scores": ENCODERS} if args.mix == "similarity" else {}
+    student = "student" if args.mix == "similarity" else "student_fixed"
+    return {**dict.fromkeys(ENCODERS + (("both",) if args.student_init == "both" else ()), ()), **teachers,
+            **scores, student: (*teachers, *scores, args.student_init)}
+
+
+def recorded(folder, name):
+    """(settings, finished, path) of step `name` as run folder `folder` recorded it, or None where it has none."""
+    path = os.path.join(folder, "scores.json" if name == "scores" else f"{name}.pt")
+    if not os.path.exists(path):
+        return None
+    if name == "scores":
+        return read_json(path).get("settings", {}), True, path
+    ckpt = load_checkpoint(path)
+    return ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path
+
+
+def differs(run, name, record, finished):
+    """The first flag (flag, this command's value, the recorded one) where step `name`'s record differs from this
+    command's settings of it, or None. An encoder's schedule is its own stage's: another command that reads it
+    finished leaves it as it is."""
+    own = name not in SSL_STAGES or not finished or run.stage == name
+    return next(((k, v, record[k]) for k, v in settings(run.args, name).items()
+                 if k in record and record[k] != v and (own or k not in SCHEDULE)), None)
+
+
+def check_step(run, name, record, finished, source):
+    """Step `name`'s record (from `source`) against this command: another value stops the run with one line."""
+    d = differs(run, name, record, finished)
+    if d:
+        flag = "--" + d[0].replace("_", "-")
+        raise StageError(f"{flag} {d[1]} differs from {d[2]}, recorded in {source}: use another --out for a new "
+                         f"run (--from {run.args.out} takes the steps that match), or give {flag} {d[2]}")
+
+
+def take_from(run, steps):
+    """--from DIR into a new --out: {name: file} of each step of `steps` that DIR holds finished, with this
+    command's settings and every step upstream of it taken too; the others are trained here. Reads only."""
+    a, source = run.args, run.args.source
+    if os.path.realpath(source) == os.path.realpath(a.out):
+        raise StageError(f"--from {source} is --out itself: --from starts a new run folder from another")
+    if os.path.exists(os.path.join(a.out, "run.json")):
+        raise StageError(f"--from: {a.out} already holds a run (run.json): give --from a new --out")
+    if not os.path.isfile(os.path.join(source, "run.json")):
+        raise StageError(f"--from {source}: " + ("holds no run (no run.json)" if os.path.isdir(source) else
+                                                 "no such folder"))
+    for f in ("run.json", "results.json", "per_class.json"):  # a damaged one stops the run before any is written
+        read_json(os.path.join(source, f))
+    taken = {}
+    for name, upstream in steps.items():
+        got = recorded(source, name)
+        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got[:2]):
+            taken[name] = got[2]
+    return taken
+
+
+def take(run, taken):
+    """The files of the steps `take_from` took, linked into OUT (copied where the file system cannot), and their
+    figures."""
+    a = run.args
+    for path in taken.values():
+        try:
+            os.link(path, os.path.join(a.out, os.path.basename(path)))
+        except OSError:  # another file system, or one without links
+            shutil.copy2(path, a.out)  # with its time: scores.json knows its encoders by theirs
+    keys = [f"knn_{k}" if k in SSL_STAGES else k for k in taken]
+    for f in ("results.json", "per_class.json"):
+        write_json(os.path.join(a.out, f), {k: v for k, v in read_json(os.path.join(a.source, f)).items() if k in keys})
+    run.log(f"--from {a.source}: took {', '.join(taken) or 'no step'}; the other steps are trained here")
 
 
 def subset_seed(args):
@@ -876,17 +967,13 @@ def with_checkpoint_clips(args, ckpt):
 
 
 def checkpoint(run, name, kind):
-    """OUT/<name>.pt if there is one (None if not), checked: of `kind` ("ssl" / "classifier"), trained with
-    this run's defining flags (an encoder's are the videos it saw, a classifier's its labeled split and
-    clips too; a flag newer than the checkpoint is not compared)."""
+    """OUT/<name>.pt if there is one (None if not), checked: of `kind` ("ssl" / "classifier"), trained with this
+    command's settings of it (`differs`)."""
     path = run.path(name)
     if not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, kind)
-    scope = "encoder" if kind == "ssl" else "labeled"
-    saved = check_flags({}, ckpt["args"], scope, path)
-    check_flags({k: v for k, v in saved.items() if k in ckpt["args"] or k == "subset_seed"}, run.args, scope,
-                path)
+    check_step(run, name, ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path)
     return ckpt
 
 
@@ -930,7 +1017,8 @@ def save_checkpoint(run, name, model, opt, epoch, epochs, losses=()):
         cuda = run.device.type == "cuda"
         state = dict(model=model.state_dict(), optimizer=opt.state_dict() if opt else {}, epoch=epoch, epochs=epochs,
                      losses=list(losses), arch=model.arch, args=vars(run.args), classes=run.classes,
-                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None)
+                     settings=settings(run.args, name), rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None)
         torch.save(state, run.path(name) + ".tmp")
         os.replace(run.path(name) + ".tmp", run.path(name))
     run.barrier()
@@ -1115,6 +1203,9 @@ def parser(command=True):
     add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
         help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     add = p.add_argument_group("running").add_argument
+    add("--from", dest="source", type=str, default=None, metavar="DIR",
+        help="a new --out from run folder DIR: each finished step of DIR whose settings equal this command's is "
+             "linked (or copied), the others are trained here")
     add("--resume", action="store_true",
         help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
     add("--workers", type=at_least(0), default=2, help="DataLoader worker processes")

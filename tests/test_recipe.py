@@ -3,6 +3,7 @@ against a literal replay of the released loops, the student's two forwards again
 released epoch by the optimizer's step count, the recipe's table in a tiny run of the three commands; and the
 run folder's check of every flag it records."""
 
+import argparse
 import json
 import math
 
@@ -169,31 +170,35 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
     assert p.returncode == 2 and "argument --recipe: invalid choice: 'paper'" in p.stderr
 
 
-# What a run folder's run.json records, as the flag and another value: a later stage with the other value must
-# stop, naming the flag. Written out here (not read from train.DEFINING), so that a flag left out of the recorded
-# set fails this test.
+# What a step records, as the flag and another value: a later command with the other value must stop, naming the
+# flag. Written out here (not read from train.NOT_DEFINING and the lists of flags that reach only some steps), so
+# that a flag left out of a step's settings fails this test.
 RECORDED = {
-    "ssl": [("recipe", "released"), ("arch", "r3d18"), ("ssl_forward", "per-clip"), ("last_batch", "keep"),
-            ("width", "12"), ("layers", "1 1 2 1"), ("ssl_frames", "8"),
-            ("ssl_stride", "8"), ("size", "28"), ("balance", "authors"), ("ssl_aug", "released"), ("holdout", "1"),
-            ("classes", "4"), ("per_class", "4"), ("test_per_class", "1"), ("fold", "2")],
-    "labeled": [("recipe", "released"), ("frames", "2"), ("stride", "3"), ("labeled", "1"), ("seed", "5"),
+    "invariant": [("recipe", "released"), ("width", "12"), ("layers", "1 1 2 1"), ("ssl_frames", "8"),
+                  ("ssl_stride", "8"), ("size", "28"), ("balance", "authors"), ("ssl_aug", "released"),
+                  ("holdout", "1"), ("classes", "4"), ("per_class", "4"), ("test_per_class", "1"), ("fold", "2"),
+                  ("tau", "0.5"), ("seed", "5"), ("schedule", "released"), ("labeled", "1"), ("test_crop", "0.5"),
+                  ("arch", "r3d18"), ("ssl_forward", "per-clip"), ("last_batch", "keep")],
+    "student": [("recipe", "released"), ("frames", "2"), ("stride", "3"), ("labeled", "1"), ("seed", "5"),
                 ("aug", "released"), ("teacher", "finetune"), ("teacher_t", "0.5"), ("dropout", "0.1"),
                 ("test_crop", "0.5"), ("student_forward", "joint"), ("epoch", "labeled"),
-                ("schedule", "released"), ("width", "12"), ("size", "28"), ("arch", "r3d50"), ("last_batch", "keep")],
+                ("schedule", "released"), ("width", "12"), ("size", "28"), ("w_labeled", "0"), ("mix", "fixed"),
+                ("epochs", "3"), ("lr", "0.1"), ("batch_size", "2"), ("weight_decay", "0.5"), ("arch", "r3d50"),
+                ("last_batch", "keep")],
 }
 
 
-@pytest.mark.parametrize("kind, flag, value", [(k, f, v) for k, pairs in RECORDED.items() for f, v in pairs])
-def test_run_folder_refuses_each_recorded_flag(toy_root, tmp_path, kind, flag, value):
-    stage = "invariant" if kind == "ssl" else "supervised"
-    args = train_py.get_args(["--stage", stage, "--root", toy_root, "--out", str(tmp_path), *FAST])
-    recorded = train_py.check_flags({}, args, kind, "")
-    assert flag in recorded, f"run.json does not record --{flag}"
-    other = train_py.get_args(["--stage", stage, "--root", toy_root, "--out", str(tmp_path), *FAST,
-                               f"--{flag.replace('_', '-')}", *value.split()])
-    with pytest.raises(train_py.StageError, match=f"--{flag.replace('_', '-')} .* differs from"):
-        train_py.check_flags(recorded, other, kind, "run.json")
+@pytest.mark.parametrize("step, flag, value", [(k, f, v) for k, pairs in RECORDED.items() for f, v in pairs])
+def test_each_step_refuses_each_flag_it_records(toy_root, tmp_path, step, flag, value):
+    def run(*flags):  # what check_step reads of a run
+        stage = "semisup" if step == "student" else step
+        args = train_py.get_args(["--stage", stage, "--root", toy_root, "--out", str(tmp_path), *FAST, *flags])
+        return argparse.Namespace(args=args, stage=stage)
+
+    recorded = train_py.settings(run().args, step)
+    assert flag in recorded, f"{step} does not record --{flag}"
+    with pytest.raises(train_py.StageError, match=f"^--{flag.replace('_', '-')} .* differs from .*, recorded in "):
+        train_py.check_step(run(f"--{flag.replace('_', '-')}", *value.split()), step, recorded, True, "x")
 
 
 def test_released_test_clip_starts_by_hand():

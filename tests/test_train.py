@@ -111,13 +111,15 @@ def test_checkpoint_chain_and_results(chain, toy_root):
             "model", "optimizer", "rng", "args", "arch",
         }
     assert "skipped 14 head keys" in logs["semisup"]
-    # semisup ran every step downstream of the two encoders, each announced as it started; the student
-    # starts from the distinctive encoder, so no L_I + L_D encoder is trained (that is --student-init both)
+    # semisup ran every step of the method, each announced as it started, the encoders of their own stages
+    # reused; the student starts from the distinctive encoder, so no L_I + L_D encoder is trained (that is
+    # --student-init both)
     steps = [line for line in logs["semisup"].splitlines() if line.startswith("=== step")]
     assert [s.split(" (")[0] for s in steps] == [
-        "=== step 1/3 teacher_invariant", "=== step 2/3 teacher_distinctive", "=== step 3/3 student",
+        "=== step 1/5 invariant", "=== step 2/5 distinctive", "=== step 3/5 teacher_invariant",
+        "=== step 4/5 teacher_distinctive", "=== step 5/5 student",
     ]
-    assert all(s.endswith(": training") for s in steps[:2])
+    assert all("reusing" in s for s in steps[:2]) and all(s.endswith(": training") for s in steps[2:])
     assert f"student: starts from the backbone of {out / 'distinctive.pt'}" in logs["semisup"]
     assert not (out / "both.pt").exists()
     results = json.load(open(out / "results.json"))
@@ -157,10 +159,10 @@ def test_checkpoint_chain_and_results(chain, toy_root):
 
 
 def test_missing_inputs_name_the_stage(chain, toy_root, tmp_path):
-    p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
+    p = train("--stage", "finetune", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "invariant.pt not found: run --stage invariant first" in p.stderr
     copy_run(chain[0], tmp_path, ["invariant.pt"])
-    p = train("--stage", "semisup", root=toy_root, out=tmp_path, check=False)
+    p = train("--stage", "finetune", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "distinctive.pt not found: run --stage distinctive first" in p.stderr
     assert not (
         tmp_path / "teacher_invariant.pt"
@@ -209,7 +211,7 @@ def test_steps_by_hand_equal_semisup_and_are_reused(chain, toy_root, tmp_path):
     p = train("--stage", "semisup", root=toy_root, out=tmp_path)
     for i, n in enumerate(names):
         assert (
-            f"=== step {i + 1}/3 {n} (" in p.stdout
+            f"=== step {i + 3}/5 {n} (" in p.stdout
             and f"reusing {tmp_path / n}.pt, finished (0 epochs)" in p.stdout
         )
         assert os.stat(tmp_path / f"{n}.pt").st_mtime_ns == mtimes[n]
@@ -229,8 +231,8 @@ def test_student_init_both(chain, toy_root, tmp_path):
     p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=inside)
     steps = [line.split(" (")[0] for line in p.stdout.splitlines() if line.startswith("=== step")]
     assert steps == [
-        "=== step 1/4 both", "=== step 2/4 teacher_invariant", "=== step 3/4 teacher_distinctive",
-        "=== step 4/4 student",
+        "=== step 1/6 invariant", "=== step 2/6 distinctive", "=== step 3/6 both", "=== step 4/6 teacher_invariant",
+        "=== step 5/6 teacher_distinctive", "=== step 6/6 student",
     ]
     assert f"student: starts from the backbone of {inside / 'both.pt'}" in p.stdout
     copy_run(out, by_hand, teachers)
@@ -238,7 +240,7 @@ def test_student_init_both(chain, toy_root, tmp_path):
     mtime = os.stat(by_hand / "both.pt").st_mtime_ns
     p = train("--stage", "semisup", "--student-init", "both", root=toy_root, out=by_hand)
     assert (
-        "=== step 1/4 both (" in p.stdout
+        "=== step 3/6 both (" in p.stdout
         and f"reusing {by_hand / 'both.pt'}, finished (1 epochs)" in p.stdout
     )
     assert os.stat(by_hand / "both.pt").st_mtime_ns == mtime
@@ -330,7 +332,7 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
     ), "not killed in the teachers' step"
     p = train(*args, "--resume", root=toy_root, out=killed)
     assert (
-        "=== step 1/3 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): "
+        "=== step 3/5 teacher_invariant (the invariant encoder fine-tuned on the labeled videos): "
         f"resuming {ckpt}"
         in p.stdout
     )
@@ -861,28 +863,121 @@ def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
     }
 
 
+def refusal(out, flag, value, recorded, source):
+    """The line a command stops with where --flag value differs from the value recorded in OUT/source."""
+    where = f"{out / source} by this run's earlier stages" if source == "run.json" else out / source
+    return (f"error: --{flag} {value} differs from {recorded}, recorded in {where}: use another --out for a new run "
+            f"(--from {out} takes the steps that match), or give --{flag} {recorded}")
+
+
 def test_run_folder_refuses_other_flags(chain, toy_root, tmp_path):
     train("--stage", "supervised", root=toy_root, out=tmp_path)
     assert json.load(open(tmp_path / "run.json"))["labeled"] == 2
     p = train("--stage", "supervised", root=toy_root, out=tmp_path, check=False, extra=["--labeled", "1"])
-    assert p.returncode == 2 and last_line(p) == (
-        f"error: --labeled 1.0 differs from 2.0, recorded in {tmp_path / 'run.json'} "
-        "by this run's earlier stages: use another --out for a new run (or give 2.0)"
-    )
-    # an SSL stage does not depend on the labeled split, so it may still run here; not on another frame size
-    train("--stage", "invariant", root=toy_root, out=tmp_path, extra=["--seed", "3"])
-    p = train("--stage", "distinctive", root=toy_root, out=tmp_path, check=False, extra=["--size", "24"])
-    assert p.returncode == 2 and "--size 24 differs from 32" in last_line(p)
+    assert p.returncode == 2 and last_line(p) == refusal(tmp_path, "labeled", 1.0, 2.0, "run.json")
+    # the flags that reach every step are the folder's: an SSL stage with another seed or frame size stops too
+    for flag, value in (("seed", "3"), ("size", "24")):
+        p = train("--stage", "invariant", root=toy_root, out=tmp_path, check=False, extra=[f"--{flag}", value])
+        assert p.returncode == 2 and f"--{flag} {value} differs from " in last_line(p)
+    assert not (tmp_path / "invariant.pt").exists()
     # a checkpoint reused is checked against what it was trained with
     other = tmp_path / "other"
     copy_run(
         chain[0], other, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
     )
     p = train("--stage", "semisup", root=toy_root, out=other, check=False, extra=["--seed", "1"])
-    assert p.returncode == 2 and last_line(p).startswith(
-        f"error: --seed 1 differs from 0, recorded in {other / 'teacher_invariant.pt'}: use another --out"
-    )
+    assert p.returncode == 2 and last_line(p) == refusal(other, "seed", 1, 0, "invariant.pt")
     assert not (other / "student.pt").exists()
+
+
+# A finished run (the chain's) and `--stage semisup` again in its folder with one flag changed: the flag, the
+# value given, the value recorded, and the file it was recorded in (the first step the flag reaches; the
+# encoders are read, and so checked, first; the flags that reach every step are the folder's). Each flag of the
+# three lists that reach only some steps is here, and so is the first step it reaches.
+REFUSED = [
+    ("w-unlabeled", "0", 0.0, 100.0, "student.pt"), ("w-labeled", "0", 0.0, 50.0, "student.pt"),
+    ("distill", "kl", "kl", "mse", "student.pt"), ("score-norm", "rank", "rank", "minmax", "student.pt"),
+    ("student-init", "both", "both", "distinctive", "student.pt"), ("tau", "0.5", 0.5, 0.1, "run.json"),
+    ("lr", "0.01", 0.01, 0.0005, "student.pt"), ("weight-decay", "0.1", 0.1, 0.0001, "student.pt"),
+    ("epochs", "2", 2, 1, "student.pt"),
+    ("student-forward", "joint", "joint", "separate", "student.pt"),
+    ("teacher", "finetune", "finetune", "class-mean", "teacher_invariant.pt"),
+    ("teacher-t", "0.5", 0.5, 0.2, "teacher_invariant.pt"),
+    ("finetune-backbone-lr", "1", 1.0, 0.3, "teacher_invariant.pt"),
+    ("aug", "released", "released", "light", "teacher_invariant.pt"),
+    ("dropout", "0.5", 0.5, 0.0, "teacher_invariant.pt"),
+    ("epoch", "labeled", "labeled", "train", "teacher_invariant.pt"),
+]
+
+
+def test_a_finished_run_refuses_each_changed_flag_in_place(chain, toy_root, tmp_path):
+    """Nothing is written or moved by a refused command; --stage invariant with another --epochs is refused too
+    (a finished step is not continued); --mix fixed is another step (student_fixed), not a refusal."""
+    out = tmp_path / "run"
+    shutil.copytree(chain[0], out)
+    files = lambda: {f: (os.stat(out / f).st_mtime_ns, (out / f).read_bytes()) for f in os.listdir(out)}  # noqa: E731
+    before = files()
+    for flag, given, value, recorded, source in REFUSED + [("epochs", "3", 3, 1, "invariant.pt")]:
+        stage = "invariant" if source == "invariant.pt" else "semisup"
+        p = train("--stage", stage, root=toy_root, out=out, check=False, extra=[f"--{flag}", given])
+        assert p.returncode == 2 and last_line(p) == refusal(out, flag, value, recorded, source), p.stdout[-2000:]
+        assert files() == before, flag
+
+
+STEPS = ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt", "scores.json",
+         "student.pt"]
+
+
+@pytest.mark.parametrize("flag, value, taken", [
+    ("w-unlabeled", "0", STEPS[:5]),  # the student's own: only a student is trained
+    ("teacher-t", "0.5", ["invariant.pt", "distinctive.pt", "scores.json"]),  # the teachers, and so the student
+    ("tau", "0.5", []),  # the encoders, and so the scores, the teachers and the student
+])
+def test_from_takes_the_steps_whose_settings_match(chain, toy_root, tmp_path, flag, value, taken):
+    """--from DIR: each finished step of DIR whose settings, and those of every step upstream of it, equal the
+    command's is taken, byte for byte, with its figure; the others are trained here. run.json names the source."""
+    base, out = chain[0], tmp_path / "new"
+    p = train("--stage", "semisup", "--from", str(base), f"--{flag}", value, root=toy_root, out=out)
+    steps = {line.split(" (")[0].split()[-1]: line for line in p.stdout.splitlines() if line.startswith("=== step")}
+    for f in STEPS:
+        name = f.split(".")[0]
+        assert ((out / f).read_bytes() == (base / f).read_bytes()) == (f in taken), f
+        if f.endswith(".pt"):  # a step taken is reused here; another is trained here, its weights its own
+            assert steps[name].endswith(": training") != (f in taken), steps[name]
+            assert all(torch.equal(w, load(base / f)["model"][k]) for k, w in load(out / f)["model"].items()) == (
+                f in taken), f
+    recorded = json.load(open(out / "run.json"))
+    assert recorded["from"] == str(base) and recorded["taken"] == [f.split(".")[0] for f in taken]
+    assert recorded[flag.replace("-", "_")] == float(value)
+    before, after = (json.load(open(d / "results.json")) for d in (base, out))
+    figures = {"knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive"}
+    assert all(after[k] == before[k] for k in figures if any(k.endswith(f.split(".")[0]) for f in taken))
+
+
+def test_from_bad_input(chain, toy_root, tmp_path):
+    """--from a folder that is not there or holds no run, --out itself, into a folder that holds a run, or from a
+    run whose run.json or a checkpoint is damaged: one line naming it, exit 2, nothing written in the new folder."""
+    base, new = chain[0], tmp_path / "new"
+    empty, run_json, ckpt = tmp_path / "empty", tmp_path / "run_json", tmp_path / "ckpt"
+    empty.mkdir()
+    for damaged in (run_json, ckpt):
+        shutil.copytree(base, damaged)
+    (run_json / "run.json").write_text("{")
+    (ckpt / "teacher_invariant.pt").write_bytes((base / "teacher_invariant.pt").read_bytes()[:1000])
+    cases = [
+        (tmp_path / "nowhere", new, f"--from {tmp_path / 'nowhere'}: no such folder"),
+        (empty, new, f"--from {empty}: holds no run (no run.json)"),
+        (ckpt, ckpt, f"--from {ckpt} is --out itself: --from starts a new run folder from another"),
+        (base, ckpt, f"--from: {ckpt} already holds a run (run.json): give --from a new --out"),
+        (run_json, new, f"{run_json / 'run.json'} is damaged (JSONDecodeError): remove it, or use another --out"),
+        (ckpt, new, f"{ckpt / 'teacher_invariant.pt'}: refused: not a checkpoint of weights alone"),
+    ]
+    for source, out, message in cases:
+        before = sorted(os.listdir(out)) if out.exists() else None
+        p = train("--stage", "semisup", "--from", str(source), root=toy_root, out=out, check=False)
+        assert p.returncode == 2 and last_line(p).startswith("error: " + message), (message, p.stderr[-2000:])
+        assert [line for line in p.stderr.splitlines() if line.startswith("error")] == [last_line(p)]
+        assert (sorted(os.listdir(out)) if out.exists() else None) == before
 
 
 def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
@@ -1255,8 +1350,9 @@ def test_a_process_without_a_test_video_stops_every_process(toy_root, tmp_path):
 
 
 def test_scores_are_recomputed_after_their_encoders_change(chain, toy_root, tmp_path):
-    """OUT/scores.json is reused while its encoders are the ones it came from; an encoder trained anew in the
-    run folder makes the next reader compute the scores again, from the new encoder."""
+    """OUT/scores.json is reused while its encoders are the ones it came from; another encoder in the run folder
+    (here the distinctive one, whose settings are the invariant one's) makes the next reader compute the scores
+    again, from the new encoder."""
     import train as train_py
 
     out, _ = chain
@@ -1267,7 +1363,7 @@ def test_scores_are_recomputed_after_their_encoders_change(chain, toy_root, tmp_
     os.utime(tmp_path / "scores.json", (0, 0))  # a reuse would leave the file as it is
     assert train_py.scores(train_py.Run(args))["raw"] == cached["raw"]
     assert os.stat(tmp_path / "scores.json").st_mtime == 0
-    train("--stage", "invariant", root=toy_root, out=tmp_path, extra=["--seed", "3"])
+    shutil.copy(tmp_path / "distinctive.pt", tmp_path / "invariant.pt")
     again = train_py.scores(train_py.Run(args))
     assert again["raw"] != cached["raw"] and again["raw"] == json.load(open(tmp_path / "scores.json"))["raw"]
 
@@ -1407,7 +1503,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
 
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(chain[0], a)
-    train("--stage", "supervised", "--dropout", "0.2", root=toy_root, out=b, extra=["--epochs", "2"])
+    train("--stage", "supervised", "--dropout", "0.2", root=toy_root, out=b, extra=["--epochs", "4"])
     log = [json.loads(line) for line in open(b / "log.jsonl")]
     again = {**log[-1], "CE": log[-1]["CE"] + 1.0, "run": "resumed"}  # the epoch logged a second time
     with open(b / "log.jsonl", "a") as f:
@@ -1416,6 +1512,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
     flags = {row[0]: row[1:] for row in page.tables["flags"][1:]}
     assert flags["dropout"] == ["0.0", "0.2"] and "size" not in flags and "root" not in flags
     ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
+    assert ra["supervised"] != rb["supervised"]  # a difference of the wrong sign would show
     rows = {row[1]: row[2:] for row in page.tables["results"][1:]}
     assert set(rows) == set(ra) | set(rb)
     assert float(rows["supervised"][0]) == ra["supervised"] and float(rows["supervised"][1]) == rb["supervised"]
