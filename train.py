@@ -78,8 +78,10 @@ def train_ssl(run, stage, resume=False):
     if len(ds) < bs * run.world or bs * run.world < 2:  # the other videos of a batch are the negatives
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
                          f"videos over {run.world} processes")
-    length = len(ds) // run.world  # --last-batch keep: a last batch of one video has no negative, so it is dropped
-    length -= a.last_batch == "keep" and run.world == 1 and length % bs == 1
+    length = len(ds) // run.world
+    if a.last_batch == "keep" and run.world == 1 and length % bs == 1:  # a batch of one video has no negative
+        length -= 1
+        run.log(f"{stage}: --last-batch keep: an epoch's last batch would hold one video; it is left out")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)

@@ -1,5 +1,6 @@
 """The tools beside the four modules: the toy sets, the score picture, the ablation's measures."""
 
+import math
 import os
 import subprocess
 import sys
@@ -261,3 +262,14 @@ def test_pipeline_bench_runs_tiny_on_the_cpu(tmp_path):
     assert abs(ratio - stage / min(step, loader)) <= 0.006 + ratio * (0.5 / stage + 0.5 / min(step, loader))
     assert "profile of 10 steady supervised steps" in p.stdout and "/dev/shm" in p.stdout
     assert (tmp_path / "profile_supervised.txt").exists() and "cores; /dev/shm" in (tmp_path / "device.txt").read_text()
+
+
+def test_paper_scale_estimate_by_hand(capsys):
+    """`tools/bench.py --estimate`: hours = FLOPs / (peak x fraction), a training clip 3 forwards; the FLOPs of
+    slow_r50's backbone as pytorchvideo's build gives them (tests/test_models.py's reference, 16x224x224)."""
+    from tools import bench
+
+    hours = bench.estimate("r3d50", peak=1e15, fraction=0.5, videos=100, test=10, labeled=20, ssl_epochs=2)
+    assert math.isclose(hours["each SSL encoder, 2 epochs"], 2 * 100 * 10 * 3 * 166_960_037_888 / 0.5e15 / 3600,
+                        rel_tol=1e-9)
+    assert "| each SSL encoder, 2 epochs |" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Benchmarks that print figures (never timed tests): `python tools/bench.py` on the CPU (data path and
-training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d);
+training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d),
+`python tools/bench.py --estimate` the paper-scale run's hours on one GPU from the released networks' FLOPs;
 `tools/pipeline.py` whether the data path keeps up with the training step (docs/performance.md).
 
 Decoding floors: the necessary work only - seek to the keyframe before the first wanted frame, decode to
@@ -8,6 +9,7 @@ the last wanted frame, convert each wanted frame once, single-threaded - written
 
 import argparse
 import itertools
+import math
 import os
 import resource
 import sys
@@ -18,6 +20,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import models  # noqa: E402
+import train  # noqa: E402
 from models import compact  # noqa: E402
 from tools import toy  # noqa: E402
 
@@ -27,8 +31,8 @@ SIZE = 32  # train.py's --size default
 def model_flags(p, width, layers, size, workers):
     """The flags of a bench's model and data path, with its defaults (the pipeline bench, the GPU check)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--width", type=int, default=width, help="R3D width (64: the R3D-18 layout)")
-    p.add_argument("--layers", type=int, nargs=4, default=layers, help="residual blocks per stage (R3D-18: 2 2 2 2)")
+    p.add_argument("--width", type=int, default=width, help="compact network's width (64: R3D-18's parameters)")
+    p.add_argument("--layers", type=int, nargs=4, default=layers, help="compact network's blocks per stage")
     p.add_argument("--size", type=int, default=size, help="crop size in pixels")
     p.add_argument("--workers", type=int, default=workers, help="DataLoader workers a process")
 
@@ -236,18 +240,54 @@ def bench_gpu():
         fns = step_fns(64, (2, 2, 2, 2), size, dev, amp, cl)
         row = [fns[k][1] / timed(fns[k][0], 10, torch.cuda.synchronize, 3) for k in ("supervised", "ssl", "semisup")]
         peak = torch.cuda.max_memory_allocated() / 2**30
-        print(f"| R3D-18 (width 64, 2-2-2-2) | 8x{size}x{size} | {amp} | {cl} | "
+        print(f"| compact, width 64, 2-2-2-2 | 8x{size}x{size} | {amp} | {cl} | "
               + " | ".join(f"{v:.0f}" for v in row) + f" | {peak:.1f} |", flush=True)
         del fns
         torch.cuda.empty_cache()
 
 
+def flops(arch, T, S):
+    """Forward FLOPs of one clip (T, S, S) through the network's backbone, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        models.build(arch).features(torch.empty(1, 3, T, S, S))
+    return counter.get_total_flops()
+
+
+def estimate(arch="r3d50", peak=989e12, fraction=0.3, videos=9537, test=3783, labeled=101, ssl_epochs=1000):
+    """Hours of each step of --recipe released on one GPU of `peak` FLOP/s at `fraction` of it, from the FLOPs of
+    `arch`'s backbone (heads and classifier: under 0.01 %) at the recipe's clips, a training clip's forward and
+    backward as 3 forwards. UCF101 split 1: `videos` training and `test` test videos, 1 % labeled = 1 a class."""
+    R, (ssl_e, _, _, _), (cls_e, _, bs, _) = train.RELEASED, train.RELEASED_STEPS["invariant"], train.RELEASED_STEPS["semisup"]
+    f_ssl, f_clip = flops(arch, R["ssl_frames"], R["size"]), flops(arch, R["frames"], R["size"])
+    rate, steps = peak * fraction, math.ceil(labeled / bs)  # the labeled epoch, its last batch kept
+    evaluation = test * R["test_clips"] * f_clip  # one test-split evaluation: 10 clips a video
+    rows = [("each SSL encoder (invariant, distinctive, both), an epoch", videos * 10 * 3 * f_ssl),
+            (f"each SSL encoder, {ssl_epochs} epochs", ssl_epochs * videos * 10 * 3 * f_ssl),
+            ("scores: 4 clips a video through both encoders", videos * 4 * 2 * f_ssl),
+            (f"each teacher, {cls_e} epochs of {steps} steps and its evaluation", cls_e * labeled * 3 * f_clip + evaluation),
+            (f"student, {cls_e} epochs of {steps} steps of {bs} + {bs} clips (teachers' forwards too)",
+             cls_e * steps * 2 * bs * (3 + 2) * f_clip + evaluation)]
+    print(f"## {arch} at the recipe's clips: {f_ssl / 1e9:.1f} GFLOPs per {R['ssl_frames']}x{R['size']}x{R['size']} "
+          f"SSL clip, {f_clip / 1e9:.1f} per {R['frames']}x{R['size']}x{R['size']} clip (forward); one GPU at "
+          f"{fraction:g} of {peak / 1e12:g} TFLOP/s\n| step | PFLOPs | hours |\n|---|---|---|")
+    for what, total in rows:
+        print(f"| {what} | {total / 1e15:.1f} | {total / rate / 3600:.3g} |")
+    return {what: total / rate / 3600 for what, total in rows}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--estimate", action="store_true", help="print the paper-scale estimate (no benchmark)")
     p.add_argument("--gpu", action="store_true", help="benchmark the GPU-scale model instead")
     p.add_argument("--reps", type=int, default=10, help="repetitions per figure")
     p.add_argument("--toy", type=str, default="data/toy", help="toy dataset folder (generated if missing)")
     args = p.parse_args()
+    if args.estimate:
+        for arch in ("r3d50", "r3d18"):
+            estimate(arch)
+        return
     if args.gpu:
         bench_gpu()
         return

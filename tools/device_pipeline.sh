@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The steady-state pipeline bench on one GPU in one call (an estimate: about 5 minutes on an H100 or H200;
 # its timeout 7):
-# R3D-18 layout at 112 px, 16-frame SSL clips, 240 UCF-like videos listed 6 times, every stage's rows
+# the compact network at width 64, 2-2-2-2 (R3D-18's parameters) at 112 px, 16-frame SSL clips, 240 UCF-like videos listed 6 times, every stage's rows
 # (step alone, loader alone, the stage from its epoch 2, GPU utilisation and power every 200 ms), then
 # torch.profiler over 10 steady steps of supervised and invariant. Everything lands in OUT.
 #

@@ -1,7 +1,7 @@
 """The GPU check, one command for a CUDA machine (under 8 minutes on one H100/H200 at the defaults), on data
 it writes itself into a fresh folder OUT/<date-time>-<pid>:
 
-    python tools/gpu_check.py                                   # a CUDA machine: R3D-18 layout at 112 px
+    python tools/gpu_check.py                                   # a CUDA machine: compact, width 64, 2-2-2-2, at 112 px
     python tools/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
 
 Its parts, each printed as a row the moment it ends: each stage in one process (clips/s of its last epoch),
@@ -132,7 +132,7 @@ def main(argv=None):
     out = os.path.abspath(os.path.join(args.out, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
     os.makedirs(out)  # fresh: nothing of an earlier check is reused or reported
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}, R3D width {args.width} layers {args.layers}, {args.size} px, "
+    print(f"{name}, torch {torch.__version__}, compact width {args.width} layers {args.layers}, {args.size} px, "
           f"{args.epochs} epochs, {args.workers} workers, {time.strftime('%Y-%m-%d')}; logs in {out}\n\n"
           "| part | result | time |\n|---|---|---|", flush=True)
     root = os.path.join(out, "toy")
