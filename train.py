@@ -6,6 +6,7 @@ loop they all run; then evaluation and the commands; the run folder, checkpoints
 The demo, the seed ablation, the toy sets and the report page are scripts beside it: python tools/NAME.py.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -60,13 +61,36 @@ RELEASED = {
     "schedule": "released"}  # pretraining.py: patience; finetune.py, train_semisup.py: loss_based
 
 
+Schedule = collections.namedtuple("Schedule", "epochs lr batch_size weight_decay")  # of a step: `hparams`
+Batch = collections.namedtuple("Batch", "x y index failed")  # x (N, 3, T, S, S) on the device: `Run.batches`
+StudentLoaders = collections.namedtuple("StudentLoaders", "labeled unlabeled")  # one batch of each a step
+
+
 class StageError(Exception):
     """A stage cannot start: missing input checkpoint, mismatched model, bad flag (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# The method, in the order it runs (docs/method.md): (1) the self-supervised encoders, (2) a teacher from each,
-# (3) the temporal similarity scores, (4) the student. Each step's data, folder and processes: after the method.
+# The method (docs/method.md): `semisup` runs its four steps in order, each a function below it.
+
+
+def semisup(run):
+    """`--stage semisup`: (1) the two self-supervised encoders (and with --student-init both, the student's
+    initial encoder), (2) a teacher from each encoder, (3) every training video's temporal similarity score and
+    (4) the student, distilled from the teachers mixed by the score. A step this run folder holds finished is
+    reused, an unfinished one resumed (`reuse_or_train`); then the table of figures."""
+    a = run.args
+    student = "student" if a.mix == "similarity" else "student_fixed"
+    steps = [(k, "ssl", lambda resume, k=k: train_ssl(run, k, resume))  # (1)
+             for k in ENCODERS + (("both",) if a.student_init == "both" else ())]
+    steps += [(f"teacher_{k}", "classifier", lambda resume, k=k: make_teacher(  # (2)
+        run, f"teacher_{k}", finished_checkpoint(run, k, "ssl"), resume)) for k in ENCODERS]
+    steps += [(student, "classifier", lambda resume: train_student(run, student, resume))]  # (3) and (4)
+    for i, (name, kind, train) in enumerate(steps):
+        reuse_or_train(run, f"step {i + 1}/{len(steps)}", name, kind, train)
+    results = read_json(os.path.join(a.out, "results.json"))
+    run.log(f"\n{a.out}/results.json\n{'figure':<28}{'top-1 %':>10}\n"
+            + "\n".join(f"{k:<28}{v:>10.2f}" for k, v in results.items()))
 
 
 def train_ssl(run, stage, resume=False):
@@ -89,7 +113,7 @@ def train_ssl(run, stage, resume=False):
     groups = 10 if a.ssl_forward == "per-clip" else 1
 
     def terms(net, batch):
-        return ssl_terms(net, batch[0], stage, a.tau, run.autocast, gather, a.balance, groups)
+        return ssl_terms(net, batch.x, stage, a.tau, run.autocast, gather, a.balance, groups)
 
     fit(run, stage, model, opt, [run.loader(ds, bs, length=length)], terms, epochs, lr, resume)
     knn_check(run, stage, model)
@@ -165,7 +189,7 @@ def train_classifier(run, name, resume=False, init=None):
         p.requires_grad_(scale > 0)
     opt = torch.optim.Adam([{"params": backbone, "scale": scale}, {"params": head, "scale": 1.0}], lr,
                            weight_decay=wd)
-    terms = lambda net, batch: classifier_terms(net, batch[0], batch[1], run.autocast)  # noqa: E731
+    terms = lambda net, batch: classifier_terms(net, batch.x, batch.y, run.autocast)  # noqa: E731
     fit(run, name, model, opt, [classifier_loader(run, bs)], terms, epochs, lr, resume, progress=False)
     evaluate(run, model, name)
 
@@ -205,18 +229,18 @@ def train_student(run, name, resume=False, s_video=None):
     teachers = [teacher(run, k) for k in ENCODERS]
     if s_video is None:
         s_video = scores(run)["s"] if a.mix == "similarity" else {p: 0.5 for p, _ in run.train}
-    loaders = student_loaders(run, bs)  # unlabeled, labeled
-    s_unl, s_lab = (torch.tensor([s_video[p] for p, _ in loader.dataset.items], device=run.device)
-                    for loader in loaders)  # (N_u,), (N_l,): each video's score
+    loaders = student_loaders(run, bs)
+    s_lab, s_unl = (torch.tensor([s_video[p] for p, _ in loader.dataset.items], device=run.device)
+                    for loader in loaders)  # (N_l,), (N_u,): each video's score
     torch.manual_seed(a.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=a.dropout)
     load_backbone(model, init["model"], source=run.path(a.student_init))  # L_D, or L_I + L_LL + L_GL (paper)
     run.log(f"{name}: starts from the backbone of {run.path(a.student_init)}")
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
 
-    def terms(net, unl, lab):  # each batch (x, y, index, failed)
-        s = torch.cat([s_lab[lab[2]], s_unl[unl[2]]])  # (B_l + B_u,): each video's score
-        return student_terms(net, teachers, lab[0], lab[1], unl[0], s, a, run.autocast)
+    def terms(net, lab, unl):  # a labeled and an unlabeled Batch
+        s = torch.cat([s_lab[lab.index], s_unl[unl.index]])  # (B_l + B_u,): each video's score
+        return student_terms(net, teachers, lab.x, lab.y, unl.x, s, a, run.autocast)
 
     fit(run, name, model, opt, loaders, terms, epochs, lr, resume)
     evaluate(run, model, name)
@@ -286,8 +310,9 @@ def student_loaders(run, bs):
     lab_ds = run.dataset(run.labeled * math.ceil(lab_length * run.world / len(run.labeled)), "train",
                          second_stream=True)
     labeled_workers = min(a.workers - 1, max(1, round(a.workers * bs_l / (bs + bs_l)))) if a.workers > 1 else 0
-    return [run.loader(unl_ds, bs, workers=a.workers - labeled_workers, length=min(steps * bs, n_u)),
-            run.loader(lab_ds, bs_l, workers=labeled_workers, length=lab_length)]
+    return StudentLoaders(labeled=run.loader(lab_ds, bs_l, workers=labeled_workers, length=lab_length),
+                          unlabeled=run.loader(unl_ds, bs, workers=a.workers - labeled_workers,
+                                               length=min(steps * bs, n_u)))
 
 
 def scores(run):
@@ -356,61 +381,98 @@ class GatherVideos(torch.autograd.Function):
 
 
 def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, progress=True):
-    """Trains `model` on the zipped batches of `loaders`; `terms_of(net, *batches)` gives the stage's loss
-    terms, each batch (x, y, index, failed). The terms are summed on the device and read every --log-every
-    steps and at the epoch's end, never inside a step (a read makes the host wait for the GPU); a
-    non-finite sum stops the run there. Each epoch ends with a checkpoint (what --resume continues from)
-    and a line in OUT/log.jsonl: the epoch's own clips/s (its clips over its own wall time, checkpoint
-    included: from epoch 2 on, the steady state) beside the stage's running wall time. `progress`: a line on
-    the console at each read."""
-    a, steps = run.args, len(loaders[0])
+    """Trains `model` on the zipped batches of `loaders` (each a `Batch`); `terms_of(net, *batches)` gives the
+    stage's loss terms, whose sum is the loss. Each epoch ends with a checkpoint, what --resume continues from.
+    `Meter` reads and reports the terms."""
+    steps = len(loaders[0])
     start, losses = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else (0, [])
-    if run.world > 1 and run.device.type == "cuda":  # BatchNorm statistics over the whole batch (in place)
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    bad, t0 = data.BadVideos(), time.time()
+    net, meter = distributed(run, model), Meter(run, name, epochs, steps, progress)
     for epoch in range(start, epochs):
-        net.train()
-        for m in model.modules():  # a frozen part stays as it is: its BatchNorm statistics too
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in m.parameters()):
-                m.eval()
-        sums, read, clips, t_epoch = {}, 0, 0, time.time()
-        lr_epoch = released_lr(lr, epoch, losses, name in SSL_STAGES) if a.schedule == "released" else None
-        if run.world > 1:  # dropout: other masks in each process, drawn anew each epoch (a resume too)
-            torch.manual_seed((a.seed * 1009 + epoch) * 1009 + run.rank)
+        train_mode(run, model, epoch)
+        rate = rate_of(run.args.schedule, name, lr, epoch, epochs, steps, losses)  # step -> learning rate
+        meter.start(epoch)
         for step, batches in enumerate(zip(*(run.batches(loader, epoch) for loader in loaders))):
-            lr_step = lr_epoch or lr_at(epoch * steps + step, epochs * steps, lr, steps)  # --schedule cosine
             for group in opt.param_groups:  # a group's "scale" multiplies the rate
-                group["lr"] = group.get("scale", 1.0) * lr_step
+                group["lr"] = group.get("scale", 1.0) * rate(step)
             terms = terms_of(net, *batches)
             opt.zero_grad(set_to_none=True)
             sum(terms.values()).backward()
             opt.step()
-            for k, v in terms.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
-            clips += sum(b[0].shape[0] for b in batches) * run.world
-            for b in batches:
-                bad.add(b[3])
-            if (step + 1) % a.log_every == 0:
-                means = read_means(run, sums, step + 1, f"{name} epoch {epoch}, steps {read + 1}-{step + 1}")
-                read, elapsed = step + 1, time.time() - t_epoch
-                eta = elapsed / (step + 1) * ((epochs - epoch) * steps - step - 1)
-                if progress:
-                    run.log(f"{name} ep {epoch} step {step + 1}/{steps} {means_text(means)} | "
-                            f"{clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
-        means = read_means(run, sums, steps, f"{name} epoch {epoch}, steps {read + 1}-{steps}")
+            meter.add(step, terms, batches)
+        means = meter.read(steps)  # the epoch's mean of each term
         losses.append(sum(means.values()))
         save_checkpoint(run, name, model, opt, epoch + 1, epochs, losses)
-        now = time.time()
-        entry = dict(stage=name, epoch=epoch + 1, **means, lr=opt.param_groups[-1]["lr"], bad_videos=len(bad),
-                     clips_per_s=round(clips / (now - t_epoch), 1), wall_s=round(now - t0, 1), run=run.id,
-                     machine=run.machine)
+        meter.end(means, opt.param_groups[-1]["lr"])
+
+
+def distributed(run, model):
+    """The model as each step runs it: under several processes DDP, with BatchNorm synchronised on CUDA."""
+    if run.world > 1 and run.device.type == "cuda":  # BatchNorm statistics over the whole batch (in place)
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+
+
+def train_mode(run, model, epoch):
+    """Training mode, but for the BatchNorm layers of a frozen part (its statistics stay as they are); under several
+    processes, dropout's masks drawn anew in each process and epoch (a resume too)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+    if run.world > 1:
+        torch.manual_seed((run.args.seed * 1009 + epoch) * 1009 + run.rank)
+
+
+def rate_of(schedule, name, lr, epoch, epochs, steps, losses):
+    """The learning rate of each step of `epoch`: --schedule cosine (`lr_at`) or released (`released_lr`)."""
+    if schedule == "released":
+        rate = released_lr(lr, epoch, losses, name in SSL_STAGES)
+        return lambda step: rate
+    return lambda step: lr_at(epoch * steps + step, epochs * steps, lr, steps)
+
+
+class Meter:
+    """What `fit` reports. The terms are summed on the device and read every --log-every steps and at the epoch's
+    end, never inside a step (a read makes the host wait for the GPU); a non-finite sum stops the run there. Each
+    epoch adds a line to OUT/log.jsonl: its own clips/s (its clips over its own wall time, checkpoint included:
+    from epoch 2 on, the steady state) beside the stage's running wall time. `progress`: a console line a read."""
+
+    def __init__(self, run, name, epochs, steps, progress):
+        self.run, self.name, self.epochs, self.steps, self.progress = run, name, epochs, steps, progress
+        self.bad, self.t0 = data.BadVideos(), time.time()
+
+    def start(self, epoch):
+        self.epoch, self.sums, self.done, self.clips, self.t_epoch = epoch, {}, 0, 0, time.time()
+
+    def add(self, step, terms, batches):
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
+        self.clips += sum(b.x.shape[0] for b in batches) * self.run.world
+        for b in batches:
+            self.bad.add(b.failed)
+        if (step + 1) % self.run.args.log_every == 0:
+            means, elapsed = self.read(step + 1), time.time() - self.t_epoch
+            eta = elapsed / (step + 1) * ((self.epochs - self.epoch) * self.steps - step - 1)
+            if self.progress:
+                self.run.log(f"{self.name} ep {self.epoch} step {step + 1}/{self.steps} {means_text(means)} | "
+                             f"{self.clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
+
+    def read(self, steps):
+        """The means over `steps` of the sums so far (`read_means`)."""
+        means = read_means(self.run, self.sums, steps, f"{self.name} epoch {self.epoch}, steps {self.done + 1}-{steps}")
+        self.done = steps
+        return means
+
+    def end(self, means, lr):
+        run, now = self.run, time.time()
+        entry = dict(stage=self.name, epoch=self.epoch + 1, **means, lr=lr, bad_videos=len(self.bad),
+                     clips_per_s=round(self.clips / (now - self.t_epoch), 1), wall_s=round(now - self.t0, 1),
+                     run=run.id, machine=run.machine)
         if run.rank == 0:
-            with open(os.path.join(a.out, "log.jsonl"), "a") as f:
+            with open(os.path.join(run.args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
-        if progress or (epoch + 1) % a.log_every == 0 or epoch + 1 == epochs:
-            run.log(f"{name} epoch {epoch + 1}/{epochs}: {means_text(means)} | lr {entry['lr']:.2e} | "
+        if self.progress or (self.epoch + 1) % run.args.log_every == 0 or self.epoch + 1 == self.epochs:
+            run.log(f"{self.name} epoch {self.epoch + 1}/{self.epochs}: {means_text(means)} | lr {lr:.2e} | "
                     f"{entry['clips_per_s']} clips/s this epoch | {entry['wall_s']:.0f} s")
 
 
@@ -470,7 +532,7 @@ def hparams(args, stage):
     """(epochs, rate, batch size, weight decay) of a step: each flag where given, else the step's default."""
     given = (args.epochs, args.lr, args.batch_size, args.weight_decay)
     table = RELEASED_STEPS if args.recipe == "released" else STEPS
-    return tuple(table[stage][i] if g is None else g for i, g in enumerate(given))
+    return Schedule(*(table[stage][i] if g is None else g for i, g in enumerate(given)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,31 +637,9 @@ def run_stage(args, stage):
         evaluate(run, run.classifier(ckpt, args.ckpt), "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
 
 
-def semisup(run):
-    """`--stage semisup`: the whole method, each step not done yet, in order: the two self-supervised encoders
-    (unless their own stages trained them), with --student-init both the student's initial encoder, the
-    teachers, then the scores and the student; then the table of figures."""
-    what = {"invariant": "L_I", "distinctive": "L_D = L_LL + L_GL", "both": "L_I + L_LL + L_GL, the student's "
-            "initial encoder"}
-    steps = [(k, "ssl", what[k], lambda resume, k=k: train_ssl(run, k, resume))  # (name, kind, what, train(resume))
-             for k in ENCODERS + (("both",) if run.args.student_init == "both" else ())]
-    for k in ENCODERS:
-        how = "with its nearest-class-mean classifier on" if run.args.teacher == "class-mean" else "fine-tuned on"
-        steps.append((f"teacher_{k}", "classifier", f"the {k} encoder {how} the labeled videos",
-                      lambda resume, k=k: make_teacher(run, f"teacher_{k}", finished_checkpoint(run, k, "ssl"),
-                                                       resume)))
-    name = "student" if run.args.mix == "similarity" else "student_fixed"
-    steps.append((name, "classifier", f"temporal similarity scores, then the student distilled from the "
-                  f"teachers, --mix {run.args.mix}", lambda resume: train_student(run, name, resume)))
-    for i, step in enumerate(steps):
-        reuse_or_train(run, f"step {i + 1}/{len(steps)}", *step)
-    results = read_json(os.path.join(run.args.out, "results.json"))
-    run.log(f"\n{run.args.out}/results.json\n{'figure':<28}{'top-1 %':>10}\n"
-            + "\n".join(f"{k:<28}{v:>10.2f}" for k, v in results.items()))
-
-
-def reuse_or_train(run, label, name, kind, what, train):
+def reuse_or_train(run, label, name, kind, train):
     """A step of a command: OUT/<name>.pt reused if finished, resumed if not, else trained."""
+    what = WHAT[name.split("_")[0]].format(name.split("_")[-1], run.args.teacher, run.args.mix)
     ckpt = checkpoint(run, name, kind)
     run.barrier()  # every process has looked before the first one writes it (a step may take no training step)
     if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
@@ -608,6 +648,11 @@ def reuse_or_train(run, label, name, kind, what, train):
     how = f"resuming {run.path(name)} ({ckpt['epoch']}/{ckpt['epochs']} epochs)" if ckpt else "training"
     run.log(f"=== {label} {name} ({what}): {how}")
     train(ckpt is not None)
+
+
+WHAT = {"invariant": "L_I", "distinctive": "L_D = L_LL + L_GL", "both": "L_I + L_LL + L_GL, the student's initial "
+        "encoder", "teacher": "the {0} encoder with a classifier on the labeled videos, --teacher {1}",
+        "student": "temporal similarity scores, then the student distilled from the teachers, --mix {2}"}
 
 
 def predict(args):
@@ -766,7 +811,7 @@ class Run:
             generator=torch.Generator().manual_seed(self.args.seed))
 
     def batches(self, loader, epoch):
-        """The batches of `epoch` as (x, y, index, failed), x (N, 3, T, S, S) float on the device, augmented
+        """The `Batch`es of `epoch`: x (N, 3, T, S, S) float on the device, augmented
         there (`data.augment_on_device`); on CUDA copied from pinned memory without making the host wait. A batch
         of clip sets (B, n, ...) is flattened clip-major for SSL (n*B: clip c of every video together, as
         `ssl_terms` reads them), else video-major (B*n)."""
@@ -780,7 +825,7 @@ class Run:
             x = data.augment_on_device(clips, params)  # (N, 3, T, S, S) float
             if self.args.channels_last and self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            yield x, y, idx, failed
+            yield Batch(x, y, idx, failed)
 
 
 def recipe_text(args):
@@ -904,11 +949,12 @@ def recorded(folder, name):
 
 def differs(run, name, record, finished):
     """The first flag (flag, this command's value, the recorded one) where step `name`'s record differs from this
-    command's settings of it, or None. An encoder's schedule is its own stage's: another command that reads it
-    finished leaves it as it is."""
+    command's settings of it, --recipe first (it sets many), or None. An encoder's schedule is its own stage's:
+    another command that reads it finished leaves it as it is."""
     own = name not in SSL_STAGES or not finished or run.stage == name
-    return next(((k, v, record[k]) for k, v in settings(run.args, name).items()
-                 if k in record and record[k] != v and (own or k not in SCHEDULE)), None)
+    mine = sorted(settings(run.args, name).items(), key=lambda kv: kv[0] != "recipe")
+    return next(((k, v, record[k]) for k, v in mine if k in record and record[k] != v and (own or k not in SCHEDULE)),
+                None)
 
 
 def check_step(run, name, record, finished, source):
@@ -1115,18 +1161,42 @@ def at_least(lo, kind=int, above=False):
 
 
 def parser(command=True):
-    """train.py's flags; `command`: also --stage, --ckpt and the videos of predict. A tool adds its own."""
+    """train.py's flags in three groups: the method's (what a reader of the paper sets), running (data, folder,
+    network, schedule, processes), replication and tuning (what --recipe released sets, the validation subsets).
+    `command`: also --stage, --ckpt and the videos of predict. A tool adds its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = p.add_argument_group("the method (docs/method.md)").add_argument
     if command:
-        p.add_argument("--stage", choices=STAGES, required=True,
-                       help="invariant, distinctive, semisup: the method (README); finetune, supervised, both: "
-                            "single steps; eval, predict: a trained classifier")
-        p.add_argument("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
-        p.add_argument("videos", nargs="*", help="--stage predict: the video files to classify")
-    p.add_argument("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
-    p.add_argument("--recipe", choices=["default", "released"], default="default", help="default: chosen for small "
-                   "data on a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
-    add = p.add_argument_group("data (data.py)").add_argument
+        add("--stage", choices=STAGES, required=True, help="invariant, distinctive, semisup: the method (README); "
+            "finetune, supervised, both: single steps; eval, predict: a trained classifier")
+        add("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
+        add("videos", nargs="*", help="--stage predict: the video files to classify")
+    add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
+    add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
+    add("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
+    add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
+    add("--mix", choices=["similarity", "fixed"], default="similarity",
+        help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
+    add("--labeled", type=at_least(0, float, above=True), default=3,
+        help="labeled subset: fraction (<1) or videos per class (>=1)")
+    add("--teacher", choices=["class-mean", "finetune"], default="class-mean",
+        help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
+             "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
+    add("--student-init", choices=["distinctive", "both"], default="distinctive",
+        help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
+             "paper's; semisup trains it first)")
+    add("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
+    add("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
+    add("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
+    add("--ssl-stride", type=at_least(4), default=4,
+        help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
+    add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
+    add = p.add_argument_group("running: data, run folder, network, schedule (left out: each step's own, "
+                               "train.STEPS), processes").add_argument
+    add("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
+    add("--from", dest="source", type=str, default=None, metavar="DIR",
+        help="a new --out from run folder DIR: each finished step of DIR whose settings equal this command's is "
+             "linked (or copied), the others are trained here")
     add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
     add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
     add("--splits", type=str, default=None,
@@ -1136,78 +1206,18 @@ def parser(command=True):
     add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
     add("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
     add("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
-    add("--classes", type=_classes, default=None,
-        help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
-    add("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
-    add("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
-    add("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
-    add("--holdout", type=at_least(0), default=0,
-        help="for tuning: the last N training videos of each class replace the test split")
-    add("--labeled", type=at_least(0, float, above=True), default=3,
-        help="labeled subset: fraction (<1) or videos per class (>=1)")
     add("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
     add("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
-    add = p.add_argument_group("schedule (left out: each step's own, train.STEPS or RELEASED_STEPS)").add_argument
+    add("--arch", choices=sorted(models.NETWORKS), default="compact", help="the network (models.py): compact, "
+        "the CPU default; r3d18, r3d50: the release's R3D-18 (torchvision's layout) and R3D-50 (slow_r50)")
+    add("--width", type=at_least(1), default=16, help="compact: base width (widths w, 2w, 4w, 8w)")
+    add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="compact: residual blocks per stage")
+    add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
     add("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
     add("--batch-size", type=at_least(1), default=None,
         help="videos per batch and process (semisup: labeled and unlabeled each)")
     add("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
     add("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
-    add("--schedule", choices=["cosine", "released"], default="cosine",
-        help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
-    add("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
-        "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
-    add("--teacher", choices=["class-mean", "finetune"], default="class-mean",
-        help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
-             "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
-    add("--teacher-t", type=at_least(0, float, above=True), default=0.2,
-        help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
-    add("--dropout", type=at_least(0, float), default=0.0, help="dropout before each classifier")
-    add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
-        help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
-             "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
-    add = p.add_argument_group("model and clips").add_argument
-    add("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
-    add("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
-    add("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
-    add("--aug", choices=data.AUGMENTATIONS, default="light",
-        help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
-             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
-    add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
-        "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
-    add("--test-crop", type=at_least(0, float), default=0.8, help="evaluation and score clips: the central F of "
-        "each side, squeezed into the square; 0: the centre square of the short side")
-    add("--ssl-stride", type=at_least(4), default=4,
-        help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
-    add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
-    add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
-    add("--arch", choices=sorted(models.NETWORKS), default="compact", help="the network (models.py): compact, "
-        "the CPU default; r3d18, r3d50: the release's R3D-18 (torchvision's layout) and R3D-50 (slow_r50)")
-    add("--width", type=at_least(1), default=16, help="compact: base width (widths w, 2w, 4w, 8w)")
-    add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="compact: residual blocks per stage")
-    add = p.add_argument_group("method (docs/method.md)").add_argument
-    add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
-    add("--balance", choices=sorted(tb.BALANCE), default="mean",
-        help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
-             "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
-    add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
-    add("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
-    add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
-    add("--mix", choices=["similarity", "fixed"], default="similarity",
-        help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
-    add("--ssl-forward", choices=["joint", "per-clip"], default="joint", help="the 10 SSL clip types through the "
-        "encoder in one forward, or one forward each (BatchNorm's statistics each type's own, as released)")
-    add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
-        "batches through the student one after the other (BatchNorm's statistics each batch's own), or in one")
-    add("--student-init", choices=["distinctive", "both"], default="distinctive",
-        help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
-             "paper's; semisup trains it first)")
-    add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
-        help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
-    add = p.add_argument_group("running").add_argument
-    add("--from", dest="source", type=str, default=None, metavar="DIR",
-        help="a new --out from run folder DIR: each finished step of DIR whose settings equal this command's is "
-             "linked (or copied), the others are trained here")
     add("--resume", action="store_true",
         help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
     add("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
@@ -1216,9 +1226,45 @@ def parser(command=True):
     add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
+    add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+    add = p.add_argument_group("replication and tuning (--recipe released sets these; docs/tuning.md)").add_argument
+    add("--recipe", choices=["default", "released"], default="default", help="default: chosen for small data on "
+        "a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
+    add("--holdout", type=at_least(0), default=0,
+        help="for tuning: the last N training videos of each class replace the test split")
+    add("--classes", type=_classes, default=None,
+        help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
+    add("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
+    add("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
+    add("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
+    add("--schedule", choices=["cosine", "released"], default="cosine",
+        help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
+    add("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
+        "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
+    add("--teacher-t", type=at_least(0, float, above=True), default=0.2,
+        help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
+    add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
+        help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
+             "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
+    add("--dropout", type=at_least(0, float), default=0.0, help="dropout before each classifier")
+    add("--aug", choices=data.AUGMENTATIONS, default="light",
+        help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
+             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
+    add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
+        "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
+    add("--test-crop", type=at_least(0, float), default=0.8, help="evaluation and score clips: the central F of "
+        "each side, squeezed into the square; 0: the centre square of the short side")
+    add("--balance", choices=sorted(tb.BALANCE), default="mean",
+        help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
+             "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
+    add("--ssl-forward", choices=["joint", "per-clip"], default="joint", help="the 10 SSL clip types through the "
+        "encoder in one forward, or one forward each (BatchNorm's statistics each type's own, as released)")
+    add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
+        "batches through the student one after the other (BatchNorm's statistics each batch's own), or in one")
     add("--last-batch", choices=["drop", "keep"], default="drop", help="an epoch's last partial batch: dropped, or "
         "kept as released (an SSL batch of one video, which has no negative, is dropped)")
-    add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+    add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
+        help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
     return p
 
 
@@ -1226,13 +1272,10 @@ def get_args(argv=None, p=None):
     """The flags of `p` (default: `parser()`), checked; the dataset's paths made absolute, so that a run
     continued from another directory compares them as they were meant."""
     p = p or parser()
-    unset = object()  # argparse sets no default where the namespace holds the flag: what stays unset was not given
-    args = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(RELEASED, unset)))
-    args.overrode = {k: RELEASED[k] for k in RELEASED if getattr(args, k) is not unset
-                     and args.recipe == "released" and getattr(args, k) != RELEASED[k]}
-    for k in RELEASED:
-        if getattr(args, k) is unset:
-            setattr(args, k, RELEASED[k] if args.recipe == "released" else p.get_default(k))
+    if p.parse_known_args(argv)[0].recipe == "released":  # the recipe's values become the defaults
+        p.set_defaults(**RELEASED)
+    args = p.parse_args(argv)
+    args.overrode = {k: v for k, v in RELEASED.items() if args.recipe == "released" and getattr(args, k) != v}
     stage, videos = getattr(args, "stage", None), getattr(args, "videos", [])
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tools.bench import count_flops
+from tools.diagnostics.bench import count_flops
 import torch.nn.functional as F
 
 import models

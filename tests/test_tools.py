@@ -194,14 +194,14 @@ def test_mix_counts_against_a_naive_loop():
 
 
 def test_gpu_check_fails_loudly(tmp_path):
-    """tools/gpu_check.py on a CPU: a part that fails and a part past its time limit are FAILED rows, printed as
+    """tools/diagnostics/gpu_check.py on a CPU: a part that fails and a part past its time limit are FAILED rows, printed as
     they end, and the check exits 1; the parts left when the time is spent are FAILED too, never skipped; each
     check writes its own folder, so no figure of an earlier one is reported."""
     tiny = ["--device", "cpu", "--width", "8", "--layers", "1", "1", "1", "1", "--size", "32", "--epochs", "1",
             "--workers", "0", "--out", str(tmp_path), "--no-tests", "--no-bench"]
     runs = []
     for extra in (["--timeout", "2", "--budget", "3"], ["--width", "0", "--budget", "60"]):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), *tiny, *extra],
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "diagnostics", "gpu_check.py"), *tiny, *extra],
                            capture_output=True, text=True, timeout=300)
         rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
         assert p.returncode == 1 and rows and all("FAILED" in row for row in rows), p.stdout + p.stderr
@@ -227,10 +227,10 @@ def test_the_ordered_variant_is_bob_and_pulse_ordered_classes(tmp_path):
 
 
 def test_pipeline_gpu_summary_and_workers_that_fit():
-    """tools/pipeline.py's pure parts: nvidia-smi samples read over the stage's steady window only, a field
+    """tools/diagnostics/pipeline.py's pure parts: nvidia-smi samples read over the stage's steady window only, a field
     reported as [N/A] left out (power on some GPUs), no sample at all said so; and the workers whose batches in
     flight fit in /dev/shm."""
-    from tools import pipeline
+    from tools.diagnostics import pipeline
 
     stamp = lambda s: __import__("datetime").datetime.fromtimestamp(s).strftime("%Y/%m/%d %H:%M:%S.%f")  # noqa
     rows = [[stamp(100 + k), str(10 * k), "[N/A]", "500"] for k in range(10)]  # utilisation 0, 10, ..., 90
@@ -250,7 +250,7 @@ def test_pipeline_gpu_summary_and_workers_that_fit():
 
 def test_pipeline_bench_runs_tiny_on_the_cpu(tmp_path):
     """The device script's path, tiny, on the CPU: each row of a stage printed with its three rates and ratios."""
-    cmd = ["bash", os.path.join(ROOT, "tools", "device_pipeline.sh"), str(tmp_path), "--device", "cpu", "--width",
+    cmd = ["bash", os.path.join(ROOT, "tools", "diagnostics", "device_pipeline.sh"), str(tmp_path), "--device", "cpu", "--width",
            "8", "--layers", "1", "1", "1", "1", "--size", "32", "--ssl-frames", "8", "--workers", "1", "--videos",
            "8", "--repeat", "2", "--batches", "5", "--steps", "2", "--epochs", "2", "--stages", "supervised"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -265,9 +265,9 @@ def test_pipeline_bench_runs_tiny_on_the_cpu(tmp_path):
 
 
 def test_paper_scale_estimate_by_hand(capsys):
-    """`tools/bench.py --estimate`: hours = FLOPs / (peak x fraction), a training clip 3 forwards; the FLOPs of
+    """`tools/diagnostics/bench.py --estimate`: hours = FLOPs / (peak x fraction), a training clip 3 forwards; the FLOPs of
     slow_r50's backbone as pytorchvideo's build gives them (tests/test_models.py's reference, 16x224x224)."""
-    from tools import bench
+    from tools.diagnostics import bench
 
     hours = bench.estimate("r3d50", peak=1e15, fraction=0.5, videos=100, test=10, labeled=20, ssl_epochs=2)
     assert math.isclose(hours["each SSL encoder, 2 epochs"], 2 * 100 * 10 * 3 * 166_960_037_888 / 0.5e15 / 3600,

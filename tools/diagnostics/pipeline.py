@@ -2,7 +2,7 @@
 (320x240, 7 s, MPEG-4 AVI; none kept decoded in memory: --cache-mb 0). For each stage (invariant, distinctive,
 supervised, semisup) a row in clips/s, printed as it ends (docs/performance.md):
 
-  step alone    the stage's step (its terms, backward, Adam; `tools/bench.py`'s step_fns) on random input of its
+  step alone    the stage's step (its terms, backward, Adam; `tools/diagnostics/bench.py`'s step_fns) on random input of its
                 real clip shapes: --steps steps after as many warm-up ones, the median of 3 repeats (CUDA events)
   loader alone  the stage's own loaders (semisup: both, zipped), each batch copied to the device and finished
                 there (`train.Run.batches`), no model: at least --batches batches after the first
@@ -13,8 +13,8 @@ and stage / min(loader, step). On CUDA with nvidia-smi, the GPU's utilisation an
 stage (OUT/gpu_<stage>.csv); with --profile, torch.profiler over 10 steady steps of supervised and invariant on
 their real data path: the top kernels by self CUDA time, the top host ops by self CPU time, the GPU busy share.
 
-    python tools/pipeline.py                  # the CPU defaults
-    python tools/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 --workers 14 --videos 240 \
+    python tools/diagnostics/pipeline.py                  # the CPU defaults
+    python tools/diagnostics/pipeline.py --device cuda --width 64 --layers 2 2 2 2 --size 112 --workers 14 --videos 240 \
         --repeat 4 --profile --out /tmp/pipeline
 """
 import argparse
@@ -32,11 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the four modules
 import data  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
-from tools.bench import model_flags, step_fns  # noqa: E402
+from tools.diagnostics.bench import model_flags, step_fns  # noqa: E402
 
 STAGES = {"invariant": ("ssl", "invariant"), "distinctive": ("distinctive", "distinctive"),
           "supervised": ("supervised", "supervised"), "semisup": ("semisup", "student")}  # step_fns key, log name
@@ -165,7 +165,7 @@ def stage_run(flags, out, stage, epochs):
                                 "--format=csv,noheader,nounits", "-lms", "200"], stdout=csv)
     logged = len(open(log_path).readlines()) if os.path.exists(log_path) else 0
     with open(os.path.join(out, f"stage_{stage}.txt"), "w") as err:
-        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "train.py"), "--stage",
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "..", "train.py"), "--stage",
                                  stage, "--out", os.path.join(out, "run"), "--epochs", str(epochs), *flags],
                                 stdout=subprocess.DEVNULL, stderr=err)
         seen = {}  # lines of log.jsonl -> when they were first seen

@@ -2,7 +2,7 @@
 processes on the CPU, after the encoder it needs, counting the runs that did not end with 0 (and what
 the first process to fail printed last):
 
-    python tools/exit_check.py --root data/toy --stage supervised --tries 20
+    python tools/diagnostics/exit_check.py --root data/toy --stage supervised --tries 20
 """
 import argparse
 import os
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ the first clip (cosine of the projection head's embeddings), against how far apa
 cycle (its phase, known from the video's own draws). An encoder that tells the phases of a cycle apart puts
 a repetitive video's score clips apart, and so gives it a low temporal similarity.
 
-    python tools/phase_probe.py RUN_DIR --variant pulse --cls 0
+    python tools/diagnostics/phase_probe.py RUN_DIR --variant pulse --cls 0
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import data  # noqa: E402
 from models import compact  # noqa: E402
 from tools import toy  # noqa: E402

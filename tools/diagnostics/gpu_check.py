@@ -1,8 +1,8 @@
 """The GPU check, one command for a CUDA machine (under 8 minutes on one H100/H200 at the defaults), on data
 it writes itself into a fresh folder OUT/<date-time>-<pid>:
 
-    python tools/gpu_check.py                                   # a CUDA machine: compact, width 64, 2-2-2-2, at 112 px
-    python tools/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
+    python tools/diagnostics/gpu_check.py                                   # a CUDA machine: compact, width 64, 2-2-2-2, at 112 px
+    python tools/diagnostics/gpu_check.py --device cpu --width 8 --layers 1 1 1 1 --size 32 --epochs 1 --workers 0
 
 Its parts, each printed as a row the moment it ends: each stage in one process (clips/s of its last epoch),
 eval and predict of the student; the same stages in N processes under torchrun where N >= 2 GPUs are
@@ -21,12 +21,12 @@ import time
 import torch
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import models  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
-from tools.bench import model_flags  # noqa: E402
+from tools.diagnostics.bench import model_flags  # noqa: E402
 
 STAGES = (("invariant", "invariant"), ("distinctive", "distinctive"), ("semisup", "student"),
           ("supervised", "supervised"))  # (stage, the log.jsonl name of its last step)
@@ -155,7 +155,7 @@ def main(argv=None):
                                   os.path.join(ROOT, "tests", "test_train.py"), "-k", "cuda or gpus or nccl"],
                    lambda text: text.strip().splitlines()[-1])
     if args.bench:
-        bench = [sys.executable, "tools/pipeline.py", "--device", args.device, "--width", str(args.width),
+        bench = [sys.executable, "tools/diagnostics/pipeline.py", "--device", args.device, "--width", str(args.width),
                  "--layers", *map(str, args.layers), "--size", str(args.size), "--workers", str(args.workers),
                  "--videos", "48", "--repeat", "2"]
         text = check.part("pipeline bench", bench)

@@ -1,7 +1,7 @@
-"""Benchmarks that print figures (never timed tests): `python tools/bench.py` on the CPU (data path and
-training steps), `python tools/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d),
-`python tools/bench.py --estimate` the paper-scale run's hours on one GPU from the released networks' FLOPs;
-`tools/pipeline.py` whether the data path keeps up with the training step (docs/performance.md).
+"""Benchmarks that print figures (never timed tests): `python tools/diagnostics/bench.py` on the CPU (data path and
+training steps), `python tools/diagnostics/bench.py --gpu` for the GPU-scale model (AMP, channels_last_3d),
+`python tools/diagnostics/bench.py --estimate` the paper-scale run's hours on one GPU from the released networks' FLOPs;
+`tools/diagnostics/pipeline.py` whether the data path keeps up with the training step (docs/performance.md).
 
 Decoding floors: the necessary work only - seek to the keyframe before the first wanted frame, decode to
 the last wanted frame, convert each wanted frame once, single-threaded - written here as a bare PyAV loop.
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import models  # noqa: E402
 import train  # noqa: E402
 from models import compact  # noqa: E402
