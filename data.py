@@ -264,7 +264,7 @@ AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recip
 SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
 # The released loaders as data: the crop's least side fraction; (rate, half-range) of contrast, hue (in turns),
 # saturation, brightness, gamma (on greyscale clips); greyscale and channel-drop rates (one draw decides between
-# them); each erase's rate (`augment`: the box's sides from the frame's, its corner anywhere, filled black)
+# them); each erase's rate (`augment_released`)
 RELEASED = {
     "released": dict(crop=0.4, contrast=(0.125, 0.1), hue=(0.15, 0.05), saturation=(0.15, 0.1),  # dl_semisup_2clips.py
                      brightness=(0.15, 0.1), grey=0.1, drop=0.0, gamma=(0.75, 0.15), erase=(0.4, 0.4)),
@@ -305,66 +305,78 @@ def augment(clip, size, g, recipe="ssl"):
     clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
     here and applied by `augment_on_device`. Recipes:
       ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
-                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle: on the toy set colour is a
-                video's easiest fingerprint), greyscale (p 0.2), one random erase (p 0.5, 0.1-0.4 of the side)
-      released, ssl-released   the released classifier / SSL loaders (RELEASED): a crop of a side fraction (the
-                aspect kept); colour changes each at its rate; greyscale (then gamma) or a channel dropped; erases
-      light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone"""
+                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
+                random erase (p 0.5, 0.1-0.4 of the side, the mean grey)
+      light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
+      released, ssl-released   the released loaders (`augment_released`)"""
+    if recipe in RELEASED:
+        return augment_released(clip, size, g, RELEASED[recipe])
     T, H, W, _ = clip.shape
-    r = RELEASED.get(recipe)
-    if r:
-        f = _uniform(g, r["crop"], 1.0)
-        h, w = max(1, round(f * H)), max(1, round(f * W))
+    for _ in range(10):
+        target = H * W * _uniform(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
+        ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            break
     else:
-        for _ in range(10):
-            target = H * W * _uniform(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
-            ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < w <= W and 0 < h <= H:
-                break
-        else:
-            h = w = min(H, W)
-    top = int(_uniform(g) * (H - h + 1))
-    left = int(_uniform(g) * (W - w + 1))
-    x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
-    if _uniform(g) < 0.5:
-        x = x.flip(-1)
-    x = x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
-    p = dict(zip(PARAMS, IDENTITY))
+        h = w = min(H, W)
+    x, p = _crop_and_flip(clip, h, w, size, g), dict(zip(PARAMS, IDENTITY))
     if recipe == "ssl":
         if _uniform(g) < 0.8:  # colour jitter
             p["b"], p["c"], p["s"] = _uniform(g, 0.8, 1.2), _uniform(g, 0.8, 1.2), _uniform(g, 0.8, 1.2)
             p["theta"] = _uniform(g, -math.pi, math.pi)
         p["grey"] = float(_uniform(g) < 0.2)
-        boxes = [(0.5, 0.1, 0.4)]  # (p, side from, side to) of each random erase
-    elif r:
-        def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
-            return _uniform(g, 1 - half, 1 + half) if _uniform(g) < prob else 1.0
-        p["c"] = maybe(*r["contrast"])
-        p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
-        p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
-        u = _uniform(g)
-        p["grey"] = float(u < r["grey"])  # greyscale, then gamma
-        p["gamma"] = maybe(*r["gamma"]) if p["grey"] else 1.0
-        if r["grey"] <= u < r["grey"] + r["drop"]:  # or one colour channel set to 0
-            p["drop"] = 1 + int(_uniform(g) * 3)
-        boxes = [(prob, 1 / 6, 1 / 3) for prob in r["erase"]]
-    else:
-        boxes = []
-    if p["c"] != 1.0:  # the contrast pivots about the clip's mean grey m
+        if _uniform(g) < 0.5:  # random erase: (top, left, height, width), kept inside
+            p["eh"], p["ew"] = int(size * _uniform(g, 0.1, 0.4)), int(size * _uniform(g, 0.1, 0.4))
+            p["et"], p["el"] = int(_uniform(g) * (size - p["eh"])), int(_uniform(g) * (size - p["ew"]))
+    return x, _as_row(p, x)
+
+
+def augment_released(clip, size, g, r):
+    """`augment` as the released loaders draw it (RELEASED: `r` the recipe's rates and ranges): a crop of a side
+    fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each
+    at its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at
+    its rate, their sides 1/6-1/3 of the frame's height and width times size / 224, the corner anywhere and the
+    box clipped at the edge, black (torchvision's erase, v=0, on unnormalised pixels)."""
+    T, H, W, _ = clip.shape
+    f = _uniform(g, r["crop"], 1.0)
+    x, p = _crop_and_flip(clip, max(1, round(f * H)), max(1, round(f * W)), size, g), dict(zip(PARAMS, IDENTITY))
+
+    def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
+        return _uniform(g, 1 - half, 1 + half) if _uniform(g) < prob else 1.0
+    p["c"] = maybe(*r["contrast"])
+    p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
+    p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
+    u = _uniform(g)
+    p["grey"] = float(u < r["grey"])  # greyscale, then gamma
+    p["gamma"] = maybe(*r["gamma"]) if p["grey"] else 1.0
+    if r["grey"] <= u < r["grey"] + r["drop"]:  # or one colour channel set to 0
+        p["drop"] = 1 + int(_uniform(g) * 3)
+    for box, prob in zip(("", "2"), r["erase"]):  # (top, left, height, width) of each box
+        if _uniform(g) < prob:
+            eh, ew = (_randint(g, int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H, W))
+            et, el = _randint(g, 0, size), _randint(g, 0, size)
+            p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, min(eh, size - et), min(ew, size - el)
+            p["fill"] = 0.0
+    return x, _as_row(p, x)
+
+
+def _crop_and_flip(clip, h, w, size, g):
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: an h x w crop at a random place, resized, flipped at p 0.5."""
+    T, H, W, _ = clip.shape
+    top = int(_uniform(g) * (H - h + 1))
+    left = int(_uniform(g) * (W - w + 1))
+    x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
+    if _uniform(g) < 0.5:
+        x = x.flip(-1)
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+
+
+def _as_row(p, x):
+    """The parameters {PARAMS: value} as a row, with the clip's mean grey m where the contrast pivots about it."""
+    if p["c"] != 1.0:
         p["m"] = float(torch.einsum("c,cthw->", GREY, x.float())) / (255 * x[0].numel())
-    for box, (prob, lo, hi) in zip(("", "2"), boxes):  # random erase: (top, left, height, width)
-        if _uniform(g) >= prob:
-            continue
-        if r:  # released: sides lo-hi of the frame's height and width times size / 224, the corner anywhere and
-            eh, ew = (_randint(g, int(side * lo * size / 224), int(side * hi * size / 224)) for side in (H, W))
-            et, el = _randint(g, 0, size), _randint(g, 0, size)  # the box clipped at the edge
-            eh, ew, p["fill"] = min(eh, size - et), min(ew, size - el), 0.0  # black (torchvision's erase, v=0)
-        else:  # sides lo-hi of the clip's, kept inside, the mean grey
-            eh, ew = int(size * _uniform(g, lo, hi)), int(size * _uniform(g, lo, hi))
-            et, el = int(_uniform(g) * (size - eh)), int(_uniform(g) * (size - ew))
-        p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, eh, ew
-    return x, torch.tensor(list(p.values()))
+    return torch.tensor(list(p.values()))
 
 
 _CONSTANTS = {}

@@ -637,9 +637,10 @@ def run_stage(args, stage):
         evaluate(run, run.classifier(ckpt, args.ckpt), "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
 
 
-def reuse_or_train(run, label, name, kind, train):
-    """A step of a command: OUT/<name>.pt reused if finished, resumed if not, else trained."""
-    what = WHAT[name.split("_")[0]].format(name.split("_")[-1], run.args.teacher, run.args.mix)
+def reuse_or_train(run, label, name, kind, train, what=None):
+    """A step of a command: OUT/<name>.pt reused if finished, resumed if not, else trained; `what` it is."""
+    how = "fine-tuned on" if run.args.teacher == "finetune" else "with its nearest-class-mean classifier on"
+    what = what or WHAT[name.split("_")[0]].format(name.split("_")[-1], how, run.args.mix)
     ckpt = checkpoint(run, name, kind)
     run.barrier()  # every process has looked before the first one writes it (a step may take no training step)
     if ckpt is not None and ckpt["epoch"] >= ckpt["epochs"]:
@@ -651,7 +652,7 @@ def reuse_or_train(run, label, name, kind, train):
 
 
 WHAT = {"invariant": "L_I", "distinctive": "L_D = L_LL + L_GL", "both": "L_I + L_LL + L_GL, the student's initial "
-        "encoder", "teacher": "the {0} encoder with a classifier on the labeled videos, --teacher {1}",
+        "encoder", "teacher": "the {0} encoder {1} the labeled videos",
         "student": "temporal similarity scores, then the student distilled from the teachers, --mix {2}"}
 
 

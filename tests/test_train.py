@@ -1280,7 +1280,7 @@ def test_ablation_tables_match_each_seeds_run(toy_root, tmp_path):
     assert numbers_in_line(p.stdout, "every repetitive video above every ordered one): s")[0] == pytest.approx(
         auc, abs=0.0051)
     path = reused / "seed0" / "invariant.pt"
-    reused_line = f"=== seed 0: invariant (self-supervised encoder): reusing {path}"
+    reused_line = f"=== seed 0: invariant (L_I): reusing {path}"
     assert reused_line in p.stdout
 
 

@@ -59,7 +59,7 @@ def ablation(args):
         sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": train.subset_seed(args)})
         for stage in train.ENCODERS:
             run = train.Run(sub, stage)
-            train.reuse_or_train(run, f"seed {seed}:", stage, "ssl", "self-supervised encoder",
+            train.reuse_or_train(run, f"seed {seed}:", stage, "ssl",
                                  lambda resume, run=run, stage=stage: train.train_ssl(run, stage, resume))
             if f"knn_{stage}" not in train.read_json(os.path.join(out, "results.json")):  # a reused encoder's
                 encoder = train.finished_checkpoint(run, stage, "ssl")
@@ -94,8 +94,8 @@ def other_mix(run, seed, mix):
     run.log(f"=== seed {seed}: semisup --mix {mix}")
     name = f"student_{mix}"
     train.reuse_or_train(run, f"{'control' if mix in CONTROLS else 'headroom'}:", name, "classifier",
-                         f"the student of --mix {mix}",
-                         lambda resume: train.train_student(run, name, resume, mix_weights(run, mix)))
+                         lambda resume: train.train_student(run, name, resume, mix_weights(run, mix)),
+                         what=f"the student of --mix {mix}")
 
 
 def print_ablation(args, table):
