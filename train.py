@@ -205,17 +205,14 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 def video_scores(run, f_I, f_D, items):
     """(3) The temporal similarity score of each video of `items` (docs/method.md "Temporal similarity score"):
     4 consecutive clips (`data.score_indices`) embedded by both SSL encoders' projection heads, e_I and e_D
-    (B, 4, D); C = (C_I + C_D) / 2, s = (mean off-diagonal C + 1) / 2 (`tb.temporal_similarity`); and, for
-    tools/ablation.py, s of C_I and of C_D alone. Returns (N, 20) rows on the device, (index in `items`, s,
-    s_I, s_D, C flattened), and the videos that could not be read."""
+    (B, 4, D); C = (C_I + C_D) / 2, s = (mean off-diagonal C + 1) / 2 (`tb.temporal_similarity`). Returns (N, 2)
+    rows on the device, (index in `items`, s), and the videos that could not be read."""
     rows, bad = [], data.BadVideos()
     for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "score"), 8, shuffle=False), 0):
         bad.add(failed)  # x (B*4, 3, T, S, S)
         e_I, e_D = (f(x, out="ssl")[0].view(len(idx), 4, -1) for f in (f_I, f_D))  # (B, 4, D)
-        C = tb.similarity_matrix(e_I, e_D)  # (B, 4, 4)
         s = tb.temporal_similarity(e_I, e_D)  # (B,)
-        s_alone = torch.stack([tb.temporal_similarity(e, e) for e in (e_I, e_D)], dim=1)  # (B, 2)
-        rows.append(torch.cat([idx.view(-1, 1).to(s.dtype), s.view(-1, 1), s_alone, C.flatten(1)], dim=1))  # (B, 20)
+        rows.append(torch.stack([idx.to(s.dtype), s], dim=1))  # (B, 2)
     return torch.cat(rows), bad
 
 
@@ -317,14 +314,13 @@ def student_loaders(run, bs):
 
 def scores(run):
     """Every training video's temporal similarity score (`video_scores`), cached in OUT/scores.json with the
-    times of the encoders it came from and its settings. Returns {"raw": {path: s}, "C": {path: 4x4}, "alone":
-    {path: [s of C_I alone, s of C_D alone]}, "s": {path: s normalised over the training videos (--score-norm)}}."""
+    times of the encoders it came from and its settings. Returns {"raw": {path: s}, "s": {path: s normalised
+    over the training videos (--score-norm)}}."""
     source, own = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}, settings(run.args, "scores")
     cache = read_json(os.path.join(run.args.out, "scores.json"))
-    raw, C, alone = (cache.get(k) for k in ("raw", "C", "alone"))
-    if not (cache.get("source") == source and cache.get("settings") == own
-            and all(isinstance(d, dict) for d in (raw, C, alone))
-            and all(isinstance(raw.get(p), float) and p in C and p in alone for p, _ in run.train)):
+    raw = cache.get("raw")
+    if not (cache.get("source") == source and cache.get("settings") == own and isinstance(raw, dict)
+            and all(isinstance(raw.get(p), float) for p, _ in run.train)):
         cache = {"source": source, "settings": own, **compute_scores(run)}
         if run.rank == 0:
             write_json(os.path.join(run.args.out, "scores.json"), cache)
@@ -342,20 +338,17 @@ def compute_scores(run):
     with torch.random.fork_rng(devices=[run.device] if run.cuda else []):
         f_I, f_D = (load_into(run.model(proj_dim=128), ckpt, run.path(k)).eval() for k, ckpt in encoders(run).items())
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-        rows, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n, 20): this share
+        rows, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n, 2): this share
     rows[:, 0] = rows[:, 0] * run.world + run.rank  # the videos' indices in run.train
     if run.world > 1:  # every process's share, padded to the first's (the longest), then cut to each one's
         shares = [len(run.train[r :: run.world]) for r in range(run.world)]
         parts = [rows.new_zeros(shares[0], rows.shape[1]) for _ in shares]
         dist.all_gather(parts, torch.cat([rows, rows.new_zeros(shares[0] - len(rows), rows.shape[1])]))
         rows = torch.cat([part[:n] for part, n in zip(parts, shares)])
-    raw, C, alone = {}, {}, {}
-    for i, s, s_I, s_D, *C_i in rows.tolist():  # one read from the device
-        p = run.train[int(i)][0]
-        raw[p], alone[p], C[p] = s, [s_I, s_D], [[round(v, 5) for v in C_i[r : r + 4]] for r in (0, 4, 8, 12)]
+    raw = {run.train[int(i)][0]: s for i, s in rows.tolist()}  # one read from the device
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if bad else ""))
-    return {"raw": raw, "C": C, "alone": alone}
+    return {"raw": raw}
 
 
 class GatherVideos(torch.autograd.Function):

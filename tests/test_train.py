@@ -1485,7 +1485,26 @@ def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
     for c in range(8):
         videos = sorted((scores["raw"][p], p) for p, y in train_items if int(y) == c)
         medians.append(videos[len(videos) // 2][1])
-    assert page.cells == [v for p in medians for row in scores["C"][p] for v in row]
+    # C by hand from the run's two encoders on each median video's 4 score clips: (e_I e_I^T + e_D e_D^T) / 2,
+    # whose mean off-diagonal gives back the score the run recorded, s = (mean + 1) / 2
+    args = json.load(open(run / "run.json"))
+    import models
+    import train as train_py
+
+    enc = []
+    for ckpt in (load(run / f"{k}.pt") for k in ("invariant", "distinctive")):
+        net = models.build(ckpt["arch"]["name"], proj_dim=128, width=ckpt["arch"]["width"], layers=ckpt["arch"]["layers"])
+        enc.append(train_py.load_into(net, ckpt, "").eval())
+    ds = data.VideoDataset([(p, 0) for p in medians], args["root"], "score", args["ssl_frames"], args["ssl_stride"],
+                           args["size"], test_crop=args["test_crop"])
+    want = []
+    for i, p in enumerate(medians):
+        with torch.no_grad():
+            x = data.augment_on_device(*ds[i][:2])  # (4, 3, T, S, S)
+            C = sum(e @ e.T for e in (f(x, out="ssl")[0] for f in enc)) / 2  # (4, 4)
+        assert ((C.sum() - C.trace()) / 12 + 1) / 2 == pytest.approx(scores["raw"][p], abs=1e-4)
+        want += C.flatten().tolist()
+    assert page.cells == pytest.approx(want, abs=1e-5)
     (run / "per_class.json").write_text("{")
     os.remove(run / "log.jsonl")
     page = Page(report.report(str(run)))

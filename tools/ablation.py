@@ -17,6 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules
+import data  # noqa: E402
+import models  # noqa: E402
 import tb  # noqa: E402
 import train  # noqa: E402
 from tools import toy  # noqa: E402
@@ -149,6 +151,29 @@ def best_knn(table):
     return [max(a, b) for a, b in zip(table.get("knn_invariant", []), table.get("knn_distinctive", []))]
 
 
+@torch.no_grad()
+def score_parts(out, args, items):
+    """What each video's score is made of, for the tools (the core keeps s alone): {path: (C as 4 rows of 4, s of
+    C_I alone, s of C_D alone)} of each (path, label) of `items`, from run folder `out`'s two encoders on the
+    video's 4 score clips, one video at a time (`train.video_scores` takes batches). `args`: the run's flags."""
+    encoders = []
+    for k in train.ENCODERS:
+        path = os.path.join(out, f"{k}.pt")
+        ckpt = train.load_checkpoint(path, "ssl")
+        net = models.build(ckpt["arch"]["name"], proj_dim=128, width=ckpt["arch"]["width"], layers=ckpt["arch"]["layers"])
+        encoders.append(train.load_into(net, ckpt, path).eval())
+    ds = data.VideoDataset(items, args["root"], "score", args["ssl_frames"], args["ssl_stride"], args["size"],
+                           test_crop=args["test_crop"])
+    parts = {}
+    for i, (p, _) in enumerate(items):
+        clips, params, *_ = ds[i]
+        x = data.augment_on_device(clips, params)  # (4, 3, T, S, S)
+        e_I, e_D = (f(x, out="ssl")[0][None] for f in encoders)  # (1, 4, D)
+        C = tb.similarity_matrix(e_I, e_D)[0]  # (4, 4)
+        parts[p] = (C.tolist(), *(tb.temporal_similarity(e, e).item() for e in (e_I, e_D)))
+    return parts
+
+
 def print_scores(args, per_class, mixes, runs):
     """Per class the teachers' accuracy and the score, how well the score separates the dataset's groups
     (returned: AUC of s from C, from C_I alone and from C_D alone, mean over the seeds), and where a per-video
@@ -156,21 +181,22 @@ def print_scores(args, per_class, mixes, runs):
     print("\n| class | invariant teacher | distinctive teacher | raw s, mean over seeds (min-max) "
           "| normalised s | s of C_I alone | s of C_D alone |\n|---|---|---|---|---|---|---|")
     cache = [train.scores(r) for r in runs]
+    alone = [{p: v[1:] for p, v in score_parts(r.args.out, vars(r.args), r.train).items()} for r in runs]
     for c, name in enumerate(runs[-1].classes):
         acc = [statistics.mean(d[name] for d in per_class[f"teacher_{k}"]) for k in train.ENCODERS]
-        videos = [(cache[j], p) for j, r in enumerate(runs) for p, y in r.train if y == c]
-        r = [s["raw"][p] for s, p in videos]
-        norm, s_I, s_D = (statistics.mean(f(s, p) for s, p in videos) for f in (
-            lambda s, p: s["s"][p], lambda s, p: s["alone"][p][0], lambda s, p: s["alone"][p][1]))
+        videos = [(j, p) for j, r in enumerate(runs) for p, y in r.train if y == c]
+        r = [cache[j]["raw"][p] for j, p in videos]
+        norm, s_I, s_D = (statistics.mean(f(j, p) for j, p in videos) for f in (
+            lambda j, p: cache[j]["s"][p], lambda j, p: alone[j][p][0], lambda j, p: alone[j][p][1]))
         print(f"| {name} | {acc[0]:.0f} | {acc[1]:.0f} | {statistics.mean(r):.4f} "
               f"({min(r):.4f}-{max(r):.4f}) | {norm:.2f} | {s_I:.4f} | {s_D:.4f} |")
     groups = toy.read_groups(args.root, runs[-1].classes)
     auc = None
     if groups and {"repetitive", "ordered"} <= set(groups):
         per_seed = []
-        for c, r in zip(cache, runs):
+        for c, parts, r in zip(cache, alone, runs):
             repetitive = torch.tensor([groups[y] == "repetitive" for _, y in r.train])  # (N,)
-            s = torch.tensor([[c["raw"][p], *c["alone"][p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
+            s = torch.tensor([[c["raw"][p], *parts[p]] for p, _ in r.train])  # (N, 3): C, C_I, C_D alone
             per_seed.append([group_auc(s[:, j], repetitive) for j in range(3)])
         auc = dict(zip(("C", "C_I", "C_D"), map(statistics.mean, zip(*per_seed))))
         print(f"\nHow well s tells the repetitive classes' training videos from the ordered ones (AUC, mean "
