@@ -1,9 +1,10 @@
 """Every stage of TimeBalance; docs/method.md restates the method, the README shows the commands. The defaults
 are chosen for small data on a CPU; --recipe released trains as the authors' released code does (RELEASED).
 
-Read from the top: each stage builds its data and model and hands its loss terms to `fit`, the training
-loop they all run; then evaluation and the commands; the run folder, checkpoints and flags come last.
-The demo, the seed ablation, the toy sets and the report page are scripts beside it: python tools/NAME.py.
+Read from the top: `semisup`, the method's four steps in order, then each step (its data, model and loss terms,
+handed to `fit`, the training loop every stage runs); then evaluation and the commands; the run folder,
+checkpoints and flags come last. The demo, the seed ablation, the toy sets and the report and compare pages are
+scripts beside it (python tools/NAME.py); benches and checks are in tools/diagnostics/.
 """
 import argparse
 import collections
@@ -1243,7 +1244,7 @@ def parser(command=True):
     add("--dropout", type=at_least(0, float), default=0.0, help="dropout before each classifier")
     add("--aug", choices=data.AUGMENTATIONS, default="light",
         help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
-             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe; lost on validation here)")
+             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe, `data.augment_released`)")
     add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
         "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
     add("--test-crop", type=at_least(0, float), default=0.8, help="evaluation and score clips: the central F of "
@@ -1254,7 +1255,7 @@ def parser(command=True):
     add("--ssl-forward", choices=["joint", "per-clip"], default="joint", help="the 10 SSL clip types through the "
         "encoder in one forward, or one forward each (BatchNorm's statistics each type's own, as released)")
     add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
-        "batches through the student one after the other (BatchNorm's statistics each batch's own), or in one")
+        "batches through the student in one forward, or one after the other (BatchNorm's statistics each batch's)")
     add("--last-batch", choices=["drop", "keep"], default="drop", help="an epoch's last partial batch: dropped, or "
         "kept as released (an SSL batch of one video, which has no negative, is dropped)")
     add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",

@@ -1214,7 +1214,7 @@ def test_headroom_mixes(chain, toy_root, tmp_path):
     os.makedirs(run.args.root)
     for name in set(os.listdir(toy_root)) - {"groups.txt"}:
         os.symlink(os.path.join(toy_root, name), os.path.join(run.args.root, name))
-    with pytest.raises(train_py.StageError, match="--mix group needs .*bare/groups.txt, lines 'ClassName"):
+    with pytest.raises(train_py.StageError, match=r"the group oracle \(--headroom\) needs .*bare/groups.txt, lines 'ClassName"):
         ablation.mix_weights(run, "group", teachers)
 
 

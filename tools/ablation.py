@@ -234,8 +234,8 @@ def mix_weights(run, mix, teachers=None):
         groups = toy.read_groups(run.args.root, run.classes)
         if groups is None or not set(groups) <= {"repetitive", "ordered"}:
             path = os.path.join(run.args.root, "groups.txt")
-            raise train.StageError(f"--mix group needs {path}, lines 'ClassName repetitive' or 'ClassName "
-                                   "ordered' (the toy writes one)")
+            raise train.StageError(f"the group oracle (--headroom) needs {path}, lines 'ClassName repetitive' or "
+                                   "'ClassName ordered' (the toy writes one)")
         return {p: float(groups[label] == "repetitive") for p, label in run.train}
     teachers = teachers or [train.teacher(run, k) for k in train.ENCODERS]
     y = torch.tensor([label for _, label in run.train], device=run.device)  # (N,)
