@@ -1186,6 +1186,13 @@ def parser(command=True):
     add("--ssl-stride", type=at_least(4), default=4,
         help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
     add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
+    running_flags(p)
+    tuning_flags(p)
+    return p
+
+
+def running_flags(p):
+    """`parser`'s second group: what runs the method, not what it is."""
     add = p.add_argument_group("running: data, run folder, network, schedule (left out: each step's own, "
                                "train.STEPS), processes").add_argument
     add("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
@@ -1222,6 +1229,10 @@ def parser(command=True):
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
     add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+
+
+def tuning_flags(p):
+    """`parser`'s last group: the released code's behaviours and the validation subsets."""
     add = p.add_argument_group("replication and tuning (--recipe released sets these; docs/tuning.md)").add_argument
     add("--recipe", choices=["default", "released"], default="default", help="default: chosen for small data on "
         "a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
@@ -1260,7 +1271,6 @@ def parser(command=True):
         "kept as released (an SSL batch of one video, which has no negative, is dropped)")
     add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
         help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
-    return p
 
 
 def get_args(argv=None, p=None):
