@@ -1252,7 +1252,7 @@ def tuning_flags(p):
     add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
         help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
              "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
-    add("--dropout", type=at_least(0, float), default=0.0, help="dropout before each classifier")
+    add("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier")
     add("--aug", choices=data.AUGMENTATIONS, default="light",
         help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
              "'released' (the authors' fine-tuning and semi-supervised loaders' recipe, `data.augment_released`)")

@@ -164,7 +164,7 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
     text = train_py.recipe_text(args)
     assert "--dropout 0.3 (released: 0.5)" in text and "--teacher class-mean (released: finetune)" in text
     default = train_py.get_args(["--stage", "semisup", "--root", toy_root])
-    assert default.dropout == 0.0 and default.ssl_aug == "view" and default.test_crop == 0.8 and default.overrode == {}
+    assert default.dropout == 0.5 and default.ssl_aug == "view" and default.test_crop == 0.8 and default.overrode == {}
     assert train_py.hparams(default, "semisup") == (25, 5e-4, 16, 1e-4)
     p = train("--stage", "invariant", "--recipe", "paper", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "argument --recipe: invalid choice: 'paper'" in p.stderr
