@@ -905,7 +905,7 @@ REFUSED = [
     ("teacher-t", "0.5", 0.5, 0.2, "teacher_invariant.pt"),
     ("finetune-backbone-lr", "1", 1.0, 0.3, "teacher_invariant.pt"),
     ("aug", "released", "released", "light", "teacher_invariant.pt"),
-    ("dropout", "0.5", 0.5, 0.0, "teacher_invariant.pt"),
+    ("dropout", "0", 0.0, 0.5, "teacher_invariant.pt"),
     ("epoch", "labeled", "labeled", "train", "teacher_invariant.pt"),
 ]
 
@@ -1529,7 +1529,7 @@ def test_compare_page_shows_two_runs_side_by_side(chain, toy_root, tmp_path):
         f.write(json.dumps(again) + "\n")
     page = Page(compare.compare([str(a), str(b)], str(tmp_path / "page.html")))
     flags = {row[0]: row[1:] for row in page.tables["flags"][1:]}
-    assert flags["dropout"] == ["0.0", "0.2"] and "size" not in flags and "root" not in flags
+    assert flags["dropout"] == ["0.5", "0.2"] and "size" not in flags and "root" not in flags
     ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
     assert ra["supervised"] != rb["supervised"]  # a difference of the wrong sign would show
     rows = {row[1]: row[2:] for row in page.tables["results"][1:]}
