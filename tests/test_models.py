@@ -118,3 +118,14 @@ def test_another_network_is_refused_naming_both():
     assert models.build("compact", num_classes=3).arch == dict(name="compact", width=16, layers=[1, 1, 1, 1],
                                                                num_classes=3, proj_dim=0)
     assert models.build("r3d50", num_classes=3, dropout=0.5).fc[0].p == 0.5
+
+
+def test_a_checkpoint_of_another_network_is_refused_naming_both():
+    """train.load_into: a checkpoint of one network into another stops with one line naming both."""
+    import train
+
+    saved = compact(8, num_classes=3)
+    ckpt = {"arch": saved.arch, "model": saved.state_dict()}
+    with pytest.raises(train.StageError, match=r"^x.pt: saved model \{'name': 'compact'.*differs from this run's "
+                                               r"\{'name': 'r3d18'.*\(--arch, --width, --layers\)$"):
+        train.load_into(models.build("r3d18", num_classes=3), ckpt, "x.pt")
