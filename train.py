@@ -104,9 +104,9 @@ def train_ssl(run, stage, resume=False):
         raise StageError(f"--batch-size {bs}: {len(ds)} training videos give no full batch of at least 2 "
                          f"videos over {run.world} processes")
     length = len(ds) // run.world
-    if a.last_batch == "keep" and run.world == 1 and length % bs == 1:  # a batch of one video has no negative
+    if a.last_batch == "keep" and length % bs == 1:  # one video a process: no negative alone, no BatchNorm statistics
         length -= 1
-        run.log(f"{stage}: --last-batch keep: an epoch's last batch would hold one video; it is left out")
+        run.log(f"{stage}: --last-batch keep: an epoch's last batch would hold one video a process; it is left out")
     torch.manual_seed(a.seed)  # initialisation: the same alone or inside --stage semisup
     model = run.model(proj_dim=128)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=wd)
