@@ -300,7 +300,7 @@ def center_crop(clip, size, fraction=0.0):
     return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
 
 
-def augment(clip, size, g, recipe="ssl"):
+def augment(clip, size, g, recipe="ssl", source=None):
     """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw for the whole
     clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
     here and applied by `augment_on_device`. Recipes:
@@ -308,9 +308,10 @@ def augment(clip, size, g, recipe="ssl"):
                 brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
                 random erase (p 0.5, 0.1-0.4 of the side, the mean grey)
       light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
-      released, ssl-released   the released loaders (`augment_released`)"""
+      released, ssl-released   the released loaders (`augment_released`; `source`: the video's own frame
+                (height, width), where the clip was decoded at another size)"""
     if recipe in RELEASED:
-        return augment_released(clip, size, g, RELEASED[recipe])
+        return augment_released(clip, size, g, RELEASED[recipe], source)
     T, H, W, _ = clip.shape
     for _ in range(10):
         target = H * W * _uniform(g, 0.3 if recipe == "ssl" else 0.5, 1.0)
@@ -332,13 +333,15 @@ def augment(clip, size, g, recipe="ssl"):
     return x, _as_row(p, x)
 
 
-def augment_released(clip, size, g, r):
+def augment_released(clip, size, g, r, source=None):
     """`augment` as the released loaders draw it (RELEASED: `r` the recipe's rates and ranges): a crop of a side
     fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each
     at its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at
-    its rate, their sides 1/6-1/3 of the frame's height and width times size / 224, the corner anywhere and the
-    box clipped at the edge, black (torchvision's erase, v=0, on unnormalised pixels)."""
+    its rate, their sides 1/6-1/3 of the video's own frame height and width (`source`, else the clip's) times
+    size / 224, the corner anywhere and the box clipped at the edge, black (torchvision's erase, v=0, on
+    unnormalised pixels)."""
     T, H, W, _ = clip.shape
+    H0, W0 = source or (H, W)
     f = _uniform(g, r["crop"], 1.0)
     x, p = _crop_and_flip(clip, max(1, round(f * H)), max(1, round(f * W)), size, g), dict(zip(PARAMS, IDENTITY))
 
@@ -354,7 +357,7 @@ def augment_released(clip, size, g, r):
         p["drop"] = 1 + int(_uniform(g) * 3)
     for box, prob in zip(("", "2"), r["erase"]):  # (top, left, height, width) of each box
         if _uniform(g) < prob:
-            eh, ew = (_randint(g, int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H, W))
+            eh, ew = (_randint(g, int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H0, W0))
             et, el = _randint(g, 0, size), _randint(g, 0, size)
             p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, min(eh, size - et), min(ew, size - el)
             p["fill"] = 0.0
@@ -675,7 +678,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.ssl_aug, self.test_crop = ssl_aug, test_crop
         self.T, self.stride, self.size, self.K, self.seed = frames, stride, size, test_clips, seed
         self.decode_size = round(size * 8 / 7)  # short side before cropping (112 crop from 128)
-        self._counts = {}
+        self._counts, self._sizes = {}, {}
 
     def __len__(self):
         return len(self.items)
@@ -689,6 +692,14 @@ class VideoDataset(torch.utils.data.Dataset):
             self._counts[i] = kept[0] if kept else count_frames(self.path(i))
         return self._counts[i]
 
+    def source_size(self, i):
+        """The video's own frame (height, width), by which the released erase sizes its boxes."""
+        if i not in self._sizes:
+            container, stream = _open_video(self.path(i))
+            self._sizes[i] = stream.codec_context.height, stream.codec_context.width
+            container.close()
+        return self._sizes[i]
+
     def frames(self, i, indices):
         """`load_frames` of item i at the decoding size, from memory where the video is kept."""
         kept = _KEPT.get((self.path(i), self.decode_size))
@@ -701,14 +712,15 @@ class VideoDataset(torch.utils.data.Dataset):
         S = self.size
         if self.mode == "train":
             frames = self.frames(i, train_indices(n, self.T, self.stride, g))
-            return augment(frames, S, g, self.aug)
+            return augment(frames, S, g, self.aug, self.source_size(i) if self.aug in RELEASED else None)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
             # one decode for the whole clip set: (5T, H, W, 3)
             frames = self.frames(i, sparse + sum(dense, []))
             if self.ssl_aug == "released":  # each of the 10 clips its own draw (dl_ssl.py: one row a clip)
                 clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
-                drawn = [augment(clips[c], S, g, "ssl-released") for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
+                source = self.source_size(i)
+                drawn = [augment(clips[c], S, g, "ssl-released", source) for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
                 return torch.stack([x for x, _ in drawn]), torch.stack([p for _, p in drawn])  # SSL_CLIPS order
             # "view": one draw for the whole clip set (sparse and its 4 dense clips) in each view, so that
             # within a view the clips differ only by time; the two views are independent

@@ -81,24 +81,28 @@ class VideoNet(nn.Module):
         """g(h), L2-normalised: (N, C) -> (N, proj_dim)."""
         return F.normalize(self.head(h), dim=-1)
 
-    def forward(self, x, out="logits", groups=1):
+    def forward(self, x, out="logits", groups=1, local=None):
         """out="logits": (B, num_classes). out="ssl": (g, L) with g = g(time-pooled features) (B, D) and
         L = g of each of 4 temporal slices of the feature map (B, 4, D) (docs/method.md "Clips"); with `groups`
         > 1, each of `groups` equal parts of the batch through the network alone (BatchNorm statistics each
-        part's: one clip type a part, as the release's SSL forward)."""
+        part's: one clip type a part, as the release's SSL forward). `local`: how many leading parts need L; a
+        released network puts the other parts' global vectors alone through g (mlp.py's dense clips: L zeros)."""
         if out == "logits":
             return self.fc(self.features(x).mean(dim=(2, 3, 4)))
-        parts = [self.embed(part) for part in x.chunk(groups)]
+        local = groups if local is None else local
+        parts = [self.embed(part, i < local) for i, part in enumerate(x.chunk(groups))]
         return torch.cat([g for g, _ in parts]), torch.cat([L for _, L in parts])
 
-    def embed(self, x):
+    def embed(self, x, local=True):
         """(B, 3, T, H, W) -> g (B, D), L (B, 4, D)."""
         fmap = self.features(x)  # (B, C, T', H', W')
         B, C = fmap.shape[:2]
         slices = F.adaptive_avg_pool3d(fmap, (4, 1, 1)).view(B, C, 4).transpose(1, 2)  # (B, 4, C)
         if self.head_per_call:  # g of the global vector, then of each slice: 5 calls of B vectors
-            z = [self.project(h) for h in (fmap.mean(dim=(2, 3, 4)), *slices.unbind(1))]  # 5 x (B, D)
-            return z[0], torch.stack(z[1:], dim=1)  # (B, D), (B, 4, D)
+            g = self.project(fmap.mean(dim=(2, 3, 4)))  # (B, D)
+            if not local:
+                return g, g.new_zeros(B, 4, g.shape[1])
+            return g, torch.stack([self.project(h) for h in slices.unbind(1)], dim=1)  # (B, D), (B, 4, D)
         h = torch.cat([fmap.mean(dim=(2, 3, 4)), slices.reshape(B * 4, C)])  # (B + 4B, C): one head call
         z = self.project(h)
         return z[:B], z[B:].view(B, 4, -1)  # (B, D), (B, 4, D)

@@ -128,7 +128,8 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, 
     network alone (--ssl-forward per-clip), 1 all 10B clips at once."""
     B = x.shape[0] // 10
     with autocast():
-        g, L = net(x, out="ssl", groups=groups)  # (10B, D), (10B, 4, D)
+        g, L = net(x, out="ssl", groups=groups, local=2 if groups == 10 else None)  # (10B, D), (10B, 4, D): the
+        # sparse clips, first in data.SSL_CLIPS, need their slices L; the dense clips' L is read by no loss
     g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
     if gather is not None:  # (10, world * B, ...): the videos of process 0, then of 1, ...
         g, L = (gather(t.transpose(0, 1)).transpose(0, 1) for t in (g, L))
@@ -299,8 +300,8 @@ def student_loaders(run, bs):
     a, unl_ds = run.args, run.dataset(run.unlabeled, "train")
     n_u, n_l = len(unl_ds) // run.world, len(run.labeled) // run.world  # each process's
     bs_l = min(bs, n_l)
-    steps_of = math.ceil if a.last_batch == "keep" else math.floor
-    steps = steps_of(n_u / bs) if a.epoch == "train" else steps_of(n_l / max(1, bs_l))
+    count = math.ceil if a.last_batch == "keep" else math.floor
+    steps = count(n_u / bs) if a.epoch == "train" else count(n_l / max(1, bs_l))
     if steps == 0 or bs_l == 0:
         raise StageError(f"--batch-size {bs}: {len(unl_ds)} unlabeled and {len(run.labeled)} labeled videos "
                          f"give no batch to each of {run.world} processes")
@@ -378,7 +379,7 @@ def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, prog
     """Trains `model` on the zipped batches of `loaders` (each a `Batch`); `terms_of(net, *batches)` gives the
     stage's loss terms, whose sum is the loss. Each epoch ends with a checkpoint, what --resume continues from.
     `Meter` reads and reports the terms."""
-    steps = len(loaders[0])
+    steps = min(len(loader) for loader in loaders)  # zip ends with the shortest
     start, losses = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else (0, [])
     net, meter = distributed(run, model), Meter(run, name, epochs, steps, progress)
     for epoch in range(start, epochs):
@@ -967,8 +968,8 @@ def take_from(run, steps):
     a, source = run.args, run.args.source
     if os.path.realpath(source) == os.path.realpath(a.out):
         raise StageError(f"--from {source} is --out itself: --from starts a new run folder from another")
-    if os.path.exists(os.path.join(a.out, "run.json")):
-        raise StageError(f"--from: {a.out} already holds a run (run.json): give --from a new --out")
+    if os.path.exists(os.path.join(a.out, "run.json")) or (os.path.isdir(a.out) and os.listdir(a.out)):
+        raise StageError(f"--from: {a.out} already holds a run (or other files): give --from a new --out")
     if not os.path.isfile(os.path.join(source, "run.json")):
         raise StageError(f"--from {source}: " + ("holds no run (no run.json)" if os.path.isdir(source) else
                                                  "no such folder"))

@@ -424,7 +424,9 @@ def test_ssl_released_draws_each_clip_apart(toy_root):
     n = data.count_frames(os.path.join(toy_root, train[1][0]))
     sparse, dense = data.ssl_indices(n, 8, 4, g)
     clips = [data.load_frames(os.path.join(toy_root, train[1][0]), idx, ds.decode_size) for idx in [sparse] + dense]
-    want = [data.augment(clips[c], 32, g, "ssl-released") for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
+    with av.open(os.path.join(toy_root, train[1][0])) as c:  # the video's own frame: the erase's boxes scale by it
+        source = c.streams.video[0].height, c.streams.video[0].width
+    want = [data.augment(clips[c], 32, g, "ssl-released", source) for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
     assert torch.equal(x, torch.stack([w[0] for w in want])) and torch.equal(p, torch.stack([w[1] for w in want]))
     rows = {tuple(r.tolist()) for r in p}
     assert len(rows) == 10  # no two clips share a draw (with "view", two rows: one a view)

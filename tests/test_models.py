@@ -95,6 +95,32 @@ def test_released_head_per_call_against_a_by_hand_forward():
     assert not compact(8, proj_dim=16).head_per_call
 
 
+def test_released_dense_clips_take_their_global_vector_alone():
+    """forward(x, out="ssl", groups=10, local=2), r3d18 as pretraining.py runs it: the 2 sparse parts through g as
+    global then 4 slices, the 8 dense parts their global vector alone (L zeros): the head's BatchNorm running
+    statistics equal a by-hand replay of those 18 calls."""
+    import copy
+
+    torch.manual_seed(0)
+    net = models.build("r3d18", proj_dim=16).train()
+    ref = copy.deepcopy(net)
+    x = torch.randn(10 * 2, 3, 4, 16, 16)
+    g, L = net(x, out="ssl", groups=10, local=2)
+    for i, part in enumerate(x.split(2)):
+        fmap = ref.features(part)  # (2, 512, T', H', W')
+        want_g = ref.project(fmap.mean(dim=(2, 3, 4)))
+        assert torch.allclose(g[2 * i : 2 * i + 2], want_g, atol=1e-5)
+        if i < 2:  # sparse: its 4 slices, each a call
+            T = fmap.shape[2]
+            for k in range(4):
+                ref.project(fmap[:, :, k * T // 4 : (k + 1) * T // 4].mean(dim=(2, 3, 4)) if T >= 4 else fmap.mean(dim=(2, 3, 4)))
+        else:
+            assert not L[2 * i : 2 * i + 2].any()
+    for a, b in zip(net.head.modules(), ref.head.modules()):
+        if isinstance(a, torch.nn.BatchNorm1d):
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6) and a.num_batches_tracked == 18
+
+
 def test_groups_put_each_part_through_alone():
     """forward(x, out="ssl", groups=k): each of k equal parts of the batch through the network on its own
     (BatchNorm's statistics each part's), against a by-hand loop; one forward of all gives other numbers."""

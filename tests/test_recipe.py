@@ -262,3 +262,20 @@ def test_paper_scale_commands_end_to_end_small(toy_root, tmp_path, arch):
     assert "student" in json.load(open(tmp_path / "results.json"))
     p = train("--stage", "semisup", *small, "--arch", "compact", root=toy_root, out=tmp_path, check=False)
     assert p.returncode == 2 and "--arch compact differs from " + arch in last_line(p)
+
+
+def test_released_erase_sized_by_the_videos_own_frame(tmp_path):
+    """--aug released through the dataset: a 240 x 320 video decoded at short side 37 for 32-px clips still gets
+    boxes of 1/6-1/3 of 240 and of 320, times 32 / 224 (by hand: heights 5-10, widths 7-14, before clipping)."""
+    import data
+    from conftest import moving_frames
+    from tools import toy
+
+    toy.write_video(str(tmp_path / "v.avi"), moving_frames(24, H=240, W=320))
+    ds = data.VideoDataset([("v.avi", 0)], str(tmp_path), "train", 4, 2, 32, aug="released")
+    rows = torch.stack([ds[(epoch, 0)][1] for epoch in range(150)])  # (150, P)
+    q = dict(zip(data.PARAMS, rows.unbind(1)))
+    for top, left, h, w in ((q["et"], q["el"], q["eh"], q["ew"]), (q["et2"], q["el2"], q["eh2"], q["ew2"])):
+        whole = (h > 0) & (top + 10 < 32) & (left + 14 < 32)  # boxes the edge did not clip
+        assert whole.sum() > 10 and ((h[whole] >= 5) & (h[whole] <= 10) & (w[whole] >= 7) & (w[whole] <= 14)).all()
+    assert ds.source_size(0) == (240, 320) and ds.decode_size == 37

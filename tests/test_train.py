@@ -958,8 +958,10 @@ def test_from_bad_input(chain, toy_root, tmp_path):
     """--from a folder that is not there or holds no run, --out itself, into a folder that holds a run, or from a
     run whose run.json or a checkpoint is damaged: one line naming it, exit 2, nothing written in the new folder."""
     base, new = chain[0], tmp_path / "new"
-    empty, run_json, ckpt = tmp_path / "empty", tmp_path / "run_json", tmp_path / "ckpt"
+    empty, run_json, ckpt, stray = tmp_path / "empty", tmp_path / "run_json", tmp_path / "ckpt", tmp_path / "stray"
     empty.mkdir()
+    stray.mkdir()
+    (stray / "student.pt").write_bytes(b"a file of its own")  # no run.json: still not overwritten
     for damaged in (run_json, ckpt):
         shutil.copytree(base, damaged)
     (run_json / "run.json").write_text("{")
@@ -968,7 +970,8 @@ def test_from_bad_input(chain, toy_root, tmp_path):
         (tmp_path / "nowhere", new, f"--from {tmp_path / 'nowhere'}: no such folder"),
         (empty, new, f"--from {empty}: holds no run (no run.json)"),
         (ckpt, ckpt, f"--from {ckpt} is --out itself: --from starts a new run folder from another"),
-        (base, ckpt, f"--from: {ckpt} already holds a run (run.json): give --from a new --out"),
+        (base, ckpt, f"--from: {ckpt} already holds a run (or other files): give --from a new --out"),
+        (base, stray, f"--from: {stray} already holds a run (or other files): give --from a new --out"),
         (run_json, new, f"{run_json / 'run.json'} is damaged (JSONDecodeError): remove it, or use another --out"),
         (ckpt, new, f"{ckpt / 'teacher_invariant.pt'}: refused: not a checkpoint of weights alone"),
     ]
@@ -1105,7 +1108,7 @@ class TinyEncoder(torch.nn.Module):
         super().__init__()
         self.lin = torch.nn.Linear(3 * 2 * 8 * 8, 4 * D)
 
-    def forward(self, x, out="ssl", groups=1):  # no BatchNorm: the groups change nothing
+    def forward(self, x, out="ssl", groups=1, local=None):  # no BatchNorm: the groups change nothing
         L = self.lin(x.flatten(1)).view(x.shape[0], 4, -1)  # (N, 4, D)
         return F.normalize(L.mean(dim=1), dim=-1), F.normalize(L, dim=-1)
 
