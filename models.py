@@ -97,11 +97,12 @@ class VideoNet(nn.Module):
         """(B, 3, T, H, W) -> g (B, D), L (B, 4, D)."""
         fmap = self.features(x)  # (B, C, T', H', W')
         B, C = fmap.shape[:2]
+        if self.head_per_call and not local:  # a dense clip's global vector alone (mlp.py, clip type 'd')
+            g = self.project(fmap.mean(dim=(2, 3, 4)))  # (B, D)
+            return g, g.new_zeros(B, 4, g.shape[1])
         slices = F.adaptive_avg_pool3d(fmap, (4, 1, 1)).view(B, C, 4).transpose(1, 2)  # (B, 4, C)
         if self.head_per_call:  # g of the global vector, then of each slice: 5 calls of B vectors
             g = self.project(fmap.mean(dim=(2, 3, 4)))  # (B, D)
-            if not local:
-                return g, g.new_zeros(B, 4, g.shape[1])
             return g, torch.stack([self.project(h) for h in slices.unbind(1)], dim=1)  # (B, D), (B, 4, D)
         h = torch.cat([fmap.mean(dim=(2, 3, 4)), slices.reshape(B * 4, C)])  # (B + 4B, C): one head call
         z = self.project(h)

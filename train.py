@@ -128,8 +128,8 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, 
     network alone (--ssl-forward per-clip), 1 all 10B clips at once."""
     B = x.shape[0] // 10
     with autocast():
-        g, L = net(x, out="ssl", groups=groups, local=2 if groups == 10 else None)  # (10B, D), (10B, 4, D): the
-        # sparse clips, first in data.SSL_CLIPS, need their slices L; the dense clips' L is read by no loss
+        # the sparse clips, the first 2 parts in data.SSL_CLIPS, need their slices L; no loss reads the dense clips'
+        g, L = net(x, out="ssl", groups=groups, local=2 if groups == 10 else None)  # (10B, D), (10B, 4, D)
     g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
     if gather is not None:  # (10, world * B, ...): the videos of process 0, then of 1, ...
         g, L = (gather(t.transpose(0, 1)).transpose(0, 1) for t in (g, L))
@@ -968,7 +968,7 @@ def take_from(run, steps):
     a, source = run.args, run.args.source
     if os.path.realpath(source) == os.path.realpath(a.out):
         raise StageError(f"--from {source} is --out itself: --from starts a new run folder from another")
-    if os.path.exists(os.path.join(a.out, "run.json")) or (os.path.isdir(a.out) and os.listdir(a.out)):
+    if os.path.isdir(a.out) and os.listdir(a.out):  # a run (run.json) or any other file: nothing is overwritten
         raise StageError(f"--from: {a.out} already holds a run (or other files): give --from a new --out")
     if not os.path.isfile(os.path.join(source, "run.json")):
         raise StageError(f"--from {source}: " + ("holds no run (no run.json)" if os.path.isdir(source) else

@@ -1494,10 +1494,8 @@ def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
     import models
     import train as train_py
 
-    enc = []
-    for ckpt in (load(run / f"{k}.pt") for k in ("invariant", "distinctive")):
-        net = models.build(ckpt["arch"]["name"], proj_dim=128, width=ckpt["arch"]["width"], layers=ckpt["arch"]["layers"])
-        enc.append(train_py.load_into(net, ckpt, "").eval())
+    ckpts = [train_py.load_checkpoint(str(run / f"{k}.pt"), "ssl") for k in ("invariant", "distinctive")]
+    enc = [train_py.load_into(models.build(**ckpt["arch"]), ckpt, "").eval() for ckpt in ckpts]
     ds = data.VideoDataset([(p, 0) for p in medians], args["root"], "score", args["ssl_frames"], args["ssl_stride"],
                            args["size"], test_crop=args["test_crop"])
     want = []

@@ -160,8 +160,7 @@ def score_parts(out, args, items):
     for k in train.ENCODERS:
         path = os.path.join(out, f"{k}.pt")
         ckpt = train.load_checkpoint(path, "ssl")
-        net = models.build(ckpt["arch"]["name"], proj_dim=128, width=ckpt["arch"]["width"], layers=ckpt["arch"]["layers"])
-        encoders.append(train.load_into(net, ckpt, path).eval())
+        encoders.append(train.load_into(models.build(**ckpt["arch"]), ckpt, path).eval())
     ds = data.VideoDataset(items, args["root"], "score", args["ssl_frames"], args["ssl_stride"], args["size"],
                            test_crop=args["test_crop"])
     parts = {}
