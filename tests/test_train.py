@@ -1503,7 +1503,7 @@ def test_report_page_shows_what_the_run_folder_holds(chain, tmp_path):
         with torch.no_grad():
             x = data.augment_on_device(*ds[i][:2])  # (4, 3, T, S, S)
             C = sum(e @ e.T for e in (f(x, out="ssl")[0] for f in enc)) / 2  # (4, 4)
-        assert ((C.sum() - C.trace()) / 12 + 1) / 2 == pytest.approx(scores["raw"][p], abs=1e-4)
+        assert (((C.sum() - C.trace()) / 12 + 1) / 2).item() == pytest.approx(scores["raw"][p], abs=1e-4)
         want += C.flatten().tolist()
     assert page.cells == pytest.approx(want, abs=1e-5)
     (run / "per_class.json").write_text("{")
