@@ -24,7 +24,8 @@ import data  # noqa: E402
 import tb  # noqa: E402
 from tools import toy  # noqa: E402
 import train  # noqa: E402
-from tools.ablation import LABELS, score_parts  # noqa: E402
+from tools.ablation import LABELS  # noqa: E402
+from tools.scores import score_parts  # noqa: E402
 
 FILES = ("run.json", "results.json", "per_class.json", "log.jsonl", "scores.json", "ablation.json")  # a folder's
 LOG_FIELDS = ("stage", "epoch", "lr", "bad_videos", "clips_per_s", "wall_s", "run", "machine")  # log.jsonl, not a loss
@@ -181,11 +182,10 @@ def part_scores(out, run, scores, classes, P=64):
             + "<table><tr><th>class, its median video</th><th>the middle frames of its 4 score clips</th>"
             "<th>C (white: alike)</th></tr>")
     medians = [videos[len(videos) // 2][1] for videos in by_class.values()]
-    try:
+    try:  # C of each median video; none where the folder lacks its encoders or run.json their flags
         C = {p: v[0] for p, v in score_parts(out, run, [(p, 0) for p in medians]).items()}
-    except (train.StageError, KeyError) as e:  # no encoders in the folder, or a run.json without their flags
-        C = {p: None for p in medians}
-        text += f"<p class=why>C not drawn: {html.escape(str(e))}</p>"
+    except (train.StageError, KeyError) as e:
+        C, text = dict.fromkeys(medians), text + f"<p class=why>C not drawn: {html.escape(str(e))}</p>"
     for name, p in zip(by_class, medians):
         text += (f"<tr><td><b>{html.escape(name)}</b><br>{html.escape(p)}<br>raw s {scores['raw'][p]:.4f}<br>"
                  f"normalised {normalised[p]:.3f}</td><td>{clips(run, p, P)}</td>"
