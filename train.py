@@ -1,10 +1,7 @@
-"""Every stage of TimeBalance; docs/method.md restates the method, the README shows the commands. The defaults
-are chosen for small data on a CPU; --recipe released trains as the authors' released code does (RELEASED).
-
-Read from the top: `semisup`, the method's four steps in order, then each step (its data, model and loss terms,
-handed to `fit`, the training loop every stage runs); then evaluation and the commands; the run folder,
-checkpoints and flags come last. The demo, the seed ablation, the toy sets and the report and compare pages are
-scripts beside it (python tools/NAME.py); benches and checks are in tools/diagnostics/.
+"""Every stage of TimeBalance (docs/method.md; the README shows the commands). The defaults suit small data on a
+CPU; --recipe released trains as the authors' released code does (RELEASED). Read from the top: `semisup`, the
+four steps in order, each handing its data, model and loss terms to `fit`, the loop of every stage; then
+evaluation and the commands; the run folder, checkpoints and flags last. Tools beside it: python tools/NAME.py.
 """
 import argparse
 import collections
@@ -31,15 +28,12 @@ from models import BACKBONE, load_backbone
 DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
-STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval", "predict")
-# Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each) and weight
-# decay, at toy CPU scale; --epochs, --lr, --batch-size, --weight-decay override them.
+STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval")
+# Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each), weight decay
 STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "both": (8, 1e-3, 8, 1e-4),
          "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 16, 1e-4)}
-# --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the
-# file named. A flag given on the command line wins, and the run's first lines name the value it overrode;
-# what this code cannot follow (the authors' labeled lists, their selection on the test split) is in the README's
-# departures table.
+# --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the file
+# named; a flag given on the command line wins (`recipe_text` names what it overrode). The README lists departures.
 RELEASED_STEPS = {**dict.fromkeys(SSL_STAGES, (1000, 5e-3, 40, 1e-9)),  # configs/conf_ssl.py
                   "finetune": (150, 1e-4, 16, 0.0),  # conf_finetune.py; finetune.py: Adam, no weight decay
                   "supervised": (150, 1e-4, 16, 0.0),  # the same script from no SSL checkpoint
@@ -76,10 +70,9 @@ class StageError(Exception):
 
 
 def semisup(run):
-    """`--stage semisup`: (1) the two self-supervised encoders (and with --student-init both, the student's
-    initial encoder), (2) a teacher from each encoder, (3) every training video's temporal similarity score and
-    (4) the student, distilled from the teachers mixed by the score. A step this run folder holds finished is
-    reused, an unfinished one resumed (`reuse_or_train`); then the table of figures."""
+    """`--stage semisup`: (1) the two self-supervised encoders (with --student-init both, the student's initial
+    encoder too), (2) a teacher from each, (3) every training video's temporal similarity score, (4) the student
+    distilled from the teachers mixed by the score. A finished step is reused, an unfinished one resumed."""
     a = run.args
     student = "student" if a.mix == "similarity" else "student_fixed"
     steps = [(k, "ssl", lambda resume, k=k: train_ssl(run, k, resume))  # (1)
@@ -121,11 +114,9 @@ def train_ssl(run, stage, resume=False):
 
 
 def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, balance="mean", groups=1):
-    """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each,
-    clip-major (clip c of every video together), the clips in the order of `data.SSL_CLIPS`. `gather`
-    (several processes): every process's embeddings, so that the negatives are the whole batch's.
-    `balance`: the terms' weights, a key of `tb.BALANCE`. `groups`: 10 puts each clip type through the
-    network alone (--ssl-forward per-clip), 1 all 10B clips at once."""
+    """The self-supervised losses of `stage` on one batch. x (10B, 3, T, S, S): B videos' 10 clips each, clip-major,
+    in the order of `data.SSL_CLIPS`. `gather`: every process's embeddings (the negatives are the whole batch's).
+    `balance`: a key of `tb.BALANCE`. `groups`: 10, each clip type through the network alone (per-clip), or 1."""
     B = x.shape[0] // 10
     with autocast():
         # the sparse clips, the first 2 parts in data.SSL_CLIPS, need their slices L; no loss reads the dense clips'
@@ -178,9 +169,8 @@ def class_mean_teacher(run, name, init):
 
 def train_classifier(run, name, resume=False, init=None):
     """(2) A teacher fine-tuned with cross-entropy on the labeled clips from the backbone of the SSL checkpoint
-    `init` (--teacher finetune, the paper's), or from scratch the supervised baseline. The backbone learns at
-    --finetune-backbone-lr times the new classifier's rate (0: frozen, its BatchNorm statistics too). Saves
-    OUT/<name>.pt and records its test top-1."""
+    `init` (--teacher finetune), or from scratch the supervised baseline; the backbone at --finetune-backbone-lr
+    times the classifier's rate (0: frozen, BatchNorm statistics too). Saves OUT/<name>.pt, records its top-1."""
     a = run.args
     epochs, lr, bs, wd = hparams(a, "finetune" if init else "supervised")
     model = classifier_from(run, name, init)
@@ -206,9 +196,8 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 @torch.no_grad()
 def video_scores(run, f_I, f_D, items):
     """(3) The temporal similarity score of each video of `items` (docs/method.md "Temporal similarity score"):
-    4 consecutive clips (`data.score_indices`) embedded by both SSL encoders' projection heads, e_I and e_D
-    (B, 4, D); C = (C_I + C_D) / 2, s = (mean off-diagonal C + 1) / 2 (`tb.temporal_similarity`). Returns (N, 2)
-    rows on the device, (index in `items`, s), and the videos that could not be read."""
+    4 consecutive clips (`data.score_indices`) embedded by both SSL encoders' heads, e_I and e_D (B, 4, D);
+    s = `tb.temporal_similarity`. Returns (N, 2) rows (index in `items`, s) on the device, and the unreadable."""
     rows, bad = [], data.BadVideos()
     for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "score"), 8, shuffle=False), 0):
         bad.add(failed)  # x (B*4, 3, T, S, S)
@@ -219,9 +208,9 @@ def video_scores(run, f_I, f_D, items):
 
 
 def train_student(run, name, resume=False, s_video=None):
-    """(4) The student, from the backbone of --student-init: per step a labeled and an unlabeled batch
-    (`student_terms`), the frozen teachers' p_T = s p_I + (1 - s) p_D on the same clips, s the video's
-    temporal similarity score (--mix fixed: 0.5; `s_video` {path: s}: given for every training video)."""
+    """(4) The student, from the backbone of --student-init: per step a labeled and an unlabeled batch, the frozen
+    teachers' p_T = s p_I + (1 - s) p_D on the same clips (`student_terms`), s the video's score (--mix fixed:
+    0.5; `s_video`: {path: s} given for every training video)."""
     a = run.args
     epochs, lr, bs, wd = hparams(a, "semisup")
     init = finished_checkpoint(run, a.student_init, "ssl")
@@ -246,10 +235,9 @@ def train_student(run, name, resume=False, s_video=None):
 
 
 def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullcontext):
-    """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled batch x_u
-    (B_u, 3, T, S, S), through the student in one forward (--student-forward joint: BatchNorm normalises both
-    batches together) or one each (separate, as released); s (B_l + B_u,) the videos' scores. The
-    frozen teachers see the same clips: p_T = s p_I + (1 - s) p_D (`tb.mix_teachers`), and
+    """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled x_u (B_u, 3, T, S,
+    S), in one forward (--student-forward joint) or one each (separate); s (B_l + B_u,) the videos' scores:
+        p_T = s p_I + (1 - s) p_D  (the frozen teachers on the same clips, `tb.mix_teachers`)
         loss = CE(student, y) + w_l D(p_S, p_T) on labeled + w_u D(p_S, p_T) on unlabeled, D = --distill."""
     n_l = x_l.shape[0]
     x = torch.cat([x_l, x_u])  # (B_l + B_u, 3, T, S, S)
@@ -269,8 +257,7 @@ def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullco
 
 
 def classifier_from(run, name, init=None):
-    """A new classifier (--dropout before it), seeded by --seed, with the backbone of the SSL checkpoint
-    `init` loaded strictly (its projection head skipped) where one is given."""
+    """A new classifier seeded by --seed, with the backbone of the SSL checkpoint `init` where one is given."""
     torch.manual_seed(run.args.seed)  # initialisation and dropout: the same alone or inside --stage semisup
     model = run.model(num_classes=len(run.classes), dropout=run.args.dropout)
     if init is not None:
@@ -280,9 +267,8 @@ def classifier_from(run, name, init=None):
 
 
 def classifier_loader(run, bs):
-    """The labeled clips. --epoch train: an epoch shows as many clips as there are training videos, the labeled
-    subset repeated (each repeat with its own augmentation), so epochs mean the same work in every stage;
-    labeled: each labeled video once, as released."""
+    """The labeled clips. --epoch train: as many clips an epoch as training videos, the labeled subset repeated
+    (each repeat its own augmentation); labeled: each labeled video once, as released."""
     repeats = max(1, len(run.train) // len(run.labeled)) if run.args.epoch == "train" else 1
     ds = run.dataset(run.labeled * repeats, "train")
     bs = min(bs, len(ds) // run.world)
@@ -292,11 +278,9 @@ def classifier_loader(run, bs):
 
 
 def student_loaders(run, bs):
-    """The student's unlabeled and labeled loaders, one batch of each a step. --epoch train: an epoch is a pass
-    over the unlabeled videos; labeled: over the labeled ones (the release's zip ends with its labeled loader).
-    --last-batch: the last partial batch dropped, or kept. The small labeled subset is repeated (each repeat
-    with its own augmentation) to give one labeled batch a step; --workers are split between the two in
-    proportion to their clips."""
+    """The student's loaders, one batch of each a step. --epoch train: an epoch is a pass over the unlabeled
+    videos, the labeled subset repeated to give a labeled batch a step; labeled: a pass over the labeled ones
+    (the release's zip ends with its labeled loader). --workers are split in proportion to the clips."""
     a, unl_ds = run.args, run.dataset(run.unlabeled, "train")
     n_u, n_l = len(unl_ds) // run.world, len(run.labeled) // run.world  # each process's
     bs_l = min(bs, n_l)
@@ -315,9 +299,8 @@ def student_loaders(run, bs):
 
 
 def scores(run):
-    """Every training video's temporal similarity score (`video_scores`), cached in OUT/scores.json with the
-    times of the encoders it came from and its settings. Returns {"raw": {path: s}, "s": {path: s normalised
-    over the training videos (--score-norm)}}."""
+    """Every training video's score (`video_scores`), cached in OUT/scores.json with its encoders' times and its
+    settings: {"raw": {path: s}, "s": {path: s normalised over the training videos (--score-norm)}}."""
     source, own = {k: os.path.getmtime(run.path(k)) for k in ENCODERS}, settings(run.args, "scores")
     cache = read_json(os.path.join(run.args.out, "scores.json"))
     raw = cache.get("raw")
@@ -332,11 +315,9 @@ def scores(run):
 
 
 def compute_scores(run):
-    """`video_scores` of this process's share of the training videos, gathered from every process. Float32 on
-    every device: no autocast, no TF32 and no kernels chosen by timing, whose roundings would differ from run
-    to run and from the CPU's, moving the ties that --score-norm rank relies on."""
-    # building the encoders must not move the global RNG: the student's init would then depend on whether
-    # the scores were cached
+    """`video_scores` of this process's share of the training videos, gathered from every process; in float32,
+    without TF32 or kernels chosen by timing, so that the roundings (and --score-norm rank's ties) stay put."""
+    # building the encoders leaves the global RNG as it was: the student's init is the same, cached or not
     with torch.random.fork_rng(devices=[run.device] if run.cuda else []):
         f_I, f_D = (load_into(run.model(proj_dim=128), ckpt, run.path(k)).eval() for k, ckpt in encoders(run).items())
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
@@ -354,9 +335,8 @@ def compute_scores(run):
 
 
 class GatherVideos(torch.autograd.Function):
-    """Every process's rows (along dim 0, equal counts), in process order. Backward: each process gets the
-    gradient of its own rows summed over the processes; as each computes the whole batch's loss, DDP's
-    average of the parameters' gradients is then the gradient of one process with the whole batch."""
+    """Every process's rows (dim 0, equal counts), in process order. Backward: each process's own rows' gradient
+    summed over the processes, so DDP's average is the gradient of one process with the whole batch."""
 
     @staticmethod
     def forward(ctx, t):
@@ -376,9 +356,8 @@ class GatherVideos(torch.autograd.Function):
 
 
 def fit(run, name, model, opt, loaders, terms_of, epochs, lr, resume=False, progress=True):
-    """Trains `model` on the zipped batches of `loaders` (each a `Batch`); `terms_of(net, *batches)` gives the
-    stage's loss terms, whose sum is the loss. Each epoch ends with a checkpoint, what --resume continues from.
-    `Meter` reads and reports the terms."""
+    """Trains `model` on the zipped `Batch`es of `loaders`; `terms_of(net, *batches)` gives the stage's loss
+    terms, whose sum is the loss. Each epoch ends with a checkpoint (what --resume continues from)."""
     steps = min(len(loader) for loader in loaders)  # zip ends with the shortest
     start, losses = resume_from(run, name, model, opt) if resume and os.path.exists(run.path(name)) else (0, [])
     net, meter = distributed(run, model), Meter(run, name, epochs, steps, progress)
@@ -408,8 +387,7 @@ def distributed(run, model):
 
 
 def train_mode(run, model, epoch):
-    """Training mode, but for the BatchNorm layers of a frozen part (its statistics stay as they are); under several
-    processes, dropout's masks drawn anew in each process and epoch (a resume too)."""
+    """Training mode, but for a frozen part's BatchNorm layers; dropout reseeded per process and epoch."""
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
@@ -427,10 +405,10 @@ def rate_of(schedule, name, lr, epoch, epochs, steps, losses):
 
 
 class Meter:
-    """What `fit` reports. The terms are summed on the device and read every --log-every steps and at the epoch's
-    end, never inside a step (a read makes the host wait for the GPU); a non-finite sum stops the run there. Each
-    epoch adds a line to OUT/log.jsonl: its own clips/s (its clips over its own wall time, checkpoint included:
-    from epoch 2 on, the steady state) beside the stage's running wall time. `progress`: a console line a read."""
+    """What `fit` reports. The terms are summed on the device and read (`read`) every --log-every steps and at the
+    epoch's end, never inside a step (a read makes the host wait for the GPU). Each epoch adds a line to
+    OUT/log.jsonl: its clips/s over its own wall time, the stage's running wall time. `progress`: a console line
+    a read."""
 
     def __init__(self, run, name, epochs, steps, progress):
         self.run, self.name, self.epochs, self.steps, self.progress = run, name, epochs, steps, progress
@@ -453,8 +431,14 @@ class Meter:
                              f"{self.clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
 
     def read(self, steps):
-        """The means over `steps` of the sums so far (`read_means`)."""
-        means = read_means(self.run, self.sums, steps, f"{self.name} epoch {self.epoch}, steps {self.done + 1}-{steps}")
+        """The sums read from the device at once, summed over the processes (so that every process stops
+        together), as means over `steps`; a non-finite one stops the run."""
+        values = all_sum(self.run, torch.stack(list(self.sums.values())))[0] / self.run.world  # (terms,)
+        means = {k: v / steps for k, v in zip(self.sums, values.tolist())}
+        for k, v in means.items():
+            if not math.isfinite(v):
+                raise FloatingPointError(f"non-finite loss {k} in {self.name} epoch {self.epoch}, steps "
+                                         f"{self.done + 1}-{steps}")
         self.done = steps
         return means
 
@@ -471,9 +455,13 @@ class Meter:
                     f"{entry['clips_per_s']} clips/s this epoch | {entry['wall_s']:.0f} s")
 
 
+def means_text(means):
+    return " ".join(f"{k} {v:.4f}" for k, v in means.items())
+
+
 def lr_at(step, total, base, warmup):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 (a function of the step, so a resumed
-    run follows the same schedule)."""
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 (a resumed run follows the same schedule)."""
+
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -508,21 +496,6 @@ def released_lr(base, epoch, losses, ssl):
     return rate
 
 
-def read_means(run, sums, steps, where):
-    """The loss sums read from the device at once, all-reduced over the processes first (so that every
-    process stops together), as means over `steps`; a non-finite one stops the run naming `where`."""
-    values = all_sum(run, torch.stack(list(sums.values())))[0] / run.world  # (terms,)
-    means = {k: v / steps for k, v in zip(sums, values.tolist())}
-    for k, v in means.items():
-        if not math.isfinite(v):
-            raise FloatingPointError(f"non-finite loss {k} in {where}")
-    return means
-
-
-def means_text(means):
-    return " ".join(f"{k} {v:.4f}" for k, v in means.items())
-
-
 def hparams(args, stage):
     """(epochs, rate, batch size, weight decay) of a step: each flag where given, else the step's default."""
     given = (args.epochs, args.lr, args.batch_size, args.weight_decay)
@@ -538,7 +511,7 @@ def hparams(args, stage):
 def clip_average(run, fn, items):
     """fn of each video's --test-clips clips (centre crop), averaged over its clips: (N, ...) on the device
     in item order, and {index: message} of the videos that could not be read. fn: (B*n, 3, T, S, S) ->
-    (B*n, ...). Evaluation, the kNN check and predict all see a video this way."""
+    (B*n, ...). Evaluation, the kNN check and tools/predict.py all see a video this way."""
     out, bad = [], data.BadVideos()
     for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "test"), 4, shuffle=False), 0):
         bad.add(failed)
@@ -611,7 +584,7 @@ def record(run, name, top1, per_class=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Commands: a stage, semisup's steps, predict
+# Commands: a stage, semisup's steps
 
 
 def run_stage(args, stage):
@@ -651,26 +624,9 @@ WHAT = {"invariant": "L_I", "distinctive": "L_D = L_LL + L_GL", "both": "L_I + L
         "student": "temporal similarity scores, then the student distilled from the teachers, --mix {2}"}
 
 
-def predict(args):
-    """`--stage predict --ckpt F VIDEO ...`: each video's top-5 classes by name, its clips seen as evaluation
-    sees them; model, clips and classes come from the checkpoint. An unreadable video gets a line naming it
-    and the others are still answered (exit 1 if any was)."""
-    ckpt = load_checkpoint(args.ckpt, "classifier")
-    run = Run(argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""}), "predict")
-    model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
-    p, bad = probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)
-    for i, video in enumerate(args.videos):
-        top = p[i].topk(min(5, p.shape[1]))
-        named = ", ".join(f"{ckpt['classes'][c]} {100 * v:.1f}%"
-                          for v, c in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"{video}: unreadable ({bad[i]})" if i in bad else f"{video}: {named}", flush=True)
-    if bad:
-        sys.exit(1)
-
-
 def main(argv=None):
     args = get_args(argv)
-    command(lambda: predict(args) if args.stage == "predict" else run_stage(args, args.stage))
+    command(lambda: run_stage(args, args.stage))
 
 
 def command(fn):
@@ -706,7 +662,7 @@ class Run:
         self.machine = machine(self.device)  # in every line of OUT/log.jsonl
         if args.recipe == "released":
             self.log(recipe_text(args))
-        if self.stage == "predict":  # no dataset: the videos are named on the command line
+        if self.stage == "predict":  # tools/predict.py: no dataset, the videos are named on its command line
             return
         if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
             raise data.DataError(f"no toy set in {args.root}: write it with python tools/toy.py {args.root}")
@@ -886,7 +842,7 @@ def read_splits(args):
 
 # The flags that cannot change what a step computes. Every other flag of `parser` defines each step it reaches
 # (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
-NOT_DEFINING = ("help", "stage", "ckpt", "videos", "out", "source", "resume", "workers", "cache_mb", "device",
+NOT_DEFINING = ("help", "stage", "ckpt", "out", "source", "resume", "workers", "cache_mb", "device",
                 "no_amp", "channels_last", "log_every")
 # Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
 # the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
@@ -896,7 +852,7 @@ TEACHER_FLAGS = ("teacher", "teacher_t", "finetune_backbone_lr")
 STUDENT_FLAGS = ("w_labeled", "w_unlabeled", "distill", "mix", "score_norm", "student_init", "student_forward")
 SCHEDULE = ("epochs", "lr", "batch_size", "weight_decay")
 LABELED_STAGES = ("finetune", "supervised", "semisup")
-CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what eval and predict take from a checkpoint
+CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what eval takes from a checkpoint
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list", "source")
 
 
@@ -1005,7 +961,7 @@ def subset_seed(args):
 
 
 def with_checkpoint_clips(args, ckpt):
-    """args with the model and clip flags a classifier checkpoint was trained with (eval, predict)."""
+    """args with the model and clip flags a classifier checkpoint was trained with (eval, tools/predict.py)."""
     saved = {k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}
     return argparse.Namespace(**{**vars(args), **saved})
 
@@ -1159,33 +1115,27 @@ def at_least(lo, kind=int, above=False):
 def parser(command=True):
     """train.py's flags in three groups: the method's (what a reader of the paper sets), running (data, folder,
     network, schedule, processes), replication and tuning (what --recipe released sets, the validation subsets).
-    `command`: also --stage, --ckpt and the videos of predict. A tool adds its own."""
+    `command`: also --stage and --ckpt. A tool adds its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument_group("the method (docs/method.md)").add_argument
     if command:
         add("--stage", choices=STAGES, required=True, help="invariant, distinctive, semisup: the method (README); "
-            "finetune, supervised, both: single steps; eval, predict: a trained classifier")
-        add("--ckpt", type=str, default=None, help="eval, predict: the classifier checkpoint")
-        add("videos", nargs="*", help="--stage predict: the video files to classify")
+            "finetune, supervised, both: single steps; eval: a trained classifier")
+        add("--ckpt", type=str, default=None, help="eval: the classifier checkpoint")
     add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
     add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
     add("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
     add("--distill", choices=["mse", "kl"], default="mse", help="distillation: MSE of softmaxes (paper) or KL")
-    add("--mix", choices=["similarity", "fixed"], default="similarity",
-        help="teacher mix: each video's temporal similarity s, or 0.5 for every video")
-    add("--labeled", type=at_least(0, float, above=True), default=3,
-        help="labeled subset: fraction (<1) or videos per class (>=1)")
-    add("--teacher", choices=["class-mean", "finetune"], default="class-mean",
-        help="the teachers: each encoder with the nearest-class-mean classifier of its features on the labeled "
-             "clips, no training step; or fine-tuned with cross-entropy (the paper's, with --finetune-backbone-lr 1)")
+    add("--mix", choices=["similarity", "fixed"], default="similarity", help="teacher mix: each video's s, or 0.5")
+    add("--labeled", type=at_least(0, float, above=True), default=3, help="labeled: fraction (<1) or videos a class")
+    add("--teacher", choices=["class-mean", "finetune"], default="class-mean", help="the teachers: each encoder with "
+        "its features' nearest class mean on the labeled clips, or fine-tuned (the paper's, --finetune-backbone-lr 1)")
     add("--student-init", choices=["distinctive", "both"], default="distinctive",
-        help="the student's initial encoder: the distinctive one (L_D), or 'both' (L_I + L_LL + L_GL, the "
-             "paper's; semisup trains it first)")
+        help="the student's initial encoder: L_D's, or 'both' (L_I + L_LL + L_GL, the paper's)")
     add("--frames", type=at_least(1), default=8, help="frames per train/test clip (paper 8)")
     add("--stride", type=at_least(1), default=2, help="frame stride of train/test clips (paper 2)")
     add("--ssl-frames", type=at_least(1), default=8, help="frames per sparse and dense SSL clip (paper 16)")
-    add("--ssl-stride", type=at_least(4), default=4,
-        help="sparse clip stride, a multiple of 4: the 4 dense clips tile its span (paper 4)")
+    add("--ssl-stride", type=at_least(4), default=4, help="sparse clip stride, a multiple of 4 (paper 4)")
     add("--test-clips", type=at_least(1), default=10, help="clips per test video, softmax averaged (paper 10)")
     running_flags(p)
     tuning_flags(p)
@@ -1197,13 +1147,11 @@ def running_flags(p):
     add = p.add_argument_group("running: data, run folder, network, schedule (left out: each step's own, "
                                "train.STEPS), processes").add_argument
     add("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
-    add("--from", dest="source", type=str, default=None, metavar="DIR",
-        help="a new --out from run folder DIR: each finished step of DIR whose settings equal this command's is "
-             "linked (or copied), the others are trained here")
+    add("--from", dest="source", type=str, default=None, metavar="DIR", help="a new --out from run folder DIR: "
+        "its finished steps of this command's settings are linked (or copied), the others trained")
     add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
     add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
-    add("--splits", type=str, default=None,
-        help="ucf101: ucfTrainTestlist folder; hmdb51: testTrainMulti_7030_splits (if not --root)")
+    add("--splits", type=str, default=None, help="ucf101, hmdb51: the split files' folder (if not --root)")
     add("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     add("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
     add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
@@ -1217,15 +1165,12 @@ def running_flags(p):
     add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="compact: residual blocks per stage")
     add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
     add("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
-    add("--batch-size", type=at_least(1), default=None,
-        help="videos per batch and process (semisup: labeled and unlabeled each)")
+    add("--batch-size", type=at_least(1), default=None, help="videos per batch and process (semisup: of each)")
     add("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
     add("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
-    add("--resume", action="store_true",
-        help="continue the stage from its last saved epoch (semisup resumes its steps anyway)")
+    add("--resume", action="store_true", help="continue from the last saved epoch (semisup resumes anyway)")
     add("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
-    add("--cache-mb", type=at_least(0), default=1024,
-        help="decoded videos kept in memory, in MiB: a dataset that fits is decoded once, not every epoch")
+    add("--cache-mb", type=at_least(0), default=1024, help="MiB of decoded videos kept in memory (decoded once)")
     add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
@@ -1237,41 +1182,33 @@ def tuning_flags(p):
     add = p.add_argument_group("replication and tuning (--recipe released sets these; docs/tuning.md)").add_argument
     add("--recipe", choices=["default", "released"], default="default", help="default: chosen for small data on "
         "a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
-    add("--holdout", type=at_least(0), default=0,
-        help="for tuning: the last N training videos of each class replace the test split")
-    add("--classes", type=_classes, default=None,
-        help="a subset of the classes: N (the first N in the dataset's order) or names 'A,B,C'")
+    add("--holdout", type=at_least(0), default=0, help="tuning: each class's last N training videos as test split")
+    add("--classes", type=_classes, default=None, help="a subset of the classes: the first N, or names 'A,B,C'")
     add("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
     add("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
     add("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
-    add("--schedule", choices=["cosine", "released"], default="cosine",
-        help="cosine decay after 1 warm-up epoch, or the released schedules (`released_lr`)")
+    add("--schedule", choices=["cosine", "released"], default="cosine", help="cosine, 1 warm-up epoch; or released")
     add("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
         "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
-    add("--teacher-t", type=at_least(0, float, above=True), default=0.2,
-        help="class-mean teachers' temperature: logits_c = ||h|| cos(h, mu_c) / (t mean ||h||)")
+    add("--teacher-t", type=at_least(0, float, above=True), default=0.2, help="class-mean teachers' temperature")
     add("--finetune-backbone-lr", type=at_least(0, float), default=0.3,
-        help="teachers: the SSL backbone's learning rate as a fraction of --lr (the new classifier's); 1 = the "
-             "paper's full fine-tuning, lower keeps more of what each SSL objective learned")
+        help="fine-tuned teachers: the backbone's rate as a fraction of --lr (1: the paper's)")
     add("--dropout", type=at_least(0, float), default=0.5, help="dropout before each classifier")
     add("--aug", choices=data.AUGMENTATIONS, default="light",
-        help="the classifiers' clips (teachers, student, supervised): 'light' (crop area 0.5-1, flip) or "
-             "'released' (the authors' fine-tuning and semi-supervised loaders' recipe, `data.augment_released`)")
-    add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view", help="SSL clips: one draw for a view's 5 clips "
-        "(data.augment 'ssl'), or one a clip of the released loader's ranges (data.RELEASED)")
-    add("--test-crop", type=at_least(0, float), default=0.8, help="evaluation and score clips: the central F of "
-        "each side, squeezed into the square; 0: the centre square of the short side")
+        help="classifier clips: 'light' (crop area 0.5-1, flip) or as released (`data.augment_released`)")
+    add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view",
+        help="SSL clips: one draw a view's 5 clips, or one a clip as released")
+    add("--test-crop", type=at_least(0, float), default=0.8,
+        help="test and score clips: the central F of each side; 0: the short side's centre square")
     add("--balance", choices=sorted(tb.BALANCE), default="mean",
-        help="weights of the SSL terms: 'mean' (each a mean over anchors and videos) or 'authors' (as the "
-             "released code weighs them at its batch of 40: L_I's dense part x2, L_LL x40, L_GL x4)")
-    add("--ssl-forward", choices=["joint", "per-clip"], default="joint", help="the 10 SSL clip types through the "
-        "encoder in one forward, or one forward each (BatchNorm's statistics each type's own, as released)")
-    add("--student-forward", choices=["joint", "separate"], default="separate", help="the labeled and unlabeled "
-        "batches through the student in one forward, or one after the other (BatchNorm's statistics each batch's)")
-    add("--last-batch", choices=["drop", "keep"], default="drop", help="an epoch's last partial batch: dropped, or "
-        "kept as released (an SSL batch of one video, which has no negative, is dropped)")
-    add("--score-norm", choices=["none", "minmax", "rank"], default="minmax",
-        help="normalisation of s over the training videos; the raw (c+1)/2 sits in a narrow band on small data")
+        help="SSL terms' weights: each a mean, or as the released code at its batch of 40 (tb.BALANCE)")
+    add("--ssl-forward", choices=["joint", "per-clip"], default="joint",
+        help="the 10 SSL clip types in one forward, or one each (as released)")
+    add("--student-forward", choices=["joint", "separate"], default="separate",
+        help="the labeled and unlabeled batches in one forward, or one each")
+    add("--last-batch", choices=["drop", "keep"], default="drop", help="an epoch's last partial batch (keep: released)")
+    add("--score-norm", choices=["none", "minmax", "rank"], default="minmax", help="s normalised over the videos")
+
 
 
 def get_args(argv=None, p=None):
@@ -1282,18 +1219,13 @@ def get_args(argv=None, p=None):
         p.set_defaults(**RELEASED)
     args = p.parse_args(argv)
     args.overrode = {k: v for k, v in RELEASED.items() if args.recipe == "released" and getattr(args, k) != v}
-    stage, videos = getattr(args, "stage", None), getattr(args, "videos", [])
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "
                 f"got {args.ssl_stride}")
-    if stage in ("eval", "predict") and not args.ckpt:
-        p.error(f"--stage {stage} needs --ckpt")
-    if stage == "predict" and not videos:
-        p.error("--stage predict needs one or more video files")
-    if videos and stage != "predict":
-        p.error(f"unrecognized arguments: {' '.join(videos)} (video files are for --stage predict)")
+    if getattr(args, "stage", None) == "eval" and not args.ckpt:
+        p.error("--stage eval needs --ckpt")
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
-    if args.root is None and stage != "predict":
+    if args.root is None:
         p.error(f"--dataset {args.dataset} needs --root")
     for flag in PATH_FLAGS:
         if getattr(args, flag) is not None:

@@ -369,11 +369,8 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
             "--classes: no class named 'Sphere' in the dataset",
         ),
         (["--stage", "supervised", "--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
-        (["--stage", "predict", "--ckpt", "x.pt"], "--stage predict needs one or more video files"),
-        (
-            ["--stage", "eval", "--ckpt", "x.pt", "v.avi"],
-            "unrecognized arguments: v.avi (video files are for --stage predict)",
-        ),
+        (["--stage", "eval"], "--stage eval needs --ckpt"),
+        (["--stage", "eval", "--ckpt", "x.pt", "v.avi"], "unrecognized arguments: v.avi"),
         (
             ["--stage", "supervised", "--root", "/no/such/dir"],
             "no toy set in /no/such/dir: write it with python tools/toy.py /no/such/dir",
@@ -1000,7 +997,7 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
     bad = tmp_path / "broken.avi"
     bad.write_text("not a video")
     cmd = [
-        sys.executable, os.path.join(HERE, "train.py"), "--stage", "predict", "--ckpt",
+        sys.executable, os.path.join(HERE, "tools", "predict.py"), "--ckpt",
         str(out / "student.pt"), "--test-clips", "2", "--device", "cpu", videos[0], str(bad), *videos[1:],
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)

@@ -75,7 +75,7 @@ def stages(check, launcher, flags, out, label):
     check.part(f"eval, {label}", [*launcher, "train.py", "--stage", "eval", "--ckpt", student, *flags,
                                   "--out", out])
     video = os.path.join(flags[flags.index("--root") + 1], "Disk", "v_Disk_g00_c01.avi")
-    check.part(f"predict, {label}", [sys.executable, "train.py", "--stage", "predict", "--ckpt", student,
+    check.part(f"predict, {label}", [sys.executable, "tools/predict.py", "--ckpt", student,
                                      "--device", check.args.device, video])
 
 
