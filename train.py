@@ -729,8 +729,7 @@ class Run:
 
     def model(self, **kw):
         a = self.args
-        m = models.build(a.arch, width=a.width, layers=a.layers, **kw).to(self.device)
-        return m.to(memory_format=torch.channels_last_3d) if a.channels_last and self.cuda else m
+        return models.build(a.arch, width=a.width, layers=a.layers, **kw).to(self.device)
 
     def classifier(self, ckpt, path, classes=None):
         """The classifier saved in `ckpt` (read from `path`), for this run's classes or `classes`."""
@@ -738,9 +737,8 @@ class Run:
         return load_into(model, ckpt, path)
 
     def dataset(self, items, mode, second_stream=False):
-        """`second_stream`: augmentation drawn apart from the first's, for a second loader in one epoch. Its
-        videos are decoded whole and kept in memory while they fit in --cache-mb (`data.keep_decoded`). The
-        score's clips are as long as the clips the SSL encoders were trained on."""
+        """`data.VideoDataset` of `items`, its videos kept decoded while they fit in --cache-mb. `second_stream`:
+        augmentation drawn apart from the first's, for a second loader in one epoch."""
         a = self.args
         T, k = (a.ssl_frames, a.ssl_stride) if mode in ("ssl", "score") else (a.frames, a.stride)
         ds = data.VideoDataset(items, a.root, mode, T, k, a.size, a.test_clips, a.seed + 1000 * second_stream,
@@ -749,11 +747,10 @@ class Run:
         return ds
 
     def loader(self, ds, batch_size, shuffle=True, workers=None, length=None):
-        """One loader for a whole stage, its workers (default --workers) kept across epochs. What a batch
-        holds depends on (seed, epoch, video) only (`data.EpochSampler`), so a resumed run sees the batches
-        of an uninterrupted one; the workers' base seed comes from the loader's own generator, so the global
-        RNG (dropout) does not move with it. `length`: items per process and epoch, if fewer than all.
-        Without `shuffle` (evaluation, scores): one pass over the items in order."""
+        """One loader for a whole stage, its workers kept across epochs. A batch depends on (seed, epoch, video)
+        only (`data.EpochSampler`): a resumed run sees an uninterrupted one's; the loader's own generator seeds
+        the workers, leaving the global RNG (dropout) alone. `length`: items per process and epoch, if fewer than
+        all. Without `shuffle` (evaluation, scores): one pass over the items in order."""
         workers = self.args.workers if workers is None else workers
         rank, world = (self.rank, self.world) if shuffle else (0, 1)
         return torch.utils.data.DataLoader(
@@ -763,10 +760,8 @@ class Run:
             generator=torch.Generator().manual_seed(self.args.seed))
 
     def batches(self, loader, epoch):
-        """The `Batch`es of `epoch`: x (N, 3, T, S, S) float on the device, augmented
-        there (`data.augment_on_device`); on CUDA copied from pinned memory without making the host wait. A batch
-        of clip sets (B, n, ...) is flattened clip-major for SSL (n*B: clip c of every video together, as
-        `ssl_terms` reads them), else video-major (B*n)."""
+        """The `Batch`es of `epoch`: x (N, 3, T, S, S) float on the device, augmented there
+        (`data.augment_on_device`). Clip sets (B, n, ...) are flattened clip-major for SSL (n*B), else video-major."""
         loader.sampler.set_epoch(epoch)
         for clips, params, y, idx, failed in loader:
             clips, params, y, idx = (t.to(self.device, non_blocking=True) for t in (clips, params, y, idx))
@@ -774,10 +769,7 @@ class Run:
                 if loader.dataset.mode == "ssl":
                     clips, params = clips.transpose(0, 1), params.transpose(0, 1)  # (n, B, 3, T, S, S), (n, B, P)
                 clips, params = clips.flatten(0, 1), params.flatten(0, 1)  # (N, 3, T, S, S), (N, P)
-            x = data.augment_on_device(clips, params)  # (N, 3, T, S, S) float
-            if self.args.channels_last and self.cuda:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            yield Batch(x, y, idx, failed)
+            yield Batch(data.augment_on_device(clips, params), y, idx, failed)  # x (N, 3, T, S, S) float
 
 
 def recipe_text(args):
@@ -843,7 +835,8 @@ def read_splits(args):
 # The flags that cannot change what a step computes. Every other flag of `parser` defines each step it reaches
 # (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
 NOT_DEFINING = ("help", "stage", "ckpt", "out", "source", "resume", "workers", "cache_mb", "device",
-                "no_amp", "channels_last", "log_every")
+                "no_amp", "log_every")
+
 # Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
 # the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
 # the class-mean teachers and the scores take no training step and read none of it.
@@ -899,23 +892,23 @@ def recorded(folder, name):
     return ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path
 
 
-def differs(run, name, record, finished):
-    """The first flag (flag, this command's value, the recorded one) where step `name`'s record differs from this
-    command's settings of it, --recipe first (it sets many), or None. An encoder's schedule is its own stage's:
-    another command that reads it finished leaves it as it is."""
+def differs(run, name, record, finished, source):
+    """Where step `name`'s record (from `source`) differs from this command's settings of it: the line that
+    names the first such flag (--recipe first: it sets many), else None. An encoder's schedule is its own
+    stage's: another command that reads it finished leaves it as it is."""
     own = name not in SSL_STAGES or not finished or run.stage == name
-    mine = sorted(settings(run.args, name).items(), key=lambda kv: kv[0] != "recipe")
-    return next(((k, v, record[k]) for k, v in mine if k in record and record[k] != v and (own or k not in SCHEDULE)),
-                None)
+    for k, v in sorted(settings(run.args, name).items(), key=lambda kv: kv[0] != "recipe"):
+        if k in record and record[k] != v and (own or k not in SCHEDULE):
+            flag = "--" + k.replace("_", "-")
+            return (f"{flag} {v} differs from {record[k]}, recorded in {source}: use another --out for a new run "
+                    f"(--from {run.args.out} takes the steps that match), or give {flag} {record[k]}")
 
 
 def check_step(run, name, record, finished, source):
-    """Step `name`'s record (from `source`) against this command: another value stops the run with one line."""
-    d = differs(run, name, record, finished)
-    if d:
-        flag = "--" + d[0].replace("_", "-")
-        raise StageError(f"{flag} {d[1]} differs from {d[2]}, recorded in {source}: use another --out for a new "
-                         f"run (--from {run.args.out} takes the steps that match), or give {flag} {d[2]}")
+    """`differs`, stopping the run with its line."""
+    line = differs(run, name, record, finished, source)
+    if line:
+        raise StageError(line)
 
 
 def take_from(run, steps):
@@ -934,7 +927,7 @@ def take_from(run, steps):
     taken = {}
     for name, upstream in steps.items():
         got = recorded(source, name)
-        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got[:2]):
+        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got):
             taken[name] = got[2]
     return taken
 
@@ -1076,12 +1069,13 @@ def read_json(path):
     try:
         with open(path) as f:
             obj = json.load(f)
+        why = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise StageError(f"{path} is damaged ({type(e).__name__}): remove it, or use another --out") from None
-    if not isinstance(obj, dict):
-        raise StageError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object): remove it, or use "
-                         "another --out")
+        why = type(e).__name__
+    if why:
+        raise StageError(f"{path} is damaged ({why}): remove it, or use another --out")
     return obj
+
 
 
 def write_json(path, obj):
@@ -1173,7 +1167,6 @@ def running_flags(p):
     add("--cache-mb", type=at_least(0), default=1024, help="MiB of decoded videos kept in memory (decoded once)")
     add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
-    add("--channels-last", action="store_true", help="CUDA: use channels_last_3d memory format")
     add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
 
 
