@@ -1,11 +1,8 @@
-"""One self-contained page for a run folder, OUT/report.html: no dependency, nothing fetched (inline SVG and
-CSS, pictures as data URIs), readable from disk in any browser. Each part only where its files are; a missing or
-damaged file leaves its part out with one line saying why (two runs side by side: tools/compare.py):
+"""One self-contained page for a run folder, OUT/report.html (inline SVG and CSS, pictures as data URIs): the run,
+the figures, training curves per stage, the temporal similarity score, the seed ablation, each where its files
+are; a missing or damaged file leaves its part out with one line saying why (two runs: tools/compare.py).
 
     python tools/report.py runs/default            # a folder of train.py's stages, or of the ablation/demo
-
-the run (run.json, labeled.txt, log.jsonl), the figures (results.json, per_class.json), training curves per
-stage (log.jsonl), the temporal similarity score (scores.json and the videos), the seed ablation (ablation.json).
 """
 import argparse
 import base64
@@ -272,15 +269,11 @@ def report(out):
             ("per_class.json", "scores.json") if "labeled" in (files["run.json"][0] or {}) else ())}
     why = [r for name, (_, r) in files.items() if r and (name in expected or not r.startswith("no "))]
     got = {name: obj for name, (obj, _) in files.items()}
-    parts = []
-    if got["run.json"] is not None:
-        parts.append(part_run(out, got["run.json"], got["log.jsonl"]))
-    if got["ablation.json"] is not None:
-        parts.append(part_ablation(out, got["ablation.json"]))
-    if got["results.json"] is not None:
-        parts.append(part_figures(got["results.json"], got["per_class.json"]))
-    if got["log.jsonl"]:
-        parts.append(part_training(got["log.jsonl"]))
+    parts = [part_run(out, got["run.json"], got["log.jsonl"]) if got["run.json"] is not None else "",
+             part_ablation(out, got["ablation.json"]) if got["ablation.json"] is not None else "",
+             part_figures(got["results.json"], got["per_class.json"]) if got["results.json"] is not None else "",
+             part_training(got["log.jsonl"]) if got["log.jsonl"] else ""]
+
     if got["scores.json"] is not None and got["run.json"] is not None:
         classes = list(next(iter(got["per_class.json"].values()))) if got["per_class.json"] else None
         parts.append(part_scores(out, got["run.json"], got["scores.json"], classes))
