@@ -197,14 +197,13 @@ def classifier_terms(net, x, y, autocast=contextlib.nullcontext):
 def video_scores(run, f_I, f_D, items):
     """(3) The temporal similarity score of each video of `items` (docs/method.md "Temporal similarity score"):
     4 consecutive clips (`data.score_indices`) embedded by both SSL encoders' heads, e_I and e_D (B, 4, D);
-    s = `tb.temporal_similarity`. Returns (N, 2) rows (index in `items`, s) on the device, and the unreadable."""
-    rows, bad = [], data.BadVideos()
+    s = `tb.temporal_similarity`. Returns s (N,) on the device in item order, and the unreadable videos."""
+    s, bad = [], data.BadVideos()
     for x, _, idx, failed in run.batches(run.loader(run.dataset(items, "score"), 8, shuffle=False), 0):
         bad.add(failed)  # x (B*4, 3, T, S, S)
         e_I, e_D = (f(x, out="ssl")[0].view(len(idx), 4, -1) for f in (f_I, f_D))  # (B, 4, D)
-        s = tb.temporal_similarity(e_I, e_D)  # (B,)
-        rows.append(torch.stack([idx.to(s.dtype), s], dim=1))  # (B, 2)
-    return torch.cat(rows), bad
+        s.append(tb.temporal_similarity(e_I, e_D))  # (B,)
+    return torch.cat(s), bad
 
 
 def train_student(run, name, resume=False, s_video=None):
@@ -235,8 +234,9 @@ def train_student(run, name, resume=False, s_video=None):
 
 
 def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullcontext):
-    """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled x_u (B_u, 3, T, S,
-    S), in one forward (--student-forward joint) or one each (separate); s (B_l + B_u,) the videos' scores:
+    """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled batch x_u
+    (B_u, 3, T, S, S), in one forward (--student-forward joint) or one each (separate); s (B_l + B_u,) the scores:
+
         p_T = s p_I + (1 - s) p_D  (the frozen teachers on the same clips, `tb.mix_teachers`)
         loss = CE(student, y) + w_l D(p_S, p_T) on labeled + w_u D(p_S, p_T) on unlabeled, D = --distill."""
     n_l = x_l.shape[0]
@@ -321,14 +321,10 @@ def compute_scores(run):
     with torch.random.fork_rng(devices=[run.device] if run.cuda else []):
         f_I, f_D = (load_into(run.model(proj_dim=128), ckpt, run.path(k)).eval() for k, ckpt in encoders(run).items())
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-        rows, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n, 2): this share
-    rows[:, 0] = rows[:, 0] * run.world + run.rank  # the videos' indices in run.train
-    if run.world > 1:  # every process's share, padded to the first's (the longest), then cut to each one's
-        shares = [len(run.train[r :: run.world]) for r in range(run.world)]
-        parts = [rows.new_zeros(shares[0], rows.shape[1]) for _ in shares]
-        dist.all_gather(parts, torch.cat([rows, rows.new_zeros(shares[0] - len(rows), rows.shape[1])]))
-        rows = torch.cat([part[:n] for part, n in zip(parts, shares)])
-    raw = {run.train[int(i)][0]: s for i, s in rows.tolist()}  # one read from the device
+        share, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n,): this process's share
+    s = share.new_zeros(len(run.train))  # (N,)
+    s[run.rank :: run.world] = share  # the other shares are 0 here: summed over the processes, every video's s
+    raw = dict(zip((p for p, _ in run.train), all_sum(run, s)[0].tolist()))  # one read from the device
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if bad else ""))
     return {"raw": raw}
