@@ -832,7 +832,6 @@ def read_splits(args):
 # (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
 NOT_DEFINING = ("help", "stage", "ckpt", "out", "source", "resume", "workers", "cache_mb", "device",
                 "no_amp", "log_every")
-
 # Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
 # the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
 # the class-mean teachers and the scores take no training step and read none of it.
