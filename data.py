@@ -9,6 +9,7 @@ Runtime imports: standard library, torch, av.
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
 """
+import itertools
 import math
 import os
 import random
@@ -146,11 +147,10 @@ def _to_tensor(frame, out_hw):
     return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
 
 
-def _decode(container, stream, first, last):
-    """Yields (index, frame) for frames first..last in presentation order. Seeks to the keyframe at or
-    before `first`; an index is the frame's timestamp times the frame rate, so B-frame streams come out
-    in display order. Falls back to counting from the start where timestamps are missing or the seek
-    overshoots."""
+def _decode(container, stream, first):
+    """Yields (index, frame) in presentation order from the keyframe at or before frame `first` on: an index is
+    the frame's timestamp times the frame rate, so B-frame streams come out in display order. Counts from the
+    start where timestamps are missing or the seek overshoots. The caller stops it."""
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     start = stream.start_time or 0
@@ -158,23 +158,14 @@ def _decode(container, stream, first, last):
         container.seek(start + int(first / rate / tb), stream=stream, backward=True, any_frame=False)
         frames = container.decode(stream)
         head = next(frames, None)
-        if head is not None and head.pts is not None:
-            index = round((head.pts - start) * tb * rate)
-            if index <= first:
-                yield index, head
-                for frame in frames:
-                    if frame.pts is None:
-                        break
-                    index = round((frame.pts - start) * tb * rate)
-                    yield index, frame
-                    if index >= last:
-                        return
-                return
-        container.seek(0, stream=stream, backward=True, any_frame=False)
-    for index, frame in enumerate(container.decode(stream)):  # sequential decode from the start
-        yield index, frame
-        if index >= last:
+        if head is not None and head.pts is not None and round((head.pts - start) * tb * rate) <= first:
+            for frame in itertools.chain([head], frames):
+                if frame.pts is None:
+                    return
+                yield round((frame.pts - start) * tb * rate), frame
             return
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    yield from enumerate(container.decode(stream))  # sequential decode from the start
 
 
 def load_frames(path, indices, size=None):
@@ -184,17 +175,17 @@ def load_frames(path, indices, size=None):
     Indices past the last decodable frame get the last decoded frame (a truncated file)."""
     if len(indices) == 0:
         raise ValueError("load_frames: no indices")
-    wanted = sorted(set(indices))
-    wanted_set = set(wanted)
+    wanted = set(indices)
+    first, last = min(wanted), max(wanted)
     container, stream = _open_video(path)
     out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
     got, tail = {}, None
     try:
-        for index, frame in _decode(container, stream, wanted[0], wanted[-1]):
-            if index in wanted_set and index not in got:
+        for index, frame in _decode(container, stream, first):
+            if index in wanted and index not in got:
                 got[index] = _to_tensor(frame, out_hw).clone()
             tail = frame
-            if index >= wanted[-1]:
+            if index >= last:
                 break
     except av.FFmpegError as e:
         if not got and tail is None:
@@ -202,16 +193,12 @@ def load_frames(path, indices, size=None):
     finally:
         container.close()  # decoded frames own their data and outlive the container
     if not got and tail is not None:  # all wanted frames lie past the end: the last decodable frame
-        got[wanted[0]] = _to_tensor(tail, out_hw).clone()
+        got[first] = _to_tensor(tail, out_hw).clone()
     if not got:
-        raise VideoError(f"{path}: none of frames {wanted[0]}..{wanted[-1]} could be decoded")
+        raise VideoError(f"{path}: none of frames {first}..{last} could be decoded")
     out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)
-    for i, index in enumerate(indices):
-        if index in got:
-            out[i] = got[index]
-        else:  # past the end of a short or truncated stream: the nearest earlier decoded frame
-            earlier = [k for k in got if k <= index]
-            out[i] = got[max(earlier)] if earlier else got[min(got)]
+    for i, k in enumerate(indices):  # past the end of a short or truncated stream: the nearest earlier decoded frame
+        out[i] = got[k] if k in got else got[max((j for j in got if j <= k), default=min(got))]
     return out
 
 
