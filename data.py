@@ -446,24 +446,13 @@ def numbered_lines(path):
         return [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def _lines(path):
-    return [words for _, words in numbered_lines(path)]
-
-
-def _check_classes(root, classes):
-    for name in classes:
-        _need(os.path.join(root, name), "class folder")
-
-
 def _class_index(path):
-    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index
-    order."""
+    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
     names = {}
     rows = numbered_lines(path)
     for n, words in rows:
         if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
-            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, "
-                            f"got {' '.join(words)!r}")
+            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, got {' '.join(words)!r}")
         i = int(words[0])
         if i in names:
             raise DataError(f"{path}:{n}: class index {i} given twice")
@@ -480,11 +469,12 @@ def read_ucf101(root, splits, fold):
     _need(root, "dataset root")
     classes = _class_index(os.path.join(splits, "classInd.txt"))
     index = {name: i for i, name in enumerate(classes)}
-    _check_classes(root, classes)
+    for name in classes:
+        _need(os.path.join(root, name), "class folder")
 
     def parse(name):
         items = []
-        for words in _lines(os.path.join(splits, name)):
+        for _, words in numbered_lines(os.path.join(splits, name)):
             folder = words[0].split("/")[0]
             if folder not in index:
                 raise DataError(f"{os.path.join(splits, name)}: class {folder} is not in classInd.txt")
@@ -504,10 +494,11 @@ def read_hmdb51(root, splits, fold, use_unused=False):
     if not files:
         raise DataError(f"no *{suffix} files in {splits}")
     classes = [f[: -len(suffix)] for f in files]
-    _check_classes(root, classes)
+    for name in classes:
+        _need(os.path.join(root, name), "class folder")
     train, test = [], []
     for label, (name, f) in enumerate(zip(classes, files)):
-        for video, flag in _lines(os.path.join(splits, f)):
+        for _, (video, flag) in numbered_lines(os.path.join(splits, f)):
             item = (f"{name}/{video}", label)
             if flag == "2":
                 test.append(item)
@@ -520,9 +511,9 @@ def read_list(root, train_list, test_list, class_names=None):
     """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this. `class_names`: an
     optional file with one class name a line, line k naming label k (else the classes are "0".."K-1")."""
     _need(root, "dataset root")
-    classes = [" ".join(words) for words in _lines(class_names)] if class_names else None
-    train = _parse_list(train_list, len(classes) if classes else None)
-    test = _parse_list(test_list, len(classes) if classes else None)
+    classes = [" ".join(words) for _, words in numbered_lines(class_names)] if class_names else None
+    K = len(classes) if classes else None
+    train, test = _parse_list(train_list, K), _parse_list(test_list, K)
     return train, test, classes or [str(c) for c in range(1 + max(label for _, label in train + test))]
 
 
