@@ -630,21 +630,18 @@ SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 1
 
 class VideoDataset(torch.utils.data.Dataset):
     """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
-    (3, T, S, S) with its row of augmentation parameters (`augment_on_device` applies the float half on the device):
+    (3, T, S, S) with its row of PARAMS (`augment_on_device` applies the float half on the device):
       train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
-      ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
-             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS); `ssl_aug` "view": one draw a
-             view, "released": one draw a clip
-      test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
-             (`test_crop`: `center_crop`'s fraction; `released`: the release's starts, `test_indices`)
+      ssl    sparse + 4 dense clips, each twice, in SSL_CLIPS order  -> (10, 3, T, S, S), (10, P)
+             (`ssl_aug` "view": one draw a view, "released": one draw a clip)
+      test   `test_clips` clips spread over the video, centre crop   -> (K, 3, T, S, S), (K, P)
+             (`center_crop` of `test_crop`; `released`: the release's starts, `test_indices`)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
-    An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
-    (clips, params, label, index, bad): `bad` lists the items that failed to decode on the way. A failed
-    train/ssl item is replaced by another random video; a failed test/score item comes back as zeros with
-    its index in `bad`, so evaluation can count it wrong. `released` in ssl mode: videos of 7/8 of the sparse
-    span or fewer frames are left out, as the release's SSL loader leaves out those of 56 at its 16 x 4
-    (dl_ssl.py). Randomness comes from a generator seeded by
-    (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
+    `released` in ssl mode leaves out videos of 7/8 of the sparse span or fewer frames (dl_ssl.py: 56 at 16 x 4).
+    An item, asked for as (epoch, index) (`EpochSampler`) or a bare index (epoch 0), is (clips, params, label,
+    index, bad), `bad` the items that failed to decode on the way: a failed train/ssl item is replaced by another
+    random video, a failed test/score item comes back as zeros (counted wrong). Randomness comes from a generator
+    seeded by (seed, epoch, index): the same clips whatever the number of workers."""
 
     def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light",
                  ssl_aug="view", test_crop=0.0, released=False):
@@ -693,21 +690,17 @@ class VideoDataset(torch.utils.data.Dataset):
             return augment(frames, S, g, self.aug, self.source_size(i) if self.aug in RELEASED else None)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
-            # one decode for the whole clip set: (5T, H, W, 3)
-            frames = self.frames(i, sparse + sum(dense, []))
+            frames = self.frames(i, sparse + sum(dense, []))  # one decode for the whole clip set: (5T, H, W, 3)
             if self.ssl_aug == "released":  # each of the 10 clips its own draw (dl_ssl.py: one row a clip)
                 clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
                 source = self.source_size(i)
                 drawn = [augment(clips[c], S, g, "ssl-released", source) for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
                 return torch.stack([x for x, _ in drawn]), torch.stack([p for _, p in drawn])  # SSL_CLIPS order
-            # "view": one draw for the whole clip set (sparse and its 4 dense clips) in each view, so that
-            # within a view the clips differ only by time; the two views are independent
-            A, p_A = augment(frames, S, g)
+            A, p_A = augment(frames, S, g)  # "view": one draw a view, so that its clips differ only by time
             B, p_B = augment(frames, S, g)
-            A, B = (v.view(3, 5, self.T, S, S) for v in (A, B))  # (3, 5, T, S, S): sparse, dense 1..4
-            views = [A[:, 0], B[:, 0]] + [A[:, 1 + j] for j in range(4)] + [B[:, 1 + j] for j in range(4)]
-            params = torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
-            return torch.stack(views), params  # (10, 3, T, S, S): the order of SSL_CLIPS
+            A, B = (v.view(3, 5, self.T, S, S).transpose(0, 1) for v in (A, B))  # (5, 3, T, S, S): sparse, dense 1..4
+            clips = torch.cat([A[:1], B[:1], A[1:], B[1:]])  # (10, 3, T, S, S): the order of SSL_CLIPS
+            return clips, torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
         if self.mode == "test":
             sets = test_indices(n, self.T, self.stride, self.K, self.released)
         else:
