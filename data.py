@@ -3,9 +3,7 @@ Runtime imports: standard library, torch, av.
 
     *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
     load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
-    augment(clip, size, g, recipe)     one random augmentation shared by every frame of a clip: the uint8
-                                       half in the loader (crop, resize, flip), the float half on the device
-                                       by augment_on_device(x, params)
+    augment, augment_on_device         one random augmentation a clip: uint8 in the loader, float on the device
     read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
     VideoDataset(items, root, mode)    what each training stage iterates over
 """
@@ -54,10 +52,9 @@ def train_indices(n, T, stride, g):
 
 
 def ssl_indices(n, T, stride, g, n_dense=4):
-    """Self-supervised clip set: one sparse clip of T frames at `stride` spanning T*stride frames, and
-    `n_dense` dense clips tiling that span without overlap, each T frames at stride/n_dense (paper:
-    16 frames at stride 4, dense clip j = 16 consecutive frames from sparse frame 4j).
-    Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
+    """Self-supervised clip set: a sparse clip of T frames at `stride` and `n_dense` dense clips of T frames tiling
+    its span without overlap (paper: 16 frames at stride 4; dense clip j = 16 consecutive frames from sparse
+    frame 4j). Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
     span = T * stride
     if span > n:
         span = max(n_dense, n)
@@ -202,16 +199,14 @@ def load_frames(path, indices, size=None):
     return out
 
 
-# Decoded videos kept in memory: a small dataset is decoded once per process instead of once an epoch.
-_KEPT = {}  # (path, short side) -> (frames counted by count_frames, (m, H, W, 3) uint8: the whole video)
+_KEPT = {}  # videos decoded whole: (path, short side) -> (count_frames, (m, H, W, 3) uint8: the whole video)
 _FULL = set()  # the budgets reached: nothing more is decoded to be kept
 
 
 def keep_decoded(paths, size, budget):
-    """Decodes each video of `paths` whole at short side `size` and keeps it for the datasets of this
-    process while all that is kept fits in `budget` bytes; the first video that would not fit ends the
-    keeping for good, and what is not kept is decoded on demand as before. Run in the main process, before a
-    DataLoader forks its workers, which then share the kept frames. Returns the bytes kept."""
+    """Decodes each video of `paths` whole at short side `size` and keeps it for this process's datasets while
+    all kept fits in `budget` bytes; the first video past it ends the keeping for good (the rest is decoded on
+    demand). Run before a DataLoader forks its workers, which share the kept frames. Returns the bytes kept."""
     used = sum(frames.numel() for _, frames in _KEPT.values())
     for path in paths:
         if budget in _FULL or used >= budget:  # --cache-mb 0: nothing is decoded ahead
@@ -232,11 +227,9 @@ def keep_decoded(paths, size, budget):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentations, in two halves, so that the float work runs once per batch on the training device:
+# Augmentations, in two halves; a clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it:
 #   per clip, in the DataLoader workers, on uint8: crop, resize, flip          `augment`, `center_crop`
 #   per batch, on the device, in float: colour jitter, greyscale, normalisation, random erase   `augment_on_device`
-# A clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it (PARAMS): 4x fewer bytes
-# through worker shared memory and the host-to-device copy than float clips.
 
 MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
@@ -288,15 +281,12 @@ def center_crop(clip, size, fraction=0.0):
 
 
 def augment(clip, size, g, recipe="ssl", source=None):
-    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw for the whole
-    clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
-    here and applied by `augment_on_device`. Recipes:
-      ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
-                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
-                random erase (p 0.5, 0.1-0.4 of the side, the mean grey)
-      light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
-      released, ssl-released   the released loaders (`augment_released`; `source`: the video's own frame
-                (height, width), where the clip was decoded at another size)"""
+    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) row): one draw for the whole clip of a
+    crop resized to `size` and a flip (p 0.5), applied here, and of the float half, for `augment_on_device`:
+      ssl    random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8: brightness, contrast,
+             saturation 0.8-1.2, any hue), greyscale (p 0.2), a random erase (p 0.5, 0.1-0.4 of the side, grey)
+      light  random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
+      released, ssl-released   the released loaders (`augment_released`, which takes `source`)"""
     if recipe in RELEASED:
         return augment_released(clip, size, g, RELEASED[recipe], source)
     T, H, W, _ = clip.shape
@@ -373,8 +363,7 @@ _CONSTANTS = {}
 
 
 def _constant(name, value, like):
-    """A constant tensor on `like`'s device and dtype, copied there once: a copy from pageable host memory
-    in every batch would make the host wait for the GPU each time."""
+    """A constant tensor on `like`'s device and dtype, copied there once (a copy a batch would wait for the GPU)."""
     key = (name, like.device, like.dtype)
     if key not in _CONSTANTS:
         _CONSTANTS[key] = value.to(like)
@@ -426,8 +415,7 @@ def augment_on_device(x, p):
         rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
         cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
         y = torch.where(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), fill, y)  # (N, 1, 1, S, S) boxes
-    y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
-    return y
+    return y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))  # (x - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,14 +723,12 @@ def _longer_than(path, n):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, a permutation drawn from (seed, epoch)
-    trimmed to a multiple of `world`, and every world-th of it from `rank` on; else the items in order.
-    The epoch travels with each index, so DataLoader workers that persist across epochs still seed every
-    item by (seed, epoch, index), and a resumed run sees the same batches as an uninterrupted one."""
+    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, the first `length` x `world` of a
+    permutation drawn from (seed, epoch) (`length` per rank, at most and by default n // world), every world-th
+    from `rank` on; else the items in order. With the epoch in each key, workers that persist across epochs
+    still seed every item by (seed, epoch, index), and a resumed run sees the batches of an uninterrupted one."""
 
     def __init__(self, n, seed, shuffle=True, rank=0, world=1, length=None):
-        """`length`: items per rank and epoch when fewer are needed than n // world (the first of the
-        permutation, so the items drawn are those a longer epoch would draw first)."""
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
         self.length = min(length, n // world) if length is not None else n // world
         self.epoch = 0
@@ -763,8 +749,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(batch):
-    """torch's default_collate (in a DataLoader worker it stacks into shared memory, which the worker queue
-    hands over without a copy) of all but the unreadable videos' lists, which are joined."""
+    """torch's default_collate (into shared memory in a worker) of all but the unreadable videos' lists, joined."""
     clips, params, labels, index = torch.utils.data.default_collate([item[:4] for item in batch])
     return clips, params, labels, index, [b for item in batch for b in item[4]]
 
