@@ -60,11 +60,8 @@ def ssl_indices(n, T, stride, g, n_dense=4):
         span = max(n_dense, n)
     start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
     sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
-    dense = []
-    for j in range(n_dense):
-        lo = start + (j * span) // n_dense
-        width = span // n_dense
-        dense.append([min(lo + (i * width) // T, n - 1) for i in range(T)])
+    width = span // n_dense  # dense clip j: T frames over the j-th of n_dense equal parts of the span
+    dense = [[min(start + (j * span) // n_dense + (i * width) // T, n - 1) for i in range(T)] for j in range(n_dense)]
     return sparse, dense
 
 
@@ -370,27 +367,22 @@ def _constant(name, value, like):
     return _CONSTANTS[key]
 
 
-def _hue_rotation(theta):
-    """(N, 3, 3) rotations of RGB by angles `theta` (N,) about the grey axis u = (1, 1, 1) / sqrt(3): a hue
-    shift that keeps grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
-    I = torch.eye(3, dtype=theta.dtype, device=theta.device)
-    ones = torch.ones(3, 3, dtype=theta.dtype, device=theta.device)
-    cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), theta)  # sqrt(3) [u]_x
-    c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
-    return c * I + (1 - c) / 3 * ones + s * cross
-
-
 def colour_matrix(b, c, s, theta, grey, m):
     """Colour jitter as one affine map per clip, x -> A x + o on RGB in [0, 1], applied before a single
     clamp; every argument is (N,):
         brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
-        saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (where `grey`)
+        saturation M_s = s I + (1 - s) 1 w^T;  grey 1 w^T (where `grey`);
+        hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x, a rotation about the grey axis
+            u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula)
     Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
     Returns A (N, 3, 3), o (N,)."""
     I = torch.eye(3, dtype=b.dtype, device=b.device)
     to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
+    cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), b)  # sqrt(3) [u]_x
+    cos, sin = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
+    R = cos * I + (1 - cos) / 3 * torch.ones_like(I) + sin * cross  # (N, 3, 3); u u^T = 1 1^T / 3
     M_s = s.view(-1, 1, 1) * I + (1 - s).view(-1, 1, 1) * to_grey  # (N, 3, 3)
-    A = _hue_rotation(theta) @ M_s * (b * c).view(-1, 1, 1)
+    A = R @ M_s * (b * c).view(-1, 1, 1)
     A = torch.where(grey.view(-1, 1, 1) > 0, to_grey @ A, A)
     return A, (1 - c) * b * m
 
