@@ -1,12 +1,7 @@
-"""The clip samplers of TimeBalance, clips from real video files, augmentations and split formats.
-Runtime imports: standard library, torch, av.
-
-    *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
-    load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
-    augment, augment_on_device         one random augmentation a clip: uint8 in the loader, float on the device
-    read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
-    VideoDataset(items, root, mode)    what each training stage iterates over
-"""
+"""TimeBalance's clips: the clip samplers (`*_indices`, docs/method.md "Clips"), the frames asked for, decoded from
+real video files (`load_frames`), one random augmentation a clip in two halves (`augment`: uint8, in the loader;
+`augment_on_device`: float, on the device), the split formats and the labeled subset, and `VideoDataset`, what
+each training stage iterates over. Runtime imports: standard library, torch, av."""
 import itertools
 import math
 import os
@@ -41,13 +36,10 @@ def clip_indices(n, T, stride, start):
     return [min(start + i * stride, n - 1) for i in range(T)]
 
 
-def max_start(n, T, stride):
-    return max(0, n - ((T - 1) * stride + 1))
-
-
 def train_indices(n, T, stride, g):
     """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
-    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
+    last = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
+    start = int(torch.randint(0, last + 1, (1,), generator=g))
     return clip_indices(n, T, stride, start)
 
 
@@ -74,7 +66,7 @@ def test_indices(n, T, stride, K=10, released=False):
         stop = n - k * T - 10
         starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # numpy's
         return [clip_indices(n, T, max(1, int(k)), s if s >= 0 else j) for j, s in enumerate(starts)]
-    m = max_start(n, T, stride)
+    m = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
     starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
     return [clip_indices(n, T, stride, s) for s in starts]
 
@@ -134,7 +126,6 @@ def _output_size(size, width, height):
 def _to_tensor(frame, out_hw):
     """One decoded frame -> (H, W, 3) uint8 view of its RGB plane, converted once at the output size."""
     H, W = out_hw
-    # PyAV converts on several threads unless told otherwise; in a DataLoader worker one thread is faster
     rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", threads=1)
     plane = rgb.planes[0]
     flat = torch.frombuffer(plane, dtype=torch.uint8)  # read-only memory: the caller copies it out
@@ -265,9 +256,8 @@ def _resize(x, size):
 
 
 def center_crop(clip, size, fraction=0.0):
-    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8, evaluation and scoring: the central square resized, or
-    with `fraction` > 0 the central `fraction` of each side resized (the frame's aspect squeezed into the
-    square, as the released test loader's 0.8). Its parameters are IDENTITY."""
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8 for evaluation and scoring: the central square, or the central
+    `fraction` of each side (the aspect squeezed, as the released test loader's 0.8), resized. Parameters: IDENTITY."""
     T, H, W, _ = clip.shape
     h, w = (round(fraction * H), round(fraction * W)) if fraction else (min(H, W),) * 2
     top, left = (H - h) // 2, (W - w) // 2
@@ -308,12 +298,11 @@ def augment(clip, size, g, recipe="ssl", source=None):
 
 
 def augment_released(clip, size, g, r, source=None):
-    """`augment` as the released loaders draw it (RELEASED: `r` the recipe's rates and ranges): a crop of a side
-    fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each
-    at its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at
-    its rate, their sides 1/6-1/3 of the video's own frame height and width (`source`, else the clip's) times
-    size / 224, the corner anywhere and the box clipped at the edge, black (torchvision's erase, v=0, on
-    unnormalised pixels)."""
+    """`augment` as the released loaders draw it (`r`: the recipe's rates and ranges, RELEASED): a crop of a side
+    fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each at
+    its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at its
+    rate, sides 1/6-1/3 of the video's own frame height and width (`source`, else the clip's) times size / 224, the
+    corner anywhere, clipped at the edge, black (torchvision's erase, v=0, on unnormalised pixels)."""
     T, H, W, _ = clip.shape
     H0, W0 = source or (H, W)
     f = _uniform(g, r["crop"], 1.0)
@@ -465,9 +454,8 @@ def read_ucf101(root, splits, fold):
 
 
 def read_hmdb51(root, splits, fold, use_unused=False):
-    """HMDB51 split `fold` from <class>_test_split<fold>.txt: flag 1 train, 2 test, 0 unused. With
-    `use_unused` the flag-0 videos join the training pool (semi-supervised work draws from the 5,236
-    non-test videos). Labels follow the sorted class names, as the split files define them."""
+    """HMDB51 split `fold` from <class>_test_split<fold>.txt: flag 1 train, 2 test, 0 unused (with `use_unused`:
+    train, as semi-supervised work draws from the 5,236 non-test videos). Labels follow the sorted class names."""
     _need(root, "dataset root")
     suffix = f"_test_split{fold}.txt"
     files = sorted(f for f in os.listdir(_need(splits, "split folder")) if f.endswith(suffix))
@@ -513,10 +501,9 @@ def _parse_list(path, num_classes=None):
 
 
 def take_subset(train, test, classes, which=None, per_class=None, test_per_class=None, seed=0):
-    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N in the
-    dataset's own order; a list of names), then at most `per_class` training and `test_per_class` test
-    videos of each, drawn per class with `seed` and kept in list order. Labels are renumbered 0..N-1 in the
-    order the classes are kept; their names stay. Returns (train, test, classes)."""
+    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N; a list of
+    names), relabeled 0..N-1 in that order, and at most `per_class` training and `test_per_class` test videos of
+    each, drawn per class with `seed`, in list order. Returns (train, test, classes)."""
     if which is None:
         keep = list(range(len(classes)))
     elif isinstance(which, int):
@@ -575,8 +562,7 @@ def hold_out(train, classes, n):
     if len(by_class[fewest]) <= n:
         raise DataError(f"--holdout {n}: class {classes[fewest]} has {len(by_class[fewest])} training videos")
     held = {j for js in by_class for j in js[len(js) - n :]}  # by position: a video listed twice is two
-    kept = [it for j, it in enumerate(train) if j not in held]
-    return kept, [it for j, it in enumerate(train) if j in held]
+    return [it for j, it in enumerate(train) if j not in held], [it for j, it in enumerate(train) if j in held]
 
 
 def labeled_from_list(train, path, classes):
@@ -603,8 +589,7 @@ def write_lines(path, lines):
 # Datasets
 
 
-# The 10 clips of one video in "ssl" mode, in order: the sparse clip under augmentations A and B, then the
-# 4 dense clips under A, then under B (each augmentation is one draw shared by its sparse and dense clips).
+# The 10 clips of one video in "ssl" mode: sparse A, sparse B, dense A1..A4, dense B1..B4 (A, B: two augmentations)
 SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 10))
 
 
