@@ -29,15 +29,15 @@ class DataError(Exception):
 
 
 def clip_indices(n, T, stride, start):
-    """T frames at `stride` from `start`. A video shorter than the span first gets a lower stride
-    (down to 1), then its last frame repeated."""
+    """T frames at `stride` from `start`; a video shorter than the span gets a lower stride (down to 1), then its
+    last frame repeated."""
     if (T - 1) * stride + 1 > n:
         stride = max(1, (n - 1) // max(1, T - 1))
     return [min(start + i * stride, n - 1) for i in range(T)]
 
 
 def train_indices(n, T, stride, g):
-    """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
+    """Fine-tune / supervised clip: T frames at `stride` from a random start (paper: 8 frames, stride 2)."""
     last = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
     start = int(torch.randint(0, last + 1, (1,), generator=g))
     return clip_indices(n, T, stride, start)
@@ -47,9 +47,7 @@ def ssl_indices(n, T, stride, g, n_dense=4):
     """Self-supervised clip set: a sparse clip of T frames at `stride` and `n_dense` dense clips of T frames tiling
     its span without overlap (paper: 16 frames at stride 4; dense clip j = 16 consecutive frames from sparse
     frame 4j). Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
-    span = T * stride
-    if span > n:
-        span = max(n_dense, n)
+    span = T * stride if T * stride <= n else max(n_dense, n)  # a short video: the span shrunk to fit
     start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
     sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
     width = span // n_dense  # dense clip j: T frames over the j-th of n_dense equal parts of the span
@@ -115,12 +113,10 @@ def count_frames(path):
 
 def _output_size(size, width, height):
     """size=None keeps the frame, (H, W) resizes to it, an int resizes the short side to it."""
-    if size is None:
-        return height, width
     if isinstance(size, int):
         scale = size / min(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
-    return size
+    return (height, width) if size is None else size
 
 
 def _to_tensor(frame, out_hw):
@@ -154,10 +150,9 @@ def _decode(container, stream, first):
 
 
 def load_frames(path, indices, size=None):
-    """Frames `indices` of video `path` as a (len(indices), H, W, 3) uint8 RGB tensor, in the order asked
-    (indices may repeat). Decodes once, from the keyframe before min(indices) to max(indices); each
-    wanted frame is converted once, resized to `size` ((H, W), or an int short side) on the way.
-    Indices past the last decodable frame get the last decoded frame (a truncated file)."""
+    """Frames `indices` of video `path` (in the order asked; they may repeat) as a (len(indices), H, W, 3) uint8 RGB
+    tensor, decoded once from the keyframe before min(indices) to max(indices), each wanted frame converted once
+    at `size` ((H, W), or an int short side). An index past the last decodable frame gets the nearest earlier one."""
     if len(indices) == 0:
         raise ValueError("load_frames: no indices")
     wanted = set(indices)
@@ -269,11 +264,9 @@ def center_crop(clip, size, fraction=0.0):
 
 def augment(clip, size, g, recipe="ssl", source=None):
     """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) row): one draw for the whole clip of a
-    crop resized to `size` and a flip (p 0.5), applied here, and of the float half, for `augment_on_device`:
-      ssl    random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8: brightness, contrast,
-             saturation 0.8-1.2, any hue), greyscale (p 0.2), a random erase (p 0.5, 0.1-0.4 of the side, grey)
-      light  random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
-      released, ssl-released   the released loaders (`augment_released`, which takes `source`)"""
+    crop resized to `size` and a flip (p 0.5), applied here, and of the float half, for `augment_on_device`.
+    Recipes: "ssl" (random resized crop of area 0.3-1, colour jitter, greyscale, an erase), "light" (random
+    resized crop of area 0.5-1, the flip), the released loaders' (`augment_released`, which takes `source`)."""
     if recipe in RELEASED:
         return augment_released(clip, size, g, RELEASED[recipe], source)
     T, H, W, _ = clip.shape
@@ -357,13 +350,12 @@ def _constant(name, value, like):
 
 
 def colour_matrix(b, c, s, theta, grey, m):
-    """Colour jitter as one affine map per clip, x -> A x + o on RGB in [0, 1], applied before a single
-    clamp; every argument is (N,):
+    """Colour jitter as one affine map a clip, x -> A x + o on RGB in [0, 1], before one clamp; every argument (N,):
         brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
         saturation M_s = s I + (1 - s) 1 w^T;  grey 1 w^T (where `grey`);
         hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x, a rotation about the grey axis
             u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula)
-    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
+    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op.
     Returns A (N, 3, 3), o (N,)."""
     I = torch.eye(3, dtype=b.dtype, device=b.device)
     to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
@@ -588,25 +580,21 @@ def write_lines(path, lines):
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
-
 # The 10 clips of one video in "ssl" mode: sparse A, sparse B, dense A1..A4, dense B1..B4 (A, B: two augmentations)
 SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 10))
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
-    (3, T, S, S) with its row of PARAMS (`augment_on_device` applies the float half on the device):
+    """Items (relative path, label) under `root`, read in one of four modes; each clip comes as uint8 (3, T, S, S)
+    with its row of PARAMS, for `augment_on_device`:
       train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
-      ssl    sparse + 4 dense clips, each twice, in SSL_CLIPS order  -> (10, 3, T, S, S), (10, P)
-             (`ssl_aug` "view": one draw a view, "released": one draw a clip)
+      ssl    sparse + 4 dense clips, each twice (`ssl_aug`)          -> (10, 3, T, S, S), (10, P) in SSL_CLIPS order
       test   `test_clips` clips spread over the video, centre crop   -> (K, 3, T, S, S), (K, P)
-             (`center_crop` of `test_crop`; `released`: the release's starts, `test_indices`)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
-    `released` in ssl mode leaves out videos of 7/8 of the sparse span or fewer frames (dl_ssl.py: 56 at 16 x 4).
-    An item, asked for as (epoch, index) (`EpochSampler`) or a bare index (epoch 0), is (clips, params, label,
-    index, bad), `bad` the items that failed to decode on the way: a failed train/ssl item is replaced by another
-    random video, a failed test/score item comes back as zeros (counted wrong). Randomness comes from a generator
-    seeded by (seed, epoch, index): the same clips whatever the number of workers."""
+    `released`: the release's test starts, and in ssl mode videos of 7/8 of the sparse span or fewer frames left
+    out (dl_ssl.py: 56 at 16 x 4). An item, (epoch, index) (`EpochSampler`) or a bare index (epoch 0), is (clips,
+    params, label, index, bad), `bad` the items that failed to decode: a failed train/ssl item is replaced by another
+    random video, a failed test/score one is zeros (counted wrong). Draws are seeded by (seed, epoch, index) alone."""
 
     def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light",
                  ssl_aug="view", test_crop=0.0, released=False):
