@@ -94,8 +94,8 @@ def _open_video(path):
 
 
 def count_frames(path):
-    """Number of frames of the first video stream, counted from the demuxed packets (no decoding),
-    so it is right when the container stores no frame count or a wrong one (a truncated file)."""
+    """Frames of the first video stream, counted from the demuxed packets, not read from the container (which may
+    store none, or a wrong count for a truncated file)."""
     container, stream = _open_video(path)
     n = 0
     try:
@@ -129,9 +129,8 @@ def _to_tensor(frame, out_hw):
 
 
 def _decode(container, stream, first):
-    """Yields (index, frame) in presentation order from the keyframe at or before frame `first` on: an index is
-    the frame's timestamp times the frame rate, so B-frame streams come out in display order. Counts from the
-    start where timestamps are missing or the seek overshoots. The caller stops it."""
+    """Yields (index, frame) from the keyframe at or before frame `first` on, the index the timestamp x frame rate
+    (display order with B-frames), or counted from the start where timestamps are missing or the seek overshoots."""
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     start = stream.start_time or 0
@@ -217,17 +216,15 @@ def keep_decoded(paths, size, budget):
 MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
-# a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
-# set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box,
-# a colour channel dropped (its index + 1; 0: none), the erased boxes' fill on [0, 1] (the mean grey, or black)
+# a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, mean grey m, an
+# erased box (top, left, height, width; height 0: none), gamma, a second box, a dropped channel + 1 (0: none), fill
 PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop",
           "fill")
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.45)  # nothing changed
 AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
 SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
-# The released loaders as data: the crop's least side fraction; (rate, half-range) of contrast, hue (in turns),
-# saturation, brightness, gamma (on greyscale clips); greyscale and channel-drop rates (one draw decides between
-# them); each erase's rate (`augment_released`)
+# The released loaders as data (`augment_released`): the crop's least side fraction; (rate, half-range) of contrast,
+# hue (in turns), saturation, brightness, gamma (on greyscale clips); greyscale, channel-drop rates; each erase's rate
 RELEASED = {
     "released": dict(crop=0.4, contrast=(0.125, 0.1), hue=(0.15, 0.05), saturation=(0.15, 0.1),  # dl_semisup_2clips.py
                      brightness=(0.15, 0.1), grey=0.1, drop=0.0, gamma=(0.75, 0.15), erase=(0.4, 0.4)),
@@ -238,11 +235,6 @@ RELEASED = {
 
 def _uniform(g, lo=0.0, hi=1.0):
     return lo + (hi - lo) * float(torch.rand((), generator=g))
-
-
-def _randint(g, lo, hi):
-    """An integer in [lo, hi) (lo where the range is empty), as numpy's randint."""
-    return lo + int(_uniform(g) * max(0, hi - lo))
 
 
 def _resize(x, size):
@@ -303,6 +295,9 @@ def augment_released(clip, size, g, r, source=None):
 
     def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
         return _uniform(g, 1 - half, 1 + half) if _uniform(g) < prob else 1.0
+
+    def randint(lo, hi):  # an integer in [lo, hi) (lo where the range is empty), as numpy's randint
+        return lo + int(_uniform(g) * max(0, hi - lo))
     p["c"] = maybe(*r["contrast"])
     p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
     p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
@@ -313,8 +308,8 @@ def augment_released(clip, size, g, r, source=None):
         p["drop"] = 1 + int(_uniform(g) * 3)
     for box, prob in zip(("", "2"), r["erase"]):  # (top, left, height, width) of each box
         if _uniform(g) < prob:
-            eh, ew = (_randint(g, int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H0, W0))
-            et, el = _randint(g, 0, size), _randint(g, 0, size)
+            eh, ew = (randint(int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H0, W0))
+            et, el = randint(0, size), randint(0, size)
             p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, min(eh, size - et), min(ew, size - el)
             p["fill"] = 0.0
     return x, _as_row(p, x)
@@ -323,8 +318,7 @@ def augment_released(clip, size, g, r, source=None):
 def _crop_and_flip(clip, h, w, size, g):
     """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: an h x w crop at a random place, resized, flipped at p 0.5."""
     T, H, W, _ = clip.shape
-    top = int(_uniform(g) * (H - h + 1))
-    left = int(_uniform(g) * (W - w + 1))
+    top, left = int(_uniform(g) * (H - h + 1)), int(_uniform(g) * (W - w + 1))
     x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
     if _uniform(g) < 0.5:
         x = x.flip(-1)
@@ -688,10 +682,9 @@ def _longer_than(path, n):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, the first `length` x `world` of a
-    permutation drawn from (seed, epoch) (`length` per rank, at most and by default n // world), every world-th
-    from `rank` on; else the items in order. With the epoch in each key, workers that persist across epochs
-    still seed every item by (seed, epoch, index), and a resumed run sees the batches of an uninterrupted one."""
+    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, the first `length` x `world` of a permutation
+    drawn from (seed, epoch) (`length` per rank: at most and by default n // world), every world-th from `rank` on;
+    else the items in order. The epoch in each key seeds the item, in persistent workers and after a resume alike."""
 
     def __init__(self, n, seed, shuffle=True, rank=0, world=1, length=None):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
