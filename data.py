@@ -349,8 +349,7 @@ def colour_matrix(b, c, s, theta, grey, m):
         saturation M_s = s I + (1 - s) 1 w^T;  grey 1 w^T (where `grey`);
         hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x, a rotation about the grey axis
             u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula)
-    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op.
-    Returns A (N, 3, 3), o (N,)."""
+    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op. Returns A (N, 3, 3), o (N,)."""
     I = torch.eye(3, dtype=b.dtype, device=b.device)
     to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
     cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), b)  # sqrt(3) [u]_x
@@ -648,10 +647,8 @@ class VideoDataset(torch.utils.data.Dataset):
             A, B = (v.view(3, 5, self.T, S, S).transpose(0, 1) for v in (A, B))  # (5, 3, T, S, S): sparse, dense 1..4
             clips = torch.cat([A[:1], B[:1], A[1:], B[1:]])  # (10, 3, T, S, S): the order of SSL_CLIPS
             return clips, torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
-        if self.mode == "test":
-            sets = test_indices(n, self.T, self.stride, self.K, self.released)
-        else:
-            sets = score_indices(n, self.T)
+        sets = (test_indices(n, self.T, self.stride, self.K, self.released) if self.mode == "test"
+                else score_indices(n, self.T))
         frames = self.frames(i, sum(sets, []))
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
         return torch.stack([center_crop(c, S, self.test_crop) for c in clips]), torch.tensor([IDENTITY] * len(sets))
