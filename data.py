@@ -218,8 +218,7 @@ STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
 # a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, mean grey m, an
 # erased box (top, left, height, width; height 0: none), gamma, a second box, a dropped channel + 1 (0: none), fill
-PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop",
-          "fill")
+PARAMS = tuple("b c s theta grey m et el eh ew gamma et2 el2 eh2 ew2 drop fill".split())
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.45)  # nothing changed
 AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
 SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
@@ -364,8 +363,7 @@ def colour_matrix(b, c, s, theta, grey, m):
 def augment_on_device(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
-        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`, a dropped
-                                                    channel's row of it 0; gamma)
+        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour, greyscale: `colour_matrix`; a dropped channel's row 0)
           -> fill inside the erased boxes          (random erase: the mean grey, or black as released)
           -> (x - mean) / std                      (normalisation)"""
     N, S = x.shape[0], x.shape[-1]
