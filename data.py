@@ -1,14 +1,8 @@
-"""The clip samplers of TimeBalance, clips from real video files, augmentations and split formats.
-Runtime imports: standard library, torch, av.
-
-    *_indices(n, ...)                  the clip samplers of docs/method.md "Clips"
-    load_frames(path, indices, size)   decode only the frames asked for, by presentation timestamp
-    augment(clip, size, g, recipe)     one random augmentation shared by every frame of a clip: the uint8
-                                       half in the loader (crop, resize, flip), the float half on the device
-                                       by augment_on_device(x, params)
-    read_ucf101 / read_hmdb51 / read_list, split_labeled    dataset splits and the labeled subset
-    VideoDataset(items, root, mode)    what each training stage iterates over
-"""
+"""TimeBalance's clips: the clip samplers (`*_indices`, docs/method.md "Clips"), the frames asked for, decoded from
+real video files (`load_frames`), one random augmentation a clip in two halves (`augment`: uint8, in the loader;
+`augment_on_device`: float, on the device), the split formats and the labeled subset, and `VideoDataset`, what
+each training stage iterates over. Runtime imports: standard library, torch, av."""
+import itertools
 import math
 import os
 import random
@@ -35,38 +29,29 @@ class DataError(Exception):
 
 
 def clip_indices(n, T, stride, start):
-    """T frames at `stride` from `start`. A video shorter than the span first gets a lower stride
-    (down to 1), then its last frame repeated."""
+    """T frames at `stride` from `start`; a video shorter than the span gets a lower stride (down to 1), then its
+    last frame repeated."""
     if (T - 1) * stride + 1 > n:
         stride = max(1, (n - 1) // max(1, T - 1))
     return [min(start + i * stride, n - 1) for i in range(T)]
 
 
-def max_start(n, T, stride):
-    return max(0, n - ((T - 1) * stride + 1))
-
-
 def train_indices(n, T, stride, g):
-    """Fine-tune / supervised clip: T frames at stride k from a random start (paper: 8 frames, stride 2)."""
-    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
+    """Fine-tune / supervised clip: T frames at `stride` from a random start (paper: 8 frames, stride 2)."""
+    last = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
+    start = int(torch.randint(0, last + 1, (1,), generator=g))
     return clip_indices(n, T, stride, start)
 
 
 def ssl_indices(n, T, stride, g, n_dense=4):
-    """Self-supervised clip set: one sparse clip of T frames at `stride` spanning T*stride frames, and
-    `n_dense` dense clips tiling that span without overlap, each T frames at stride/n_dense (paper:
-    16 frames at stride 4, dense clip j = 16 consecutive frames from sparse frame 4j).
-    Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
-    span = T * stride
-    if span > n:
-        span = max(n_dense, n)
+    """Self-supervised clip set: a sparse clip of T frames at `stride` and `n_dense` dense clips of T frames tiling
+    its span without overlap (paper: 16 frames at stride 4; dense clip j = 16 consecutive frames from sparse
+    frame 4j). Returns (sparse, [dense_1..dense_n]); a short video shrinks the span to fit."""
+    span = T * stride if T * stride <= n else max(n_dense, n)  # a short video: the span shrunk to fit
     start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
     sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
-    dense = []
-    for j in range(n_dense):
-        lo = start + (j * span) // n_dense
-        width = span // n_dense
-        dense.append([min(lo + (i * width) // T, n - 1) for i in range(T)])
+    width = span // n_dense  # dense clip j: T frames over the j-th of n_dense equal parts of the span
+    dense = [[min(start + (j * span) // n_dense + (i * width) // T, n - 1) for i in range(T)] for j in range(n_dense)]
     return sparse, dense
 
 
@@ -79,7 +64,7 @@ def test_indices(n, T, stride, K=10, released=False):
         stop = n - k * T - 10
         starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # numpy's
         return [clip_indices(n, T, max(1, int(k)), s if s >= 0 else j) for j, s in enumerate(starts)]
-    m = max_start(n, T, stride)
+    m = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
     starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
     return [clip_indices(n, T, stride, s) for s in starts]
 
@@ -109,8 +94,8 @@ def _open_video(path):
 
 
 def count_frames(path):
-    """Number of frames of the first video stream, counted from the demuxed packets (no decoding),
-    so it is right when the container stores no frame count or a wrong one (a truncated file)."""
+    """Frames of the first video stream, counted from the demuxed packets, not read from the container (which may
+    store none, or a wrong count for a truncated file)."""
     container, stream = _open_video(path)
     n = 0
     try:
@@ -128,29 +113,24 @@ def count_frames(path):
 
 def _output_size(size, width, height):
     """size=None keeps the frame, (H, W) resizes to it, an int resizes the short side to it."""
-    if size is None:
-        return height, width
     if isinstance(size, int):
         scale = size / min(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
-    return size
+    return (height, width) if size is None else size
 
 
 def _to_tensor(frame, out_hw):
     """One decoded frame -> (H, W, 3) uint8 view of its RGB plane, converted once at the output size."""
     H, W = out_hw
-    # PyAV converts on several threads unless told otherwise; in a DataLoader worker one thread is faster
     rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", threads=1)
     plane = rgb.planes[0]
     flat = torch.frombuffer(plane, dtype=torch.uint8)  # read-only memory: the caller copies it out
     return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
 
 
-def _decode(container, stream, first, last):
-    """Yields (index, frame) for frames first..last in presentation order. Seeks to the keyframe at or
-    before `first`; an index is the frame's timestamp times the frame rate, so B-frame streams come out
-    in display order. Falls back to counting from the start where timestamps are missing or the seek
-    overshoots."""
+def _decode(container, stream, first):
+    """Yields (index, frame) from the keyframe at or before frame `first` on, the index the timestamp x frame rate
+    (display order with B-frames), or counted from the start where timestamps are missing or the seek overshoots."""
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     start = stream.start_time or 0
@@ -158,43 +138,33 @@ def _decode(container, stream, first, last):
         container.seek(start + int(first / rate / tb), stream=stream, backward=True, any_frame=False)
         frames = container.decode(stream)
         head = next(frames, None)
-        if head is not None and head.pts is not None:
-            index = round((head.pts - start) * tb * rate)
-            if index <= first:
-                yield index, head
-                for frame in frames:
-                    if frame.pts is None:
-                        break
-                    index = round((frame.pts - start) * tb * rate)
-                    yield index, frame
-                    if index >= last:
-                        return
-                return
-        container.seek(0, stream=stream, backward=True, any_frame=False)
-    for index, frame in enumerate(container.decode(stream)):  # sequential decode from the start
-        yield index, frame
-        if index >= last:
+        if head is not None and head.pts is not None and round((head.pts - start) * tb * rate) <= first:
+            for frame in itertools.chain([head], frames):
+                if frame.pts is None:
+                    return
+                yield round((frame.pts - start) * tb * rate), frame
             return
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    yield from enumerate(container.decode(stream))  # sequential decode from the start
 
 
 def load_frames(path, indices, size=None):
-    """Frames `indices` of video `path` as a (len(indices), H, W, 3) uint8 RGB tensor, in the order asked
-    (indices may repeat). Decodes once, from the keyframe before min(indices) to max(indices); each
-    wanted frame is converted once, resized to `size` ((H, W), or an int short side) on the way.
-    Indices past the last decodable frame get the last decoded frame (a truncated file)."""
+    """Frames `indices` of video `path` (in the order asked; they may repeat) as a (len(indices), H, W, 3) uint8 RGB
+    tensor, decoded once from the keyframe before min(indices) to max(indices), each wanted frame converted once
+    at `size` ((H, W), or an int short side). An index past the last decodable frame gets the nearest earlier one."""
     if len(indices) == 0:
         raise ValueError("load_frames: no indices")
-    wanted = sorted(set(indices))
-    wanted_set = set(wanted)
+    wanted = set(indices)
+    first, last = min(wanted), max(wanted)
     container, stream = _open_video(path)
     out_hw = _output_size(size, stream.codec_context.width, stream.codec_context.height)
     got, tail = {}, None
     try:
-        for index, frame in _decode(container, stream, wanted[0], wanted[-1]):
-            if index in wanted_set and index not in got:
+        for index, frame in _decode(container, stream, first):
+            if index in wanted and index not in got:
                 got[index] = _to_tensor(frame, out_hw).clone()
             tail = frame
-            if index >= wanted[-1]:
+            if index >= last:
                 break
     except av.FFmpegError as e:
         if not got and tail is None:
@@ -202,29 +172,23 @@ def load_frames(path, indices, size=None):
     finally:
         container.close()  # decoded frames own their data and outlive the container
     if not got and tail is not None:  # all wanted frames lie past the end: the last decodable frame
-        got[wanted[0]] = _to_tensor(tail, out_hw).clone()
+        got[first] = _to_tensor(tail, out_hw).clone()
     if not got:
-        raise VideoError(f"{path}: none of frames {wanted[0]}..{wanted[-1]} could be decoded")
+        raise VideoError(f"{path}: none of frames {first}..{last} could be decoded")
     out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)
-    for i, index in enumerate(indices):
-        if index in got:
-            out[i] = got[index]
-        else:  # past the end of a short or truncated stream: the nearest earlier decoded frame
-            earlier = [k for k in got if k <= index]
-            out[i] = got[max(earlier)] if earlier else got[min(got)]
+    for i, k in enumerate(indices):  # past the end of a short or truncated stream: the nearest earlier decoded frame
+        out[i] = got[k] if k in got else got[max((j for j in got if j <= k), default=min(got))]
     return out
 
 
-# Decoded videos kept in memory: a small dataset is decoded once per process instead of once an epoch.
-_KEPT = {}  # (path, short side) -> (frames counted by count_frames, (m, H, W, 3) uint8: the whole video)
+_KEPT = {}  # videos decoded whole: (path, short side) -> (count_frames, (m, H, W, 3) uint8: the whole video)
 _FULL = set()  # the budgets reached: nothing more is decoded to be kept
 
 
 def keep_decoded(paths, size, budget):
-    """Decodes each video of `paths` whole at short side `size` and keeps it for the datasets of this
-    process while all that is kept fits in `budget` bytes; the first video that would not fit ends the
-    keeping for good, and what is not kept is decoded on demand as before. Run in the main process, before a
-    DataLoader forks its workers, which then share the kept frames. Returns the bytes kept."""
+    """Decodes each video of `paths` whole at short side `size` and keeps it for this process's datasets while
+    all kept fits in `budget` bytes; the first video past it ends the keeping for good (the rest is decoded on
+    demand). Run before a DataLoader forks its workers, which share the kept frames. Returns the bytes kept."""
     used = sum(frames.numel() for _, frames in _KEPT.values())
     for path in paths:
         if budget in _FULL or used >= budget:  # --cache-mb 0: nothing is decoded ahead
@@ -245,26 +209,21 @@ def keep_decoded(paths, size, budget):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentations, in two halves, so that the float work runs once per batch on the training device:
+# Augmentations, in two halves; a clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it:
 #   per clip, in the DataLoader workers, on uint8: crop, resize, flip          `augment`, `center_crop`
 #   per batch, on the device, in float: colour jitter, greyscale, normalisation, random erase   `augment_on_device`
-# A clip travels as uint8 (3, T, S, S) with the row of parameters drawn for it (PARAMS): 4x fewer bytes
-# through worker shared memory and the host-to-device copy than float clips.
 
 MEAN = torch.tensor([0.45, 0.45, 0.45]).view(3, 1, 1, 1)
 STD = torch.tensor([0.225, 0.225, 0.225]).view(3, 1, 1, 1)
 GREY = torch.tensor([0.299, 0.587, 0.114])  # luma weights w
-# a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, the clip
-# set's mean grey m, an erased box (top, left, height, width; height 0: nothing erased), gamma, a second box,
-# a colour channel dropped (its index + 1; 0: none), the erased boxes' fill on [0, 1] (the mean grey, or black)
-PARAMS = ("b", "c", "s", "theta", "grey", "m", "et", "el", "eh", "ew", "gamma", "et2", "el2", "eh2", "ew2", "drop",
-          "fill")
+# a clip's parameters: brightness b, contrast c, saturation s, hue angle theta, greyscale flag, mean grey m, an
+# erased box (top, left, height, width; height 0: none), gamma, a second box, a dropped channel + 1 (0: none), fill
+PARAMS = tuple("b c s theta grey m et el eh ew gamma et2 el2 eh2 ew2 drop fill".split())
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.45)  # nothing changed
 AUGMENTATIONS = ("light", "released")  # the classifier and student clips' recipes (`augment`)
 SSL_AUGMENTATIONS = ("view", "released")  # the SSL clips' (`VideoDataset`, mode "ssl")
-# The released loaders as data: the crop's least side fraction; (rate, half-range) of contrast, hue (in turns),
-# saturation, brightness, gamma (on greyscale clips); greyscale and channel-drop rates (one draw decides between
-# them); each erase's rate (`augment_released`)
+# The released loaders as data (`augment_released`): the crop's least side fraction; (rate, half-range) of contrast,
+# hue (in turns), saturation, brightness, gamma (on greyscale clips); greyscale, channel-drop rates; each erase's rate
 RELEASED = {
     "released": dict(crop=0.4, contrast=(0.125, 0.1), hue=(0.15, 0.05), saturation=(0.15, 0.1),  # dl_semisup_2clips.py
                      brightness=(0.15, 0.1), grey=0.1, drop=0.0, gamma=(0.75, 0.15), erase=(0.4, 0.4)),
@@ -277,20 +236,14 @@ def _uniform(g, lo=0.0, hi=1.0):
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
-def _randint(g, lo, hi):
-    """An integer in [lo, hi) (lo where the range is empty), as numpy's randint."""
-    return lo + int(_uniform(g) * max(0, hi - lo))
-
-
 def _resize(x, size):
     """(T, 3, h, w) uint8 -> (T, 3, size, size) uint8, bilinear (uint8 has a fast path on the CPU)."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def center_crop(clip, size, fraction=0.0):
-    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8, evaluation and scoring: the central square resized, or
-    with `fraction` > 0 the central `fraction` of each side resized (the frame's aspect squeezed into the
-    square, as the released test loader's 0.8). Its parameters are IDENTITY."""
+    """(T, H, W, 3) uint8 -> (3, T, size, size) uint8 for evaluation and scoring: the central square, or the central
+    `fraction` of each side (the aspect squeezed, as the released test loader's 0.8), resized. Parameters: IDENTITY."""
     T, H, W, _ = clip.shape
     h, w = (round(fraction * H), round(fraction * W)) if fraction else (min(H, W),) * 2
     top, left = (H - h) // 2, (W - w) // 2
@@ -301,15 +254,10 @@ def center_crop(clip, size, fraction=0.0):
 
 
 def augment(clip, size, g, recipe="ssl", source=None):
-    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) parameters): one draw for the whole
-    clip of a crop resized to `size` and a horizontal flip (p 0.5), applied here, and of the float half, drawn
-    here and applied by `augment_on_device`. Recipes:
-      ssl       self-supervised clips: random resized crop (area 0.3-1, ratio 3/4-4/3); colour jitter (p 0.8:
-                brightness, contrast, saturation 0.8-1.2, hue rotated by any angle), greyscale (p 0.2), one
-                random erase (p 0.5, 0.1-0.4 of the side, the mean grey)
-      light     random resized crop (area 0.5-1, ratio 3/4-4/3) and the flip alone
-      released, ssl-released   the released loaders (`augment_released`; `source`: the video's own frame
-                (height, width), where the clip was decoded at another size)"""
+    """(T, H, W, 3) uint8 -> ((3, T, size, size) uint8, (len(PARAMS),) row): one draw for the whole clip of a
+    crop resized to `size` and a flip (p 0.5), applied here, and of the float half, for `augment_on_device`.
+    Recipes: "ssl" (random resized crop of area 0.3-1, colour jitter, greyscale, an erase), "light" (random
+    resized crop of area 0.5-1, the flip), the released loaders' (`augment_released`, which takes `source`)."""
     if recipe in RELEASED:
         return augment_released(clip, size, g, RELEASED[recipe], source)
     T, H, W, _ = clip.shape
@@ -334,12 +282,11 @@ def augment(clip, size, g, recipe="ssl", source=None):
 
 
 def augment_released(clip, size, g, r, source=None):
-    """`augment` as the released loaders draw it (RELEASED: `r` the recipe's rates and ranges): a crop of a side
-    fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each
-    at its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at
-    its rate, their sides 1/6-1/3 of the video's own frame height and width (`source`, else the clip's) times
-    size / 224, the corner anywhere and the box clipped at the edge, black (torchvision's erase, v=0, on
-    unnormalised pixels)."""
+    """`augment` as the released loaders draw it (`r`: the recipe's rates and ranges, RELEASED): a crop of a side
+    fraction f in [r["crop"], 1] of both sides (the aspect kept); contrast, hue, saturation and brightness each at
+    its rate; greyscale (then gamma) or one colour channel dropped (one draw decides); erased boxes, each at its
+    rate, sides 1/6-1/3 of the video's own frame height and width (`source`, else the clip's) times size / 224, the
+    corner anywhere, clipped at the edge, black (torchvision's erase, v=0, on unnormalised pixels)."""
     T, H, W, _ = clip.shape
     H0, W0 = source or (H, W)
     f = _uniform(g, r["crop"], 1.0)
@@ -347,6 +294,9 @@ def augment_released(clip, size, g, r, source=None):
 
     def maybe(prob, half):  # a factor 1 +- half at rate prob, else 1
         return _uniform(g, 1 - half, 1 + half) if _uniform(g) < prob else 1.0
+
+    def randint(lo, hi):  # an integer in [lo, hi) (lo where the range is empty), as numpy's randint
+        return lo + int(_uniform(g) * max(0, hi - lo))
     p["c"] = maybe(*r["contrast"])
     p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
     p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
@@ -357,8 +307,8 @@ def augment_released(clip, size, g, r, source=None):
         p["drop"] = 1 + int(_uniform(g) * 3)
     for box, prob in zip(("", "2"), r["erase"]):  # (top, left, height, width) of each box
         if _uniform(g) < prob:
-            eh, ew = (_randint(g, int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H0, W0))
-            et, el = _randint(g, 0, size), _randint(g, 0, size)
+            eh, ew = (randint(int(side / 6 * size / 224), int(side / 3 * size / 224)) for side in (H0, W0))
+            et, el = randint(0, size), randint(0, size)
             p["et" + box], p["el" + box], p["eh" + box], p["ew" + box] = et, el, min(eh, size - et), min(ew, size - el)
             p["fill"] = 0.0
     return x, _as_row(p, x)
@@ -367,8 +317,7 @@ def augment_released(clip, size, g, r, source=None):
 def _crop_and_flip(clip, h, w, size, g):
     """(T, H, W, 3) uint8 -> (3, T, size, size) uint8: an h x w crop at a random place, resized, flipped at p 0.5."""
     T, H, W, _ = clip.shape
-    top = int(_uniform(g) * (H - h + 1))
-    left = int(_uniform(g) * (W - w + 1))
+    top, left = int(_uniform(g) * (H - h + 1)), int(_uniform(g) * (W - w + 1))
     x = _resize(clip[:, top : top + h, left : left + w].permute(0, 3, 1, 2), size)  # (T, 3, S, S) uint8
     if _uniform(g) < 0.5:
         x = x.flip(-1)
@@ -386,35 +335,27 @@ _CONSTANTS = {}
 
 
 def _constant(name, value, like):
-    """A constant tensor on `like`'s device and dtype, copied there once: a copy from pageable host memory
-    in every batch would make the host wait for the GPU each time."""
+    """A constant tensor on `like`'s device and dtype, copied there once (a copy a batch would wait for the GPU)."""
     key = (name, like.device, like.dtype)
     if key not in _CONSTANTS:
         _CONSTANTS[key] = value.to(like)
     return _CONSTANTS[key]
 
 
-def _hue_rotation(theta):
-    """(N, 3, 3) rotations of RGB by angles `theta` (N,) about the grey axis u = (1, 1, 1) / sqrt(3): a hue
-    shift that keeps grey grey (Rodrigues' formula: cos I + (1 - cos) u u^T + sin [u]_x)."""
-    I = torch.eye(3, dtype=theta.dtype, device=theta.device)
-    ones = torch.ones(3, 3, dtype=theta.dtype, device=theta.device)
-    cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), theta)  # sqrt(3) [u]_x
-    c, s = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
-    return c * I + (1 - c) / 3 * ones + s * cross
-
-
 def colour_matrix(b, c, s, theta, grey, m):
-    """Colour jitter as one affine map per clip, x -> A x + o on RGB in [0, 1], applied before a single
-    clamp; every argument is (N,):
+    """Colour jitter as one affine map a clip, x -> A x + o on RGB in [0, 1], before one clamp; every argument (N,):
         brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
-        saturation M_s = s I + (1 - s) 1 w^T;  hue R(theta);  grey 1 w^T (where `grey`)
-    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op; this clamps once.
-    Returns A (N, 3, 3), o (N,)."""
+        saturation M_s = s I + (1 - s) 1 w^T;  grey 1 w^T (where `grey`);
+        hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x, a rotation about the grey axis
+            u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula)
+    Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op. Returns A (N, 3, 3), o (N,)."""
     I = torch.eye(3, dtype=b.dtype, device=b.device)
     to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
+    cross = _constant("cross", torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]]), b)  # sqrt(3) [u]_x
+    cos, sin = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1) / math.sqrt(3)
+    R = cos * I + (1 - cos) / 3 * torch.ones_like(I) + sin * cross  # (N, 3, 3); u u^T = 1 1^T / 3
     M_s = s.view(-1, 1, 1) * I + (1 - s).view(-1, 1, 1) * to_grey  # (N, 3, 3)
-    A = _hue_rotation(theta) @ M_s * (b * c).view(-1, 1, 1)
+    A = R @ M_s * (b * c).view(-1, 1, 1)
     A = torch.where(grey.view(-1, 1, 1) > 0, to_grey @ A, A)
     return A, (1 - c) * b * m
 
@@ -422,8 +363,7 @@ def colour_matrix(b, c, s, theta, grey, m):
 def augment_on_device(x, p):
     """The float half of the augmentation, on a whole batch on the training device: x (N, 3, T, S, S)
     uint8 clips and p (N, len(PARAMS)) their parameters -> (N, 3, T, S, S) normalised float:
-        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour jitter and greyscale, `colour_matrix`, a dropped
-                                                    channel's row of it 0; gamma)
+        x -> clamp(A x / 255 + o, 0, 1) ** gamma   (colour, greyscale: `colour_matrix`; a dropped channel's row 0)
           -> fill inside the erased boxes          (random erase: the mean grey, or black as released)
           -> (x - mean) / std                      (normalisation)"""
     N, S = x.shape[0], x.shape[-1]
@@ -439,8 +379,7 @@ def augment_on_device(x, p):
         rows = (pos >= et.view(N, 1)) & (pos < (et + eh).view(N, 1))  # (N, S)
         cols = (pos >= el.view(N, 1)) & (pos < (el + ew).view(N, 1))  # (N, S)
         y = torch.where(rows.view(N, 1, 1, S, 1) & cols.view(N, 1, 1, 1, S), fill, y)  # (N, 1, 1, S, S) boxes
-    y = y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))
-    return y
+    return y.sub_(_constant("mean", MEAN, y)).div_(_constant("std", STD, y))  # (x - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,24 +398,13 @@ def numbered_lines(path):
         return [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def _lines(path):
-    return [words for _, words in numbered_lines(path)]
-
-
-def _check_classes(root, classes):
-    for name in classes:
-        _need(os.path.join(root, name), "class folder")
-
-
 def _class_index(path):
-    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index
-    order."""
+    """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
     names = {}
     rows = numbered_lines(path)
     for n, words in rows:
         if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
-            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, "
-                            f"got {' '.join(words)!r}")
+            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, got {' '.join(words)!r}")
         i = int(words[0])
         if i in names:
             raise DataError(f"{path}:{n}: class index {i} given twice")
@@ -493,11 +421,12 @@ def read_ucf101(root, splits, fold):
     _need(root, "dataset root")
     classes = _class_index(os.path.join(splits, "classInd.txt"))
     index = {name: i for i, name in enumerate(classes)}
-    _check_classes(root, classes)
+    for name in classes:
+        _need(os.path.join(root, name), "class folder")
 
     def parse(name):
         items = []
-        for words in _lines(os.path.join(splits, name)):
+        for _, words in numbered_lines(os.path.join(splits, name)):
             folder = words[0].split("/")[0]
             if folder not in index:
                 raise DataError(f"{os.path.join(splits, name)}: class {folder} is not in classInd.txt")
@@ -508,19 +437,19 @@ def read_ucf101(root, splits, fold):
 
 
 def read_hmdb51(root, splits, fold, use_unused=False):
-    """HMDB51 split `fold` from <class>_test_split<fold>.txt: flag 1 train, 2 test, 0 unused. With
-    `use_unused` the flag-0 videos join the training pool (semi-supervised work draws from the 5,236
-    non-test videos). Labels follow the sorted class names, as the split files define them."""
+    """HMDB51 split `fold` from <class>_test_split<fold>.txt: flag 1 train, 2 test, 0 unused (with `use_unused`:
+    train, as semi-supervised work draws from the 5,236 non-test videos). Labels follow the sorted class names."""
     _need(root, "dataset root")
     suffix = f"_test_split{fold}.txt"
     files = sorted(f for f in os.listdir(_need(splits, "split folder")) if f.endswith(suffix))
     if not files:
         raise DataError(f"no *{suffix} files in {splits}")
     classes = [f[: -len(suffix)] for f in files]
-    _check_classes(root, classes)
+    for name in classes:
+        _need(os.path.join(root, name), "class folder")
     train, test = [], []
     for label, (name, f) in enumerate(zip(classes, files)):
-        for video, flag in _lines(os.path.join(splits, f)):
+        for _, (video, flag) in numbered_lines(os.path.join(splits, f)):
             item = (f"{name}/{video}", label)
             if flag == "2":
                 test.append(item)
@@ -533,9 +462,9 @@ def read_list(root, train_list, test_list, class_names=None):
     """Generic lists, one `relative/path label` (0-based) a line; Kinetics users use this. `class_names`: an
     optional file with one class name a line, line k naming label k (else the classes are "0".."K-1")."""
     _need(root, "dataset root")
-    classes = [" ".join(words) for words in _lines(class_names)] if class_names else None
-    train = _parse_list(train_list, len(classes) if classes else None)
-    test = _parse_list(test_list, len(classes) if classes else None)
+    classes = [" ".join(words) for _, words in numbered_lines(class_names)] if class_names else None
+    K = len(classes) if classes else None
+    train, test = _parse_list(train_list, K), _parse_list(test_list, K)
     return train, test, classes or [str(c) for c in range(1 + max(label for _, label in train + test))]
 
 
@@ -555,10 +484,9 @@ def _parse_list(path, num_classes=None):
 
 
 def take_subset(train, test, classes, which=None, per_class=None, test_per_class=None, seed=0):
-    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N in the
-    dataset's own order; a list of names), then at most `per_class` training and `test_per_class` test
-    videos of each, drawn per class with `seed` and kept in list order. Labels are renumbered 0..N-1 in the
-    order the classes are kept; their names stay. Returns (train, test, classes)."""
+    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N; a list of
+    names), relabeled 0..N-1 in that order, and at most `per_class` training and `test_per_class` test videos of
+    each, drawn per class with `seed`, in list order. Returns (train, test, classes)."""
     if which is None:
         keep = list(range(len(classes)))
     elif isinstance(which, int):
@@ -617,8 +545,7 @@ def hold_out(train, classes, n):
     if len(by_class[fewest]) <= n:
         raise DataError(f"--holdout {n}: class {classes[fewest]} has {len(by_class[fewest])} training videos")
     held = {j for js in by_class for j in js[len(js) - n :]}  # by position: a video listed twice is two
-    kept = [it for j, it in enumerate(train) if j not in held]
-    return kept, [it for j, it in enumerate(train) if j in held]
+    return [it for j, it in enumerate(train) if j not in held], [it for j, it in enumerate(train) if j in held]
 
 
 def labeled_from_list(train, path, classes):
@@ -644,29 +571,21 @@ def write_lines(path, lines):
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
-
-# The 10 clips of one video in "ssl" mode, in order: the sparse clip under augmentations A and B, then the
-# 4 dense clips under A, then under B (each augmentation is one draw shared by its sparse and dense clips).
+# The 10 clips of one video in "ssl" mode: sparse A, sparse B, dense A1..A4, dense B1..B4 (A, B: two augmentations)
 SSL_CLIPS = dict(sparse_A=0, sparse_B=1, dense_A=slice(2, 6), dense_B=slice(6, 10))
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (relative path, label) under `root`, read in one of four modes; every clip comes as uint8
-    (3, T, S, S) with its row of augmentation parameters (`augment_on_device` applies the float half on the device):
+    """Items (relative path, label) under `root`, read in one of four modes; each clip comes as uint8 (3, T, S, S)
+    with its row of PARAMS, for `augment_on_device`:
       train  one clip, T frames at `stride`, augmentation `aug`      -> (3, T, S, S), (P,)
-      ssl    sparse + 4 dense clips, each twice, strong augmentation -> (10, 3, T, S, S), (10, P):
-             [sparse_A, sparse_B, dense_A1..A4, dense_B1..B4] (SSL_CLIPS); `ssl_aug` "view": one draw a
-             view, "released": one draw a clip
-      test   `test_clips` uniformly spaced clips, centre crop        -> (K, 3, T, S, S), (K, P)
-             (`test_crop`: `center_crop`'s fraction; `released`: the release's starts, `test_indices`)
+      ssl    sparse + 4 dense clips, each twice (`ssl_aug`)          -> (10, 3, T, S, S), (10, P) in SSL_CLIPS order
+      test   `test_clips` clips spread over the video, centre crop   -> (K, 3, T, S, S), (K, P)
       score  4 consecutive non-overlapping clips, centre crop        -> (4, 3, T, S, S), (4, P)
-    An item is asked for as (epoch, index) (`EpochSampler`) or as a bare index (epoch 0), and returns
-    (clips, params, label, index, bad): `bad` lists the items that failed to decode on the way. A failed
-    train/ssl item is replaced by another random video; a failed test/score item comes back as zeros with
-    its index in `bad`, so evaluation can count it wrong. `released` in ssl mode: videos of 7/8 of the sparse
-    span or fewer frames are left out, as the release's SSL loader leaves out those of 56 at its 16 x 4
-    (dl_ssl.py). Randomness comes from a generator seeded by
-    (seed, epoch, index): the same run gives the same clips whatever the number of workers."""
+    `released`: the release's test starts, and in ssl mode videos of 7/8 of the sparse span or fewer frames left
+    out (dl_ssl.py: 56 at 16 x 4). An item, (epoch, index) (`EpochSampler`) or a bare index (epoch 0), is (clips,
+    params, label, index, bad), `bad` the items that failed to decode: a failed train/ssl item is replaced by another
+    random video, a failed test/score one is zeros (counted wrong). Draws are seeded by (seed, epoch, index) alone."""
 
     def __init__(self, items, root, mode, frames=8, stride=2, size=64, test_clips=10, seed=0, aug="light",
                  ssl_aug="view", test_crop=0.0, released=False):
@@ -715,25 +634,19 @@ class VideoDataset(torch.utils.data.Dataset):
             return augment(frames, S, g, self.aug, self.source_size(i) if self.aug in RELEASED else None)
         if self.mode == "ssl":
             sparse, dense = ssl_indices(n, self.T, self.stride, g)
-            # one decode for the whole clip set: (5T, H, W, 3)
-            frames = self.frames(i, sparse + sum(dense, []))
+            frames = self.frames(i, sparse + sum(dense, []))  # one decode for the whole clip set: (5T, H, W, 3)
             if self.ssl_aug == "released":  # each of the 10 clips its own draw (dl_ssl.py: one row a clip)
                 clips = frames.view(5, self.T, *frames.shape[1:])  # (5, T, H, W, 3): sparse, dense 1..4
                 source = self.source_size(i)
                 drawn = [augment(clips[c], S, g, "ssl-released", source) for c in (0, 0, 1, 2, 3, 4, 1, 2, 3, 4)]
                 return torch.stack([x for x, _ in drawn]), torch.stack([p for _, p in drawn])  # SSL_CLIPS order
-            # "view": one draw for the whole clip set (sparse and its 4 dense clips) in each view, so that
-            # within a view the clips differ only by time; the two views are independent
-            A, p_A = augment(frames, S, g)
+            A, p_A = augment(frames, S, g)  # "view": one draw a view, so that its clips differ only by time
             B, p_B = augment(frames, S, g)
-            A, B = (v.view(3, 5, self.T, S, S) for v in (A, B))  # (3, 5, T, S, S): sparse, dense 1..4
-            views = [A[:, 0], B[:, 0]] + [A[:, 1 + j] for j in range(4)] + [B[:, 1 + j] for j in range(4)]
-            params = torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
-            return torch.stack(views), params  # (10, 3, T, S, S): the order of SSL_CLIPS
-        if self.mode == "test":
-            sets = test_indices(n, self.T, self.stride, self.K, self.released)
-        else:
-            sets = score_indices(n, self.T)
+            A, B = (v.view(3, 5, self.T, S, S).transpose(0, 1) for v in (A, B))  # (5, 3, T, S, S): sparse, dense 1..4
+            clips = torch.cat([A[:1], B[:1], A[1:], B[1:]])  # (10, 3, T, S, S): the order of SSL_CLIPS
+            return clips, torch.stack([p_A, p_B] + [p_A] * 4 + [p_B] * 4)  # (10, P)
+        sets = (test_indices(n, self.T, self.stride, self.K, self.released) if self.mode == "test"
+                else score_indices(n, self.T))
         frames = self.frames(i, sum(sets, []))
         clips = frames.view(len(sets), self.T, *frames.shape[1:])  # (K, T, H, W, 3)
         return torch.stack([center_crop(c, S, self.test_crop) for c in clips]), torch.tensor([IDENTITY] * len(sets))
@@ -764,14 +677,11 @@ def _longer_than(path, n):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, a permutation drawn from (seed, epoch)
-    trimmed to a multiple of `world`, and every world-th of it from `rank` on; else the items in order.
-    The epoch travels with each index, so DataLoader workers that persist across epochs still seed every
-    item by (seed, epoch, index), and a resumed run sees the same batches as an uninterrupted one."""
+    """Yields (epoch, index) keys for `VideoDataset`: with `shuffle`, the first `length` x `world` of a permutation
+    drawn from (seed, epoch) (`length` per rank: at most and by default n // world), every world-th from `rank` on;
+    else the items in order. The epoch in each key seeds the item, in persistent workers and after a resume alike."""
 
     def __init__(self, n, seed, shuffle=True, rank=0, world=1, length=None):
-        """`length`: items per rank and epoch when fewer are needed than n // world (the first of the
-        permutation, so the items drawn are those a longer epoch would draw first)."""
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
         self.length = min(length, n // world) if length is not None else n // world
         self.epoch = 0
@@ -792,8 +702,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(batch):
-    """torch's default_collate (in a DataLoader worker it stacks into shared memory, which the worker queue
-    hands over without a copy) of all but the unreadable videos' lists, which are joined."""
+    """torch's default_collate (into shared memory in a worker) of all but the unreadable videos' lists, joined."""
     clips, params, labels, index = torch.utils.data.default_collate([item[:4] for item in batch])
     return clips, params, labels, index, [b for item in batch for b in item[4]]
 
