@@ -51,7 +51,8 @@ def ssl_indices(n, T, stride, g, n_dense=4):
     start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
     sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
     width = span // n_dense  # dense clip j: T frames over the j-th of n_dense equal parts of the span
-    dense = [[min(start + (j * span) // n_dense + (i * width) // T, n - 1) for i in range(T)] for j in range(n_dense)]
+    dense = [[min(start + (j * span) // n_dense + (i * width) // T, n - 1) for i in range(T)]
+             for j in range(n_dense)]
     return sparse, dense
 
 
