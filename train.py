@@ -694,7 +694,8 @@ class Run:
         check_step(self, "run", run_json, True, f"{path} by this run's earlier stages")
         for name, got in ((n, recorded(a.out, n)) for n in steps):
             if got:
-                check_step(self, name, *got)
+                check_step(self, name, *got[:3])
+
         for summary in ("results.json", "per_class.json", "scores.json"):
             read_json(os.path.join(a.out, summary))
         if self.rank == 0:
@@ -876,15 +877,16 @@ def steps_of(args, stage):
             **scores, student: (*teachers, *scores, args.student_init)}
 
 
-def recorded(folder, name):
-    """(settings, finished, path) of step `name` as run folder `folder` recorded it, or None where it has none."""
+def recorded(folder, name, kind=None):
+    """(settings, finished, path, checkpoint of `kind`) of step `name` as run folder `folder` recorded it, or None
+    where it has none. The scores' record is scores.json, without a checkpoint."""
     path = os.path.join(folder, "scores.json" if name == "scores" else f"{name}.pt")
     if not os.path.exists(path):
         return None
     if name == "scores":
-        return read_json(path).get("settings", {}), True, path
-    ckpt = load_checkpoint(path)
-    return ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path
+        return read_json(path).get("settings", {}), True, path, None
+    ckpt = load_checkpoint(path, kind)
+    return ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path, ckpt
 
 
 def differs(run, name, record, finished, source):
@@ -922,7 +924,7 @@ def take_from(run, steps):
     taken = {}
     for name, upstream in steps.items():
         got = recorded(source, name)
-        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got):
+        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got[:3]):
             taken[name] = got[2]
     return taken
 
@@ -957,12 +959,10 @@ def with_checkpoint_clips(args, ckpt):
 def checkpoint(run, name, kind):
     """OUT/<name>.pt if there is one (None if not), checked: of `kind` ("ssl" / "classifier"), trained with this
     command's settings of it (`differs`)."""
-    path = run.path(name)
-    if not os.path.exists(path):
-        return None
-    ckpt = load_checkpoint(path, kind)
-    check_step(run, name, ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path)
-    return ckpt
+    got = recorded(run.args.out, name, kind)
+    if got:
+        check_step(run, name, *got[:3])
+    return got and got[3]
 
 
 def finished_checkpoint(run, name, kind, stage=None):
