@@ -50,9 +50,9 @@ def ssl_indices(n, T, stride, g, n_dense=4):
     span = T * stride if T * stride <= n else max(n_dense, n)  # a short video: the span shrunk to fit
     start = int(torch.randint(0, n - span + 1, (1,), generator=g)) if span <= n else 0
     sparse = [min(start + (i * span) // T, n - 1) for i in range(T)]
-    width = span // n_dense  # dense clip j: T frames over the j-th of n_dense equal parts of the span
-    dense = [[min(start + (j * span) // n_dense + (i * width) // T, n - 1) for i in range(T)]
-             for j in range(n_dense)]
+    width = span // n_dense  # each dense clip: T frames over one of n_dense equal parts of the span
+    starts = [start + (j * span) // n_dense for j in range(n_dense)]  # dense clip j's first frame
+    dense = [[min(lo + (i * width) // T, n - 1) for i in range(T)] for lo in starts]
     return sparse, dense
 
 
@@ -61,9 +61,9 @@ def test_indices(n, T, stride, K=10, released=False):
     the release's test loader (dl_semisup_2clips.py): the stride halved where T strides pass the end, the starts
     int(linspace(0, n - stride T - 10, K)), a negative one replaced by the clip's number."""
     if released:
-        k = stride / 2 if stride * T > n else stride
+        k = stride / 2 if stride * T > n else stride  # a float, as the release's
         stop = n - k * T - 10
-        starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # numpy's
+        starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # np.linspace
         return [clip_indices(n, T, max(1, int(k)), s if s >= 0 else j) for j, s in enumerate(starts)]
     m = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
     starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
@@ -123,27 +123,29 @@ def _output_size(size, width, height):
 def _to_tensor(frame, out_hw):
     """One decoded frame -> (H, W, 3) uint8 view of its RGB plane, converted once at the output size."""
     H, W = out_hw
-    rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", threads=1)
+    rgb = frame.reformat(width=W, height=H, format="rgb24", interpolation="BILINEAR", threads=1)  # one a worker
     plane = rgb.planes[0]
     flat = torch.frombuffer(plane, dtype=torch.uint8)  # read-only memory: the caller copies it out
     return flat.view(H, plane.line_size)[:, : W * 3].view(H, W, 3)  # (H, W, 3), rows padded to line_size
 
 
 def _decode(container, stream, first):
-    """Yields (index, frame) from the keyframe at or before frame `first` on, the index the timestamp x frame rate
-    (display order with B-frames), or counted from the start where timestamps are missing or the seek overshoots."""
+    """Yields (index, frame) from the keyframe at or before frame `first` to the stream's end (the caller stops at
+    its last wanted frame), the index the timestamp x frame rate (display order with B-frames), or counted from
+    the start where timestamps are missing or the seek overshoots."""
     rate = stream.average_rate or stream.guessed_rate
     tb = stream.time_base
     start = stream.start_time or 0
+    index = lambda frame: round((frame.pts - start) * tb * rate)  # noqa: E731
     if rate and tb and first > 0:
         container.seek(start + int(first / rate / tb), stream=stream, backward=True, any_frame=False)
         frames = container.decode(stream)
         head = next(frames, None)
-        if head is not None and head.pts is not None and round((head.pts - start) * tb * rate) <= first:
+        if head is not None and head.pts is not None and index(head) <= first:
             for frame in itertools.chain([head], frames):
                 if frame.pts is None:
                     return
-                yield round((frame.pts - start) * tb * rate), frame
+                yield index(frame), frame
             return
         container.seek(0, stream=stream, backward=True, any_frame=False)
     yield from enumerate(container.decode(stream))  # sequential decode from the start
@@ -177,8 +179,11 @@ def load_frames(path, indices, size=None):
     if not got:
         raise VideoError(f"{path}: none of frames {first}..{last} could be decoded")
     out = torch.empty(len(indices), *out_hw, 3, dtype=torch.uint8)  # (N, H, W, 3)
-    for i, k in enumerate(indices):  # past the end of a short or truncated stream: the nearest earlier decoded frame
-        out[i] = got[k] if k in got else got[max((j for j in got if j <= k), default=min(got))]
+    for i, k in enumerate(indices):
+        if k in got:
+            out[i] = got[k]
+        else:  # past the end of a short or truncated stream: the nearest earlier decoded frame
+            out[i] = got[max((j for j in got if j <= k), default=min(got))]
     return out
 
 
@@ -298,7 +303,9 @@ def augment_released(clip, size, g, r, source=None):
 
     def randint(lo, hi):  # an integer in [lo, hi) (lo where the range is empty), as numpy's randint
         return lo + int(_uniform(g) * max(0, hi - lo))
+
     p["c"] = maybe(*r["contrast"])
+
     p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
     p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
     u = _uniform(g)
@@ -346,9 +353,9 @@ def _constant(name, value, like):
 def colour_matrix(b, c, s, theta, grey, m):
     """Colour jitter as one affine map a clip, x -> A x + o on RGB in [0, 1], before one clamp; every argument (N,):
         brightness x b;  contrast (x - m') c + m' with m' = b m the clip's mean grey;
-        saturation M_s = s I + (1 - s) 1 w^T;  grey 1 w^T (where `grey`);
-        hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x, a rotation about the grey axis
-            u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula)
+        saturation M_s = s I + (1 - s) 1 w^T;  hue R = cos(theta) I + (1 - cos(theta)) u u^T + sin(theta) [u]_x,
+        a rotation about the grey axis u = (1, 1, 1) / sqrt(3) that keeps grey grey (Rodrigues' formula);
+        A = [1 w^T where `grey`] R M_s b c
     Since M_s 1 = R 1 = 1, o = (1 - c) b m 1. torchvision clamps after each op. Returns A (N, 3, 3), o (N,)."""
     I = torch.eye(3, dtype=b.dtype, device=b.device)
     to_grey = _constant("to_grey", torch.outer(torch.ones(3), GREY), b)  # 1 w^T
@@ -450,7 +457,10 @@ def read_hmdb51(root, splits, fold, use_unused=False):
         _need(os.path.join(root, name), "class folder")
     train, test = [], []
     for label, (name, f) in enumerate(zip(classes, files)):
-        for _, (video, flag) in numbered_lines(os.path.join(splits, f)):
+        for n, words in numbered_lines(os.path.join(splits, f)):
+            if len(words) != 2:
+                raise DataError(f"{os.path.join(splits, f)}:{n}: expected 'video flag', got {' '.join(words)!r}")
+            video, flag = words
             item = (f"{name}/{video}", label)
             if flag == "2":
                 test.append(item)
@@ -546,7 +556,8 @@ def hold_out(train, classes, n):
     if len(by_class[fewest]) <= n:
         raise DataError(f"--holdout {n}: class {classes[fewest]} has {len(by_class[fewest])} training videos")
     held = {j for js in by_class for j in js[len(js) - n :]}  # by position: a video listed twice is two
-    return [it for j, it in enumerate(train) if j not in held], [it for j, it in enumerate(train) if j in held]
+    kept = [it for j, it in enumerate(train) if j not in held]
+    return kept, [it for j, it in enumerate(train) if j in held]
 
 
 def labeled_from_list(train, path, classes):

@@ -90,14 +90,14 @@ class VideoNet(nn.Module):
         if out == "logits":
             return self.fc(self.features(x).mean(dim=(2, 3, 4)))
         local = groups if local is None else local
-        parts = [self.embed(part, i < local) for i, part in enumerate(x.chunk(groups))]
+        parts = [self.embed(part, slices=i < local) for i, part in enumerate(x.chunk(groups))]
         return torch.cat([g for g, _ in parts]), torch.cat([L for _, L in parts])
 
-    def embed(self, x, local=True):
-        """(B, 3, T, H, W) -> g (B, D), L (B, 4, D)."""
+    def embed(self, x, slices=True):
+        """(B, 3, T, H, W) -> g (B, D), L (B, 4, D); without `slices`, a released network's L is zeros."""
         fmap = self.features(x)  # (B, C, T', H', W')
         B, C = fmap.shape[:2]
-        if self.head_per_call and not local:  # a dense clip's global vector alone (mlp.py, clip type 'd')
+        if self.head_per_call and not slices:  # a dense clip's global vector alone (mlp.py, clip type 'd')
             g = self.project(fmap.mean(dim=(2, 3, 4)))  # (B, D)
             return g, g.new_zeros(B, 4, g.shape[1])
         slices = F.adaptive_avg_pool3d(fmap, (4, 1, 1)).view(B, C, 4).transpose(1, 2)  # (B, 4, C)

@@ -75,7 +75,7 @@ def global_local_loss(L, G, tau=0.1):
 
 def distinctive_loss(L_a, L_b, G_a, G_b, tau=0.1, w_ll=1.0, w_gl=1.0):
     """Temporally-distinctive objective L_D = w_ll L_LL + w_gl L_GL, L_GL summed over the 4 combinations of
-    sparse / dense augmentations (docs/method.md; released teacher config: both temporal weights 1, but
+    sparse / dense augmentations (docs/method.md; the released SSL config: both temporal weights 1, but
     its code sums L_LL over the batch and each L_GL over a video's 4 anchors: `BALANCE`). The 4
     combinations go through `global_local_loss` as one batch of 4B videos: the mean over it, times 4, is
     the sum of the 4 means."""
@@ -113,9 +113,9 @@ def temporal_similarity(e_I, e_D):
 
 
 def normalize_scores(s, method="minmax", decimals=4):
-    """Dataset-level normalisation of raw scores (B,) over the training videos, a reading of the paper
-    that the notes allow: "none" keeps s, "minmax" maps min -> 0 and max -> 1, "rank" maps each score to
-    its rank / (B - 1), tied scores sharing the mean of their ranks (so no video's weight depends on
+    """Dataset-level normalisation of raw scores (B,) over the training videos (the paper's figure gives no
+    mapping to [0, 1]: docs/method.md): "none" keeps s, "minmax" maps min -> 0 and max -> 1, "rank" maps each
+    score to its rank / (B - 1), tied scores sharing the mean of their ranks (so no video's weight depends on
     where it sits in the list). For "rank" the scores are first rounded to `decimals`: scores that differ
     only by compression noise (1.0 against 0.999993 for two repetitive videos) are ties, not an order."""
     if method == "none" or s.numel() < 2:

@@ -29,7 +29,8 @@ DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
 STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval")
-# Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each), weight decay
+# Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each) and weight
+# decay at CPU scale; --epochs, --lr, --batch-size, --weight-decay override them
 STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "both": (8, 1e-3, 8, 1e-4),
          "finetune": (15, 3e-4, 16, 1e-4), "supervised": (15, 1e-3, 16, 1e-4), "semisup": (25, 5e-4, 16, 1e-4)}
 # --recipe released: what the authors' released code (DAVEISHAN/TimeBalance) trains with, each value from the file
@@ -59,6 +60,7 @@ RELEASED = {
 Schedule = collections.namedtuple("Schedule", "epochs lr batch_size weight_decay")  # of a step: `hparams`
 Batch = collections.namedtuple("Batch", "x y index failed")  # x (N, 3, T, S, S) on the device: `Run.batches`
 StudentLoaders = collections.namedtuple("StudentLoaders", "labeled unlabeled")  # one batch of each a step
+Record = collections.namedtuple("Record", "settings finished path ckpt")  # a step as a run folder holds it
 
 
 class StageError(Exception):
@@ -79,7 +81,7 @@ def semisup(run):
              for k in ENCODERS + (("both",) if a.student_init == "both" else ())]
     steps += [(f"teacher_{k}", "classifier", lambda resume, k=k: make_teacher(  # (2)
         run, f"teacher_{k}", finished_checkpoint(run, k, "ssl"), resume)) for k in ENCODERS]
-    steps += [(student, "classifier", lambda resume: train_student(run, student, resume))]  # (3) and (4)
+    steps += [(student, "classifier", lambda resume: train_student(run, student, resume))]  # (3) `scores`, then (4)
     for i, (name, kind, train) in enumerate(steps):
         reuse_or_train(run, f"step {i + 1}/{len(steps)}", name, kind, train)
     results = read_json(os.path.join(a.out, "results.json"))
@@ -119,7 +121,7 @@ def ssl_terms(net, x, stage, tau, autocast=contextlib.nullcontext, gather=None, 
     `balance`: a key of `tb.BALANCE`. `groups`: 10, each clip type through the network alone (per-clip), or 1."""
     B = x.shape[0] // 10
     with autocast():
-        # the sparse clips, the first 2 parts in data.SSL_CLIPS, need their slices L; no loss reads the dense clips'
+        # slices L of the first 2 parts alone (the sparse clips, data.SSL_CLIPS); no loss reads the dense clips'
         g, L = net(x, out="ssl", groups=groups, local=2 if groups == 10 else None)  # (10B, D), (10B, 4, D)
     g, L = g.float().view(10, B, -1), L.float().view(10, B, 4, -1)  # (10, B, D), (10, B, 4, D)
     if gather is not None:  # (10, world * B, ...): the videos of process 0, then of 1, ...
@@ -323,8 +325,9 @@ def compute_scores(run):
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         share, bad = video_scores(run, f_I, f_D, run.train[run.rank :: run.world])  # (n,): this process's share
     s = share.new_zeros(len(run.train))  # (N,)
-    s[run.rank :: run.world] = share  # the other shares are 0 here: summed over the processes, every video's s
-    raw = dict(zip((p for p, _ in run.train), all_sum(run, s)[0].tolist()))  # one read from the device
+    s[run.rank :: run.world] = share  # the other shares are 0 here
+    all_sum(run, s)  # every video's s, in place
+    raw = dict(zip((p for p, _ in run.train), s.tolist()))  # one read from the device
     run.log(f"scores: {len(raw)} videos, raw s in [{min(raw.values()):.3f}, {max(raw.values()):.3f}]"
             + (f", {len(bad)} unreadable" if bad else ""))
     return {"raw": raw}
@@ -404,7 +407,7 @@ class Meter:
     """What `fit` reports. The terms are summed on the device and read (`read`) every --log-every steps and at the
     epoch's end, never inside a step (a read makes the host wait for the GPU). Each epoch adds a line to
     OUT/log.jsonl: its clips/s over its own wall time, the stage's running wall time. `progress`: a console line
-    a read."""
+    at each read."""
 
     def __init__(self, run, name, epochs, steps, progress):
         self.run, self.name, self.epochs, self.steps, self.progress = run, name, epochs, steps, progress
@@ -427,8 +430,8 @@ class Meter:
                              f"{self.clips / elapsed:.1f} clips/s | eta {eta:.0f}s")
 
     def read(self, steps):
-        """The sums read from the device at once, summed over the processes (so that every process stops
-        together), as means over `steps`; a non-finite one stops the run."""
+        """The sums read from the device at once, as means over the processes (so that every process stops
+        together) and the `steps`; a non-finite one stops the run."""
         values = all_sum(self.run, torch.stack(list(self.sums.values())))[0] / self.run.world  # (terms,)
         means = {k: v / steps for k, v in zip(self.sums, values.tolist())}
         for k, v in means.items():
@@ -649,7 +652,7 @@ class Run:
     """What every stage needs: the device and process group, the splits and the run folder, and the
     builders of datasets, loaders, device batches and models."""
 
-    def __init__(self, args, stage=None):
+    def __init__(self, args, stage=None, dataset=True):
         self.args, self.stage = args, stage or args.stage
         self.world, self.rank, self.device = start_processes(args.device)
         self.cuda = self.device.type == "cuda"
@@ -658,7 +661,7 @@ class Run:
         self.machine = machine(self.device)  # in every line of OUT/log.jsonl
         if args.recipe == "released":
             self.log(recipe_text(args))
-        if self.stage == "predict":  # tools/predict.py: no dataset, the videos are named on its command line
+        if not dataset:  # tools/predict.py: the videos are named on its command line
             return
         if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
             raise data.DataError(f"no toy set in {args.root}: write it with python tools/toy.py {args.root}")
@@ -691,10 +694,10 @@ class Run:
         path, steps = os.path.join(a.out, "run.json"), steps_of(a, self.stage)
         taken = take_from(self, steps) if a.source else {}  # every rank
         run_json = read_json(path)
-        check_step(self, "run", run_json, True, f"{path} by this run's earlier stages")
+        check_step(self, "run", Record(run_json, True, f"{path} by this run's earlier stages", None))
         for name, got in ((n, recorded(a.out, n)) for n in steps):
             if got:
-                check_step(self, name, *got[:3])
+                check_step(self, name, got)
 
         for summary in ("results.json", "per_class.json", "scores.json"):
             read_json(os.path.join(a.out, summary))
@@ -878,32 +881,33 @@ def steps_of(args, stage):
 
 
 def recorded(folder, name, kind=None):
-    """(settings, finished, path, checkpoint of `kind`) of step `name` as run folder `folder` recorded it, or None
-    where it has none. The scores' record is scores.json, without a checkpoint."""
+    """The `Record` of step `name` in run folder `folder` (its checkpoint checked to be of `kind`), or None where
+    it has none. The scores' record is scores.json, without a checkpoint."""
     path = os.path.join(folder, "scores.json" if name == "scores" else f"{name}.pt")
     if not os.path.exists(path):
         return None
     if name == "scores":
-        return read_json(path).get("settings", {}), True, path, None
+        return Record(read_json(path).get("settings", {}), True, path, None)
     ckpt = load_checkpoint(path, kind)
-    return ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path, ckpt
+    return Record(ckpt.get("settings") or settings(ckpt["args"], name), ckpt["epoch"] >= ckpt["epochs"], path, ckpt)
 
 
-def differs(run, name, record, finished, source):
-    """Where step `name`'s record (from `source`) differs from this command's settings of it: the line that
-    names the first such flag (--recipe first: it sets many), else None. An encoder's schedule is its own
-    stage's: another command that reads it finished leaves it as it is."""
-    own = name not in SSL_STAGES or not finished or run.stage == name
+def differs(run, name, record):
+    """Where step `name`'s `Record` differs from this command's settings of it: the line that names the first
+    such flag (--recipe first: it sets many), else None. An encoder's schedule is its own stage's: another
+    command that reads it finished leaves it as it is."""
+    own = name not in SSL_STAGES or not record.finished or run.stage == name
     for k, v in sorted(settings(run.args, name).items(), key=lambda kv: kv[0] != "recipe"):
-        if k in record and record[k] != v and (own or k not in SCHEDULE):
+        was = record.settings.get(k, v)
+        if was != v and (own or k not in SCHEDULE):
             flag = "--" + k.replace("_", "-")
-            return (f"{flag} {v} differs from {record[k]}, recorded in {source}: use another --out for a new run "
-                    f"(--from {run.args.out} takes the steps that match), or give {flag} {record[k]}")
+            return (f"{flag} {v} differs from {was}, recorded in {record.path}: use another --out for a new run "
+                    f"(--from {run.args.out} takes the steps that match), or give {flag} {was}")
 
 
-def check_step(run, name, record, finished, source):
+def check_step(run, name, record):
     """`differs`, stopping the run with its line."""
-    line = differs(run, name, record, finished, source)
+    line = differs(run, name, record)
     if line:
         raise StageError(line)
 
@@ -924,8 +928,8 @@ def take_from(run, steps):
     taken = {}
     for name, upstream in steps.items():
         got = recorded(source, name)
-        if got and got[1] and all(u in taken for u in upstream) and not differs(run, name, *got[:3]):
-            taken[name] = got[2]
+        if got and got.finished and all(u in taken for u in upstream) and not differs(run, name, got):
+            taken[name] = got.path
     return taken
 
 
@@ -960,9 +964,10 @@ def checkpoint(run, name, kind):
     """OUT/<name>.pt if there is one (None if not), checked: of `kind` ("ssl" / "classifier"), trained with this
     command's settings of it (`differs`)."""
     got = recorded(run.args.out, name, kind)
-    if got:
-        check_step(run, name, *got[:3])
-    return got and got[3]
+    if got is None:
+        return None
+    check_step(run, name, got)
+    return got.ckpt
 
 
 def finished_checkpoint(run, name, kind, stage=None):
@@ -1019,7 +1024,7 @@ def resume_from(run, name, model, opt):
     load_into(model, ckpt, run.path(name))
     try:
         opt.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:  # e.g. a teacher saved before the backbone got its own learning rate
+    except ValueError as e:  # an optimizer state of other parameter groups
         raise StageError(f"{run.path(name)}: its optimizer state does not fit this version ({e}); "
                          "train the stage anew without --resume") from None
     torch.set_rng_state(ckpt["rng"])
@@ -1043,7 +1048,7 @@ def load_checkpoint(path, kind=None):
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if not isinstance(arch, dict):
         raise StageError(f"{path}: not a checkpoint of this project (no 'arch' entry)")
-    arch.setdefault("name", "compact")  # saved before the networks had names
+    arch.setdefault("name", "compact")  # an arch without a name is the compact network's
     missing = [k for k in ("model", "optimizer", "epoch", "epochs", "arch", "args", "classes", "rng")
                if k not in ckpt] + [f"arch.{k}" for k in ("width", "layers", "num_classes", "proj_dim")
                                     if k not in arch]
@@ -1070,7 +1075,6 @@ def read_json(path):
     if why:
         raise StageError(f"{path} is damaged ({why}): remove it, or use another --out")
     return obj
-
 
 
 def write_json(path, obj):
@@ -1109,7 +1113,7 @@ def parser(command=True):
     add = p.add_argument_group("the method (docs/method.md)").add_argument
     if command:
         add("--stage", choices=STAGES, required=True, help="invariant, distinctive, semisup: the method (README); "
-            "finetune, supervised, both: single steps; eval: a trained classifier")
+            "finetune, supervised, both: single steps; eval: a trained classifier (to classify: tools/predict.py)")
         add("--ckpt", type=str, default=None, help="eval: the classifier checkpoint")
     add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
     add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
@@ -1137,10 +1141,11 @@ def running_flags(p):
                                "train.STEPS), processes").add_argument
     add("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
     add("--from", dest="source", type=str, default=None, metavar="DIR", help="a new --out from run folder DIR: "
-        "its finished steps of this command's settings are linked (or copied), the others trained")
+        "its finished steps whose settings equal this command's are linked (or copied), the others trained")
     add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
     add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
-    add("--splits", type=str, default=None, help="ucf101, hmdb51: the split files' folder (if not --root)")
+    add("--splits", type=str, default=None,
+        help="the split files' folder (if not --root): ucf101 ucfTrainTestlist, hmdb51 testTrainMulti_7030_splits")
     add("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     add("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
     add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
@@ -1154,7 +1159,8 @@ def running_flags(p):
     add("--layers", type=at_least(1), nargs=4, default=[1, 1, 1, 1], help="compact: residual blocks per stage")
     add("--size", type=at_least(1), default=32, help="crop size in pixels (paper 224)")
     add("--epochs", type=at_least(1), default=None, help="epochs of every step the command runs")
-    add("--batch-size", type=at_least(1), default=None, help="videos per batch and process (semisup: of each)")
+    add("--batch-size", type=at_least(1), default=None,
+        help="videos per batch and process (semisup: labeled and unlabeled each)")
     add("--lr", type=at_least(0, float, above=True), default=None, help="Adam learning rate")
     add("--weight-decay", type=at_least(0, float), default=None, help="Adam weight decay")
     add("--resume", action="store_true", help="continue from the last saved epoch (semisup resumes anyway)")
@@ -1185,7 +1191,8 @@ def tuning_flags(p):
     add("--aug", choices=data.AUGMENTATIONS, default="light",
         help="classifier clips: 'light' (crop area 0.5-1, flip) or as released (`data.augment_released`)")
     add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view",
-        help="SSL clips: one draw a view's 5 clips, or one a clip as released")
+        help="SSL clips: one draw for all 5 clips of a view, or one draw for each clip (as released)")
+
     add("--test-crop", type=at_least(0, float), default=0.8,
         help="test and score clips: the central F of each side; 0: the short side's centre square")
     add("--balance", choices=sorted(tb.BALANCE), default="mean",
@@ -1198,10 +1205,9 @@ def tuning_flags(p):
     add("--score-norm", choices=["none", "minmax", "rank"], default="minmax", help="s normalised over the videos")
 
 
-
-def get_args(argv=None, p=None):
-    """The flags of `p` (default: `parser()`), checked; the dataset's paths made absolute, so that a run
-    continued from another directory compares them as they were meant."""
+def get_args(argv=None, p=None, dataset=True):
+    """The flags of `p` (default: `parser()`), checked (a --root where `dataset` is read); the dataset's paths made
+    absolute, so that a run continued from another directory compares them as they were meant."""
     p = p or parser()
     if p.parse_known_args(argv)[0].recipe == "released":  # the recipe's values become the defaults
         p.set_defaults(**RELEASED)
@@ -1213,7 +1219,7 @@ def get_args(argv=None, p=None):
     if getattr(args, "stage", None) == "eval" and not args.ckpt:
         p.error("--stage eval needs --ckpt")
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
-    if args.root is None:
+    if args.root is None and dataset:
         p.error(f"--dataset {args.dataset} needs --root")
     for flag in PATH_FLAGS:
         if getattr(args, flag) is not None:

@@ -198,7 +198,8 @@ def test_each_step_refuses_each_flag_it_records(toy_root, tmp_path, step, flag, 
     recorded = train_py.settings(run().args, step)
     assert flag in recorded, f"{step} does not record --{flag}"
     with pytest.raises(train_py.StageError, match=f"^--{flag.replace('_', '-')} .* differs from .*, recorded in "):
-        train_py.check_step(run(f"--{flag.replace('_', '-')}", *value.split()), step, recorded, True, "x")
+        train_py.check_step(run(f"--{flag.replace('_', '-')}", *value.split()), step,
+                            train_py.Record(recorded, True, "x", None))
 
 
 def test_released_test_clip_starts_by_hand():

@@ -558,7 +558,8 @@ def torchrun(stage, device, port, root, out, *extra, script="train.py"):
 def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     """The whole ablation (every training stage, evaluation, the kNN check, the scores and the mix counts) in
     2 processes: one rank prints and writes, one valid ablation.json, and the 2-process evaluation (8 + 8
-    of 16 videos, nothing padded) agrees with a single process's."""
+    of 16 videos, nothing padded) and scores (of an even and an odd number of videos) agree with a single
+    process's."""
     p = torchrun(None, "cpu", 29517, toy_root, tmp_path, "--seeds", "0", script="tools/ablation.py")
     assert p.stdout.count("teacher_invariant: test top-1") == 1 and p.stdout.count("| paired difference") == 1
     assert "over 16 videos" in p.stdout and not list(tmp_path.rglob("*.tmp"))
@@ -576,6 +577,13 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     train("--stage", "semisup", root=toy_root, out=tmp_path / "single")
     two, one = (json.load(open(tmp_path / d / "scores.json"))["raw"] for d in ("seed0", "single"))
     assert two.keys() == one.keys() and all(abs(two[k] - one[k]) < 1e-6 for k in one)
+    # and of 15 training videos, shares of 8 and 7 (one torchrun at a time in the suite: here, not a test beside)
+    two, one = tmp_path / "odd_two", tmp_path / "odd_one"
+    torchrun("semisup", "cpu", 29519, toy_root, two, "--classes", "3")
+    copy_run(two, one, ["invariant.pt", "distinctive.pt"])
+    train("--stage", "semisup", "--classes", "3", root=toy_root, out=one)
+    a, b = (json.load(open(d / "scores.json"))["raw"] for d in (two, one))
+    assert len(b) == 15 and a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in b)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

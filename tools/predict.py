@@ -16,7 +16,8 @@ import train  # noqa: E402
 
 def predict(args):
     ckpt = train.load_checkpoint(args.ckpt, "classifier")
-    run = train.Run(argparse.Namespace(**{**vars(train.with_checkpoint_clips(args, ckpt)), "root": ""}), "predict")
+    args = argparse.Namespace(**{**vars(train.with_checkpoint_clips(args, ckpt)), "root": ""})  # paths as given
+    run = train.Run(args, "predict", dataset=False)
     model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
     p, bad = train.probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)
     for i, video in enumerate(args.videos):
@@ -30,9 +31,10 @@ def predict(args):
 
 def main(argv=None):
     p = train.parser(command=False)
+    p.description = __doc__
     p.add_argument("--ckpt", required=True, help="the classifier checkpoint")
     p.add_argument("videos", nargs="+", help="the video files to classify")
-    args = train.get_args(argv, p)
+    args = train.get_args(argv, p, dataset=False)
     train.command(lambda: predict(args))
 
 

@@ -269,14 +269,13 @@ def report(out):
             ("per_class.json", "scores.json") if "labeled" in (files["run.json"][0] or {}) else ())}
     why = [r for name, (_, r) in files.items() if r and (name in expected or not r.startswith("no "))]
     got = {name: obj for name, (obj, _) in files.items()}
+    classes = list(next(iter(got["per_class.json"].values()))) if got["per_class.json"] else None
     parts = [part_run(out, got["run.json"], got["log.jsonl"]) if got["run.json"] is not None else "",
              part_ablation(out, got["ablation.json"]) if got["ablation.json"] is not None else "",
              part_figures(got["results.json"], got["per_class.json"]) if got["results.json"] is not None else "",
-             part_training(got["log.jsonl"]) if got["log.jsonl"] else ""]
-
-    if got["scores.json"] is not None and got["run.json"] is not None:
-        classes = list(next(iter(got["per_class.json"].values()))) if got["per_class.json"] else None
-        parts.append(part_scores(out, got["run.json"], got["scores.json"], classes))
+             part_training(got["log.jsonl"]) if got["log.jsonl"] else "",
+             part_scores(out, got["run.json"], got["scores.json"], classes)
+             if got["scores.json"] is not None and got["run.json"] is not None else ""]
     notes = "".join(f"<p class=why>not shown: {html.escape(w)}</p>" for w in why)
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(out)}</title><style>{CSS}</style>"
             f"</head><body><h1>{html.escape(os.path.abspath(out))}</h1>{notes}{''.join(parts)}</body></html>")
