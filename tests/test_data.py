@@ -385,6 +385,9 @@ def test_hmdb51_flags(tmp_path):
     assert test == [("brush_hair/brush_hair_b.avi", 0), ("cartwheel/cartwheel_b.avi", 1)]
     train, _, _ = data.read_hmdb51(str(tmp_path), str(splits), 1, use_unused=True)
     assert ("cartwheel/cartwheel_c.avi", 1) in train and len(train) == 4
+    (splits / "cartwheel_test_split1.txt").write_text("cartwheel_a.avi 1\ncartwheel b.avi 2\n")
+    with pytest.raises(data.DataError, match=r"cartwheel_test_split1.txt:2: expected 'video flag', got"):
+        data.read_hmdb51(str(tmp_path), str(splits), 1)
 
 
 def test_list_format(tmp_path):

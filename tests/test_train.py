@@ -1006,7 +1006,8 @@ def test_predict_top5_against_the_evaluation_clips(chain, toy_root, tmp_path):
     bad.write_text("not a video")
     cmd = [
         sys.executable, os.path.join(HERE, "tools", "predict.py"), "--ckpt",
-        str(out / "student.pt"), "--test-clips", "2", "--device", "cpu", videos[0], str(bad), *videos[1:],
+        str(out / "student.pt"), "--test-clips", "2", "--device", "cpu", "--dataset", "ucf101",  # no --root read
+        videos[0], str(bad), *videos[1:],
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     lines = p.stdout.strip().splitlines()
