@@ -36,10 +36,14 @@ def clip_indices(n, T, stride, start):
     return [min(start + i * stride, n - 1) for i in range(T)]
 
 
+def max_start(n, T, stride):
+    """The last start of T frames at `stride` that fits in n frames (0 where none fits)."""
+    return max(0, n - ((T - 1) * stride + 1))
+
+
 def train_indices(n, T, stride, g):
     """Fine-tune / supervised clip: T frames at `stride` from a random start (paper: 8 frames, stride 2)."""
-    last = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
-    start = int(torch.randint(0, last + 1, (1,), generator=g))
+    start = int(torch.randint(0, max_start(n, T, stride) + 1, (1,), generator=g))
     return clip_indices(n, T, stride, start)
 
 
@@ -65,7 +69,7 @@ def test_indices(n, T, stride, K=10, released=False):
         stop = n - k * T - 10
         starts = [int(j * (stop / (K - 1))) for j in range(K - 1)] + [int(stop)] if K > 1 else [0]  # np.linspace
         return [clip_indices(n, T, max(1, int(k)), s if s >= 0 else j) for j, s in enumerate(starts)]
-    m = max(0, n - ((T - 1) * stride + 1))  # the last start whose span fits
+    m = max_start(n, T, stride)
     starts = [round(k * m / (K - 1)) for k in range(K)] if K > 1 else [m // 2]
     return [clip_indices(n, T, stride, s) for s in starts]
 
@@ -305,7 +309,6 @@ def augment_released(clip, size, g, r, source=None):
         return lo + int(_uniform(g) * max(0, hi - lo))
 
     p["c"] = maybe(*r["contrast"])
-
     p["theta"] = 2 * math.pi * _uniform(g, -r["hue"][1], r["hue"][1]) if _uniform(g) < r["hue"][0] else 0.0
     p["s"], p["b"] = maybe(*r["saturation"]), maybe(*r["brightness"])
     u = _uniform(g)

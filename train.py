@@ -238,7 +238,6 @@ def train_student(run, name, resume=False, s_video=None):
 def student_terms(net, teachers, x_l, y_l, x_u, s, a, autocast=contextlib.nullcontext):
     """The student's loss on a labeled batch x_l (B_l, 3, T, S, S), y_l (B_l,) and an unlabeled batch x_u
     (B_u, 3, T, S, S), in one forward (--student-forward joint) or one each (separate); s (B_l + B_u,) the scores:
-
         p_T = s p_I + (1 - s) p_D  (the frozen teachers on the same clips, `tb.mix_teachers`)
         loss = CE(student, y) + w_l D(p_S, p_T) on labeled + w_u D(p_S, p_T) on unlabeled, D = --distill."""
     n_l = x_l.shape[0]
@@ -460,7 +459,6 @@ def means_text(means):
 
 def lr_at(step, total, base, warmup):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 (a resumed run follows the same schedule)."""
-
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -698,7 +696,6 @@ class Run:
         for name, got in ((n, recorded(a.out, n)) for n in steps):
             if got:
                 check_step(self, name, got)
-
         for summary in ("results.json", "per_class.json", "scores.json"):
             read_json(os.path.join(a.out, summary))
         if self.rank == 0:
@@ -1192,7 +1189,6 @@ def tuning_flags(p):
         help="classifier clips: 'light' (crop area 0.5-1, flip) or as released (`data.augment_released`)")
     add("--ssl-aug", choices=data.SSL_AUGMENTATIONS, default="view",
         help="SSL clips: one draw for all 5 clips of a view, or one draw for each clip (as released)")
-
     add("--test-crop", type=at_least(0, float), default=0.8,
         help="test and score clips: the central F of each side; 0: the short side's centre square")
     add("--balance", choices=sorted(tb.BALANCE), default="mean",
