@@ -497,37 +497,6 @@ def _parse_list(path, num_classes=None):
     return items
 
 
-def take_subset(train, test, classes, which=None, per_class=None, test_per_class=None, seed=0):
-    """A smaller dataset for smoke tests and growing runs: the classes `which` (an int N: the first N; a list of
-    names), relabeled 0..N-1 in that order, and at most `per_class` training and `test_per_class` test videos of
-    each, drawn per class with `seed`, in list order. Returns (train, test, classes)."""
-    if which is None:
-        keep = list(range(len(classes)))
-    elif isinstance(which, int):
-        if not 1 <= which <= len(classes):
-            raise DataError(f"--classes {which}: the dataset has {len(classes)} classes")
-        keep = list(range(which))
-    else:
-        unknown = [name for name in which if name not in classes]
-        if unknown:
-            raise DataError(f"--classes: no class named {unknown[0]!r} in the dataset "
-                            f"(its first: {', '.join(classes[:5])})")
-        keep = [classes.index(name) for name in which]
-    new = {old: k for k, old in enumerate(keep)}
-
-    def take(items, per, salt):
-        items = [(p, new[y]) for p, y in items if y in new]
-        if per is None:
-            return items
-        rng, chosen = random.Random(seed * 2 + salt), set()
-        for c in range(len(keep)):
-            videos = [it for it in items if it[1] == c]
-            chosen.update(rng.sample(videos, min(per, len(videos))))
-        return [it for it in items if it in chosen]
-
-    return take(train, per_class, 0), take(test, test_per_class, 1), [classes[c] for c in keep]
-
-
 def split_labeled(items, labeled, seed, classes):
     """Labeled subset: `labeled` < 1 is a fraction of each class, >= 1 a count per class; at least one
     video per class, drawn per class with `seed`. Returns (labeled_items, unlabeled_items)."""

@@ -664,12 +664,6 @@ class Run:
         if args.dataset == "toy" and not os.path.exists(os.path.join(args.root, "classInd.txt")):
             raise data.DataError(f"no toy set in {args.root}: write it with python tools/toy.py {args.root}")
         self.train, self.test, self.classes = read_splits(args)
-        subset = args.classes is not None or args.per_class or args.test_per_class
-        if subset:
-            self.train, self.test, self.classes = data.take_subset(
-                self.train, self.test, self.classes, args.classes, args.per_class, args.test_per_class,
-                subset_seed(args))
-        lists = {"train": self.train, "test": self.test} if subset else {}  # a list dataset that repeats it
         if args.holdout:  # a validation split out of the training videos: tune on it, never on the test split
             self.train, self.test = data.hold_out(self.train, self.classes, args.holdout)
         if self.world > min(len(self.train), len(self.test)):  # each process evaluates and scores its share
@@ -680,14 +674,12 @@ class Run:
         else:
             self.labeled, self.unlabeled = data.split_labeled(self.train, args.labeled, args.seed,
                                                               self.classes)
-        if self.stage in LABELED_STAGES:
-            lists.update(labeled=self.labeled, unlabeled=self.unlabeled)
-        self.open_folder(lists, subset)
+        self.open_folder()
 
-    def open_folder(self, lists, subset):
+    def open_folder(self):
         """The run folder, checked before anything is written: the flags that reach every step against OUT/run.json,
         each step this command reaches against what it recorded (a damaged file stops the stage); then --from's
-        steps taken, the flags recorded, the lists written."""
+        steps taken, the flags recorded, the labeled lists written."""
         a = self.args
         path, steps = os.path.join(a.out, "run.json"), steps_of(a, self.stage)
         taken = take_from(self, steps) if a.source else {}  # every rank
@@ -704,10 +696,9 @@ class Run:
                 take(self, taken)
             source = {"from": a.source, "taken": list(taken)} if a.source else {}
             write_json(path, {**run_json, **settings(a, "run" if self.stage == "eval" else None), **source})
-            for name, items in lists.items():
-                data.write_lines(os.path.join(a.out, f"{name}.txt"), (f"{p} {label}" for p, label in items))
-            if subset:
-                data.write_lines(os.path.join(a.out, "classes.txt"), self.classes)
+            if self.stage in LABELED_STAGES:
+                for name, items in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+                    data.write_lines(os.path.join(a.out, f"{name}.txt"), (f"{p} {label}" for p, label in items))
         self.barrier()  # the files taken are there for every process
 
     def barrier(self):
@@ -855,8 +846,6 @@ def settings(args, name=None):
         kind, CLASSIFIER_FLAGS + TEACHER_FLAGS + STUDENT_FLAGS)  # the SSL steps, the scores, the run
     skip = NOT_DEFINING + narrow + (SCHEDULE if name else ())
     got = {a.dest: args[a.dest] for a in parser()._actions if a.dest not in skip and a.dest in args}
-    if "subset_seed" in got:  # the seed the subset was drawn with, where one was drawn
-        got["subset_seed"] = subset_seed(args) if args.get("per_class") or args.get("test_per_class") else None
     table = {"teacher": "finetune", "student": "semisup"}.get(kind, kind)
     if table in STEPS and (kind != "teacher" or args.get("teacher") == "finetune"):
         got.update(zip(SCHEDULE, hparams(argparse.Namespace(**args), table)))
@@ -944,11 +933,6 @@ def take(run, taken):
         write_json(os.path.join(a.out, f), {k: v for k, v in read_json(os.path.join(a.source, f)).items() if k in keys})
     run.log(f"--from {a.source}: took {', '.join(taken) or 'no step'}; the other steps are trained here")
 
-
-def subset_seed(args):
-    """The seed of the --per-class / --test-per-class draws: --subset-seed, else --seed."""
-    args = args if isinstance(args, dict) else vars(args)
-    return args.get("seed") if args.get("subset_seed") is None else args["subset_seed"]
 
 
 def with_checkpoint_clips(args, ckpt):
@@ -1104,7 +1088,7 @@ def at_least(lo, kind=int, above=False):
 
 def parser(command=True):
     """train.py's flags in three groups: the method's (what a reader of the paper sets), running (data, folder,
-    network, schedule, processes), replication and tuning (what --recipe released sets, the validation subsets).
+    network, schedule, processes), replication and tuning (what --recipe released sets, the validation split).
     `command`: also --stage and --ckpt. A tool adds its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument_group("the method (docs/method.md)").add_argument
@@ -1149,7 +1133,7 @@ def running_flags(p):
     add("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
     add("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
     add("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
-    add("--seed", type=int, default=0, help="seed of the labeled split, subset, initialisation, augmentation")
+    add("--seed", type=int, default=0, help="seed of the labeled split, initialisation, augmentation")
     add("--arch", choices=sorted(models.NETWORKS), default="compact", help="the network (models.py): compact, "
         "the CPU default; r3d18, r3d50: the release's R3D-18 (torchvision's layout) and R3D-50 (slow_r50)")
     add("--width", type=at_least(1), default=16, help="compact: base width (widths w, 2w, 4w, 8w)")
@@ -1169,15 +1153,11 @@ def running_flags(p):
 
 
 def tuning_flags(p):
-    """`parser`'s last group: the released code's behaviours and the validation subsets."""
+    """`parser`'s last group: the released code's behaviours and the validation split."""
     add = p.add_argument_group("replication and tuning (--recipe released sets these; docs/tuning.md)").add_argument
     add("--recipe", choices=["default", "released"], default="default", help="default: chosen for small data on "
         "a CPU (README, departures); released: every flag not given as released (train.RELEASED)")
     add("--holdout", type=at_least(0), default=0, help="tuning: each class's last N training videos as test split")
-    add("--classes", type=_classes, default=None, help="a subset of the classes: the first N, or names 'A,B,C'")
-    add("--per-class", type=at_least(1), default=None, help="at most N training videos a class (--seed)")
-    add("--test-per-class", type=at_least(1), default=None, help="at most N test videos a class (--seed)")
-    add("--subset-seed", type=int, default=None, help="seed of the --per-class draws, if not --seed")
     add("--schedule", choices=["cosine", "released"], default="cosine", help="cosine, 1 warm-up epoch; or released")
     add("--epoch", choices=["train", "labeled"], default="train", help="an epoch: as many clips as training videos "
         "(the labeled subset repeated; the student's: the unlabeled videos), or the labeled videos once (released)")
@@ -1222,15 +1202,6 @@ def get_args(argv=None, p=None, dataset=True):
             setattr(args, flag, os.path.abspath(getattr(args, flag)))
     return args
 
-
-def _classes(text):
-    """--classes: "5" -> 5 (the first five), "A,B" -> ["A", "B"]."""
-    if text.isdigit():
-        return int(text)
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected N or comma-separated class names, got {text!r}")
-    return names
 
 
 if __name__ == "__main__":

@@ -254,8 +254,15 @@ def test_paper_scale_commands_end_to_end_small(toy_root, tmp_path, arch):
     """The README's paper-scale commands with --recipe released and the released network, small: 2 classes, 3
     videos each, 4 x 16 x 16 clips, batch 2, 1 epoch; every stage through the student (the recipe's
     'both' encoder and fine-tuned teachers included); the checkpoints are of the network asked for."""
-    small = ["--recipe", "released", "--arch", arch, "--classes", "2", "--per-class", "3", "--test-per-class", "1",
+    from tools import subset
+
+    lists = tmp_path / "lists"  # 2 classes, 3 training videos and 1 test video of each
+    subset.main(["--root", toy_root, "--lists", str(lists), "--classes", "2", "--per-class", "3",
+                 "--test-per-class", "1"])
+    small = ["--recipe", "released", "--arch", arch, "--dataset", "list", "--train-list", str(lists / "train.txt"),
+             "--test-list", str(lists / "test.txt"), "--class-names", str(lists / "classes.txt"),
              "--ssl-frames", "4", "--frames", "4", "--size", "16", "--batch-size", "2", "--labeled", "2"]
+
     for stage in ("invariant", "distinctive", "semisup"):
         train("--stage", stage, *small, root=toy_root, out=tmp_path)
     for name in ("invariant", "distinctive", "both", "teacher_invariant", "teacher_distinctive", "student"):

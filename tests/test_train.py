@@ -363,13 +363,8 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
         ),
         (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
         (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
-        (["--stage", "supervised", "--classes", "9"], "--classes 9: the dataset has 8 classes"),
-        (
-            ["--stage", "supervised", "--classes", "Disk,Sphere"],
-            "--classes: no class named 'Sphere' in the dataset",
-        ),
-        (["--stage", "supervised", "--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
         (["--stage", "eval"], "--stage eval needs --ckpt"),
+
         (["--stage", "eval", "--ckpt", "x.pt", "v.avi"], "unrecognized arguments: v.avi"),
         (
             ["--stage", "supervised", "--root", "/no/such/dir"],
@@ -799,71 +794,63 @@ def test_fit_reads_every_log_every_steps_and_names_a_non_finite_loss(toy_root, t
     assert lrs == [train_py.lr_at(step, 20, 1e-3, 10) for step in range(8)]
 
 
-def test_subsets_by_flag_on_a_ucf101_tree(ucf_root, tmp_path):
-    """--classes / --per-class / --test-per-class on UCF101's split files: the classes named (or the first N
-    in classInd order), renumbered 0..N-1 with their names, at most N videos of each drawn with the seed,
-    written into the run folder as a list dataset that gives the same run back."""
+def subset_lists(ucf_root, folder, *flags):
+    """tools/subset.py on the UCF101 tree into `folder`; train.py's flags that read its lists."""
+    from tools import subset
+
+    subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(folder), *flags])
+    return ["--dataset", "list", "--train-list", str(folder / "train.txt"), "--test-list", str(folder / "test.txt"),
+            "--class-names", str(folder / "classes.txt")]
+
+
+def test_subset_tool_on_a_ucf101_tree(ucf_root, tmp_path, capsys):
+    """tools/subset.py on UCF101's split files: the classes named (or the first N in classInd order), renumbered
+    0..N-1 with their names, at most N videos of each drawn with the seed, in list order; train.py reads the lists
+    back as written. A bad --classes stops it with one line."""
     import train as train_py
     from conftest import UCF_CLASSES
+    from tools import subset
 
-    def run(*flags):
-        return train_py.Run(
-            train_py.get_args(
-                ["--stage", "supervised", "--dataset", "ucf101", "--root", ucf_root, "--labeled", "1", *flags]
-            )
-        )
+    def run(name, *flags):
+        listed = subset_lists(ucf_root, tmp_path / name, *flags)
+        argv = ["--stage", "supervised", "--root", ucf_root, "--labeled", "1", "--out", str(tmp_path / f"run_{name}")]
+        return train_py.Run(train_py.get_args(argv + listed))
 
     lines = lambda name: [
         line.rstrip("\r\n").split(" ")[0] for line in open(os.path.join(ucf_root, name), newline="")
     ]  # noqa: E731
     train_all, test_all = lines("trainlist01.txt"), lines("testlist01.txt")
-    r = run(
-        "--out", str(tmp_path / "a"), "--classes", "Drumming,Basketball", "--per-class", "3",
-        "--test-per-class", "1",
-    )
+    r = run("a", "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
     assert r.classes == ["Drumming", "Basketball"]
     for items, full, per in ((r.train, train_all, 3), (r.test, test_all, 1)):
         for label, name in enumerate(r.classes):
             mine = [p for p, y in items if y == label]
             assert len(mine) == per and all(p.startswith(name + "/") for p in mine)
         assert [p for p, _ in items] == [p for p in full if p in {q for q, _ in items}]  # in list order
-    assert [line.split() for line in open(tmp_path / "a" / "train.txt")] == [[p, str(y)] for p, y in r.train]
-    assert open(tmp_path / "a" / "classes.txt").read().split("\n")[:-1] == ["Drumming", "Basketball"]
-    again = run(
-        "--out", str(tmp_path / "b"), "--classes", "Drumming,Basketball", "--per-class", "3",
-        "--test-per-class", "1",
-    )
-    other = run(
-        "--out", str(tmp_path / "c"), "--classes", "Drumming,Basketball", "--per-class", "3", "--seed", "1"
-    )
+    again = run("b", "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class", "1")
+    other = run("c", "--classes", "Drumming,Basketball", "--per-class", "3", "--seed", "1")
     assert again.train == r.train and other.train != r.train and len(other.test) == 4  # all test videos
-    first = run("--out", str(tmp_path / "d"), "--classes", "3")
+    first = run("d", "--classes", "3")
     assert first.classes == UCF_CLASSES[:3] and len(first.train) == 15
-    listed = train_py.Run(
-        train_py.get_args(
-            [
-                "--stage", "supervised", "--dataset", "list", "--root", ucf_root, "--labeled", "1", "--out",
-                str(tmp_path / "e"), "--train-list", str(tmp_path / "a" / "train.txt"), "--test-list",
-                str(tmp_path / "a" / "test.txt"), "--class-names", str(tmp_path / "a" / "classes.txt"),
-            ]
-        )
-    )
-    assert (listed.train, listed.test, listed.classes) == (r.train, r.test, r.classes)
+    for flags, message in ((["--classes", "9"], "--classes 9: the dataset has 6 classes"),
+                           (["--classes", "Disk,Sphere"], "--classes: no class named 'Disk' in the dataset"),
+                           (["--per-class", "0"], "argument --per-class: must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as e:
+            subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(tmp_path / "e"), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e")
 
 
 def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
-    flags = [
-        "--dataset", "ucf101", "--classes", "3", "--per-class", "4", "--test-per-class", "1", "--labeled",
-        "1",
-    ]
+    flags = subset_lists(ucf_root, tmp_path / "lists", "--classes", "3", "--per-class", "4", "--test-per-class", "1")
     for stage in ("invariant", "distinctive", "semisup"):
-        p = train("--stage", stage, root=ucf_root, out=tmp_path, extra=flags)
-    assert "over 3 videos" in p.stdout and "Drumming" not in open(tmp_path / "classes.txt").read()
-    results = json.load(open(tmp_path / "results.json"))
+        p = train("--stage", stage, root=ucf_root, out=tmp_path / "run", extra=flags + ["--labeled", "1"])
+    assert "over 3 videos" in p.stdout
+    results = json.load(open(tmp_path / "run" / "results.json"))
     assert set(results) == {
         "knn_invariant", "knn_distinctive", "teacher_invariant", "teacher_distinctive", "student",
     }
-    assert set(json.load(open(tmp_path / "per_class.json"))["student"]) == {
+    assert set(json.load(open(tmp_path / "run" / "per_class.json"))["student"]) == {
         "ApplyEyeMakeup", "Basketball", "Archery",
     }
 

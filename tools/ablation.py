@@ -57,7 +57,7 @@ def ablation(args):
     table, per_class, mixes, runs = {}, {}, {}, []
     for seed in args.seeds:
         out = os.path.join(args.out, f"seed{seed}")
-        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "subset_seed": train.subset_seed(args)})
+        sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": out})
         for stage in train.ENCODERS:
             run = train.Run(sub, stage)
             train.reuse_or_train(run, f"seed {seed}:", stage, "ssl",
