@@ -411,19 +411,15 @@ def numbered_lines(path):
 
 def _class_index(path):
     """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
-    names = {}
-    rows = numbered_lines(path)
+    rows, names = numbered_lines(path), {}
     for n, words in rows:
-        if len(words) != 2 or not words[0].isdigit() or int(words[0]) < 1:
-            raise DataError(f"{path}:{n}: expected 'index ClassName' with an index from 1, got {' '.join(words)!r}")
-        i = int(words[0])
-        if i in names:
-            raise DataError(f"{path}:{n}: class index {i} given twice")
-        if i > len(rows):
-            raise DataError(f"{path}:{n}: class index {i} leaves a gap: {len(rows)} classes must be "
-                            f"numbered 1..{len(rows)}")
+        i = int(words[0]) if len(words) == 2 and words[0].isdigit() else 0
+        if not 1 <= i <= len(rows) or i in names:
+            raise DataError(f"{path}:{n}: expected 'index ClassName', the indices 1..{len(rows)} each once, got "
+                            f"{' '.join(words)!r}")
         names[i] = words[1]
     return [names[i] for i in sorted(names)]
+
 
 
 def read_ucf101(root, splits, fold):

@@ -28,7 +28,7 @@ from models import BACKBONE, load_backbone
 DEFAULT_TOY = "data/toy"  # written by `python tools/toy.py data/toy`
 SSL_STAGES = ("invariant", "distinctive", "both")
 ENCODERS = ("invariant", "distinctive")  # the two self-supervised encoders that become the teachers
-STAGES = SSL_STAGES + ("finetune", "supervised", "semisup", "eval")
+STAGES = SSL_STAGES + ("finetune", "supervised", "semisup")
 # Each step's epochs, Adam's rate, videos per batch and process (semisup: labeled and unlabeled each) and weight
 # decay at CPU scale; --epochs, --lr, --batch-size, --weight-decay override them
 STEPS = {"invariant": (16, 1e-3, 8, 1e-4), "distinctive": (20, 1e-3, 8, 1e-4), "both": (8, 1e-3, 8, 1e-4),
@@ -585,9 +585,6 @@ def record(run, name, top1, per_class=None):
 
 
 def run_stage(args, stage):
-    if stage == "eval":  # the model and its clips as the checkpoint was trained, the data as given
-        ckpt = load_checkpoint(args.ckpt, "classifier")
-        args = with_checkpoint_clips(args, ckpt)
     run = Run(args, stage)
     if stage in SSL_STAGES:
         train_ssl(run, stage, args.resume)
@@ -598,8 +595,6 @@ def run_stage(args, stage):
         train_classifier(run, "supervised", args.resume)
     elif stage == "semisup":
         semisup(run)
-    elif stage == "eval":  # recorded as eval_<name>: a training stage's own figure stays
-        evaluate(run, run.classifier(ckpt, args.ckpt), "eval_" + os.path.basename(args.ckpt).removesuffix(".pt"))
 
 
 def reuse_or_train(run, label, name, kind, train, what=None):
@@ -822,7 +817,8 @@ def read_splits(args):
 
 # The flags that cannot change what a step computes. Every other flag of `parser` defines each step it reaches
 # (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
-NOT_DEFINING = ("help", "stage", "ckpt", "out", "source", "resume", "workers", "cache_mb", "device",
+NOT_DEFINING = ("help", "stage", "out",
+ "source", "resume", "workers", "cache_mb", "device",
                 "no_amp", "log_every")
 # Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
 # the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
@@ -832,7 +828,7 @@ TEACHER_FLAGS = ("teacher", "teacher_t", "finetune_backbone_lr")
 STUDENT_FLAGS = ("w_labeled", "w_unlabeled", "distill", "mix", "score_norm", "student_init", "student_forward")
 SCHEDULE = ("epochs", "lr", "batch_size", "weight_decay")
 LABELED_STAGES = ("finetune", "supervised", "semisup")
-CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what eval takes from a checkpoint
+
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list", "source")
 
 
@@ -934,11 +930,6 @@ def take(run, taken):
     run.log(f"--from {a.source}: took {', '.join(taken) or 'no step'}; the other steps are trained here")
 
 
-
-def with_checkpoint_clips(args, ckpt):
-    """args with the model and clip flags a classifier checkpoint was trained with (eval, tools/predict.py)."""
-    saved = {k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}
-    return argparse.Namespace(**{**vars(args), **saved})
 
 
 def checkpoint(run, name, kind):
@@ -1089,13 +1080,12 @@ def at_least(lo, kind=int, above=False):
 def parser(command=True):
     """train.py's flags in three groups: the method's (what a reader of the paper sets), running (data, folder,
     network, schedule, processes), replication and tuning (what --recipe released sets, the validation split).
-    `command`: also --stage and --ckpt. A tool adds its own."""
+    `command`: also --stage. A tool adds its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument_group("the method (docs/method.md)").add_argument
     if command:
         add("--stage", choices=STAGES, required=True, help="invariant, distinctive, semisup: the method (README); "
-            "finetune, supervised, both: single steps; eval: a trained classifier (to classify: tools/predict.py)")
-        add("--ckpt", type=str, default=None, help="eval: the classifier checkpoint")
+            "finetune, supervised, both: single steps (a trained classifier: tools/evaluate.py, tools/predict.py)")
     add("--tau", type=at_least(0, float, above=True), default=0.1, help="temperature of h(u, v) = exp(u.v/tau)")
     add("--w-labeled", type=float, default=50.0, help="distillation weight, labeled clips (paper 50, MSE)")
     add("--w-unlabeled", type=float, default=100.0, help="distillation weight, unlabeled (paper 100, MSE)")
@@ -1192,8 +1182,7 @@ def get_args(argv=None, p=None, dataset=True):
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "
                 f"got {args.ssl_stride}")
-    if getattr(args, "stage", None) == "eval" and not args.ckpt:
-        p.error("--stage eval needs --ckpt")
+
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
     if args.root is None and dataset:
         p.error(f"--dataset {args.dataset} needs --root")

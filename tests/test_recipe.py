@@ -176,7 +176,7 @@ def test_a_flag_given_with_the_recipe_wins(toy_root, tmp_path):
 RECORDED = {
     "invariant": [("recipe", "released"), ("width", "12"), ("layers", "1 1 2 1"), ("ssl_frames", "8"),
                   ("ssl_stride", "8"), ("size", "28"), ("balance", "authors"), ("ssl_aug", "released"),
-                  ("holdout", "1"), ("classes", "4"), ("per_class", "4"), ("test_per_class", "1"), ("fold", "2"),
+                  ("holdout", "1"), ("fold", "2"),
                   ("tau", "0.5"), ("seed", "5"), ("schedule", "released"), ("labeled", "1"), ("test_crop", "0.5"),
                   ("arch", "r3d18"), ("ssl_forward", "per-clip"), ("last_batch", "keep")],
     "student": [("recipe", "released"), ("frames", "2"), ("stride", "3"), ("labeled", "1"), ("seed", "5"),

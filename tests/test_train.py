@@ -25,6 +25,7 @@ import data
 import tb
 from conftest import numbers_in_line, write_audio_only
 from tools import toy
+from tools.evaluate import main as evaluate_main
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = [
@@ -144,14 +145,12 @@ def test_checkpoint_chain_and_results(chain, toy_root):
         for k, v in json.load(open(out / "results.json")).items()
         if k != "supervised"
     )
-    # eval of the saved student reproduces the recorded accuracy, recorded under its own key; it takes the
-    # model and clips from the checkpoint (here --width 8 and --frames 2 are ignored) and leaves the lists
+    # tools/evaluate.py of the saved student reproduces the recorded accuracy, recorded under its own key; it takes
+    # the model and clips from the checkpoint (here --width 8 and --frames 2 are ignored) and leaves the lists
     lists = {name: (out / name).read_text() for name in ("labeled.txt", "unlabeled.txt")}
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in lists}
-    p = train(
-        "--stage", "eval", "--ckpt", str(out / "student.pt"), root=toy_root, out=out,
-        extra=["--width", "8", "--frames", "2"],
-    )
+    p = train("--ckpt", str(out / "student.pt"), root=toy_root, out=out, extra=["--width", "8", "--frames", "2"],
+              main=evaluate_main)
     assert numbers_in_line(p.stdout, "test top-1")[0] == pytest.approx(results["student"], abs=0.005)
     after = json.load(open(out / "results.json"))
     assert after["eval_student"] == after["student"] == results["student"]
@@ -363,9 +362,6 @@ def test_semisup_killed_in_the_teachers_step_resumes(chain, toy_root, tmp_path):
         ),
         (["--stage", "supervised", "--labeled", "9"], "class Disk has only 5 training videos"),
         (["--stage", "supervised", "--holdout", "5"], "--holdout 5: class Disk has 5 training videos"),
-        (["--stage", "eval"], "--stage eval needs --ckpt"),
-
-        (["--stage", "eval", "--ckpt", "x.pt", "v.avi"], "unrecognized arguments: v.avi"),
         (
             ["--stage", "supervised", "--root", "/no/such/dir"],
             "no toy set in /no/such/dir: write it with python tools/toy.py /no/such/dir",
@@ -430,9 +426,7 @@ def test_checkpoint_of_other_width_or_classes(chain, toy_root, tmp_path):
     ckpt = load(out / "supervised.pt")
     ckpt["arch"]["num_classes"] = 5
     torch.save(ckpt, tmp_path / "five.pt")
-    p = train(
-        "--stage", "eval", "--ckpt", str(tmp_path / "five.pt"), root=toy_root, out=tmp_path, check=False
-    )
+    p = train("--ckpt", str(tmp_path / "five.pt"), root=toy_root, out=tmp_path, check=False, main=evaluate_main)
     assert p.returncode == 2 and "five.pt: 5 classes, dataset has 8" in p.stderr
 
 
@@ -561,10 +555,8 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     table = json.load(open(tmp_path / "ablation.json"))
     results = json.load(open(tmp_path / "seed0" / "results.json"))
     assert {k: v[0] for k, v in table["top1"].items()} == results and table["mix"]["0"]["videos"] == 24
-    p = train(
-        "--stage", "eval", "--ckpt", str(tmp_path / "seed0" / "teacher_invariant.pt"), root=toy_root,
-        out=tmp_path / "single",
-    )
+    p = train("--ckpt", str(tmp_path / "seed0" / "teacher_invariant.pt"), root=toy_root, out=tmp_path / "single",
+              main=evaluate_main)
     assert numbers_in_line(p.stdout, "test top-1") == [pytest.approx(results["teacher_invariant"], abs=0.005), 16]
     # the scores, each process computing half of the training videos', are those of a single process
     copy_run(tmp_path / "seed0", tmp_path / "single", [f"{k}.pt" for k in (
@@ -573,10 +565,15 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     two, one = (json.load(open(tmp_path / d / "scores.json"))["raw"] for d in ("seed0", "single"))
     assert two.keys() == one.keys() and all(abs(two[k] - one[k]) < 1e-6 for k in one)
     # and of 15 training videos, shares of 8 and 7 (one torchrun at a time in the suite: here, not a test beside)
-    two, one = tmp_path / "odd_two", tmp_path / "odd_one"
-    torchrun("semisup", "cpu", 29519, toy_root, two, "--classes", "3")
+    from tools import subset
+
+    two, one, lists = tmp_path / "odd_two", tmp_path / "odd_one", tmp_path / "lists"
+    subset.main(["--root", toy_root, "--lists", str(lists), "--classes", "3"])
+    three = ["--dataset", "list", "--train-list", str(lists / "train.txt"), "--test-list", str(lists / "test.txt"),
+             "--class-names", str(lists / "classes.txt")]
+    torchrun("semisup", "cpu", 29519, toy_root, two, *three)
     copy_run(two, one, ["invariant.pt", "distinctive.pt"])
-    train("--stage", "semisup", "--classes", "3", root=toy_root, out=one)
+    train("--stage", "semisup", *three, root=toy_root, out=one)
     a, b = (json.load(open(d / "scores.json"))["raw"] for d in (two, one))
     assert len(b) == 15 and a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in b)
 
@@ -617,8 +614,8 @@ def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert marker.exists()
     marker.unlink()
-    cases = [  # (file to replace, real checkpoint it imitates, command)
-        ("evil.pt", "student.pt", ["--stage", "eval", "--ckpt", str(tmp_path / "case0" / "evil.pt")]),
+    cases = [  # (file to replace, real checkpoint it imitates, command; tools/evaluate.py for the first)
+        ("evil.pt", "student.pt", ["--ckpt", str(tmp_path / "case0" / "evil.pt")]),
         ("distinctive.pt", "distinctive.pt", ["--stage", "distinctive", "--resume"]),
         ("invariant.pt", "invariant.pt", ["--stage", "finetune"]),
         ("teacher_invariant.pt", "teacher_invariant.pt", ["--stage", "semisup"]),
@@ -629,7 +626,7 @@ def test_malicious_checkpoint_never_runs(chain, toy_root, tmp_path):
             out, run, ["invariant.pt", "distinctive.pt", "teacher_invariant.pt", "teacher_distinctive.pt"]
         )
         malicious_checkpoint(run / name, marker, out / real)
-        p = train(*flags, root=toy_root, out=run, check=False)
+        p = train(*flags, root=toy_root, out=run, check=False, main=None if k else evaluate_main)
         assert p.returncode == 2 and last_line(p).startswith(f"error: {run / name}: refused"), p.stderr
         assert "could run code" in last_line(p) and "Traceback" not in p.stderr
         assert not marker.exists(), flags
@@ -652,7 +649,7 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
         ("keys.pt", "not a checkpoint of this project, missing optimizer, arch.width"),
         ("list.pt", "not a checkpoint of this project"), ("folder.pt", "is not a file"),
     ]:
-        p = train("--stage", "eval", "--ckpt", str(tmp_path / name), root=toy_root, out=tmp_path, check=False)
+        p = train("--ckpt", str(tmp_path / name), root=toy_root, out=tmp_path, check=False, main=evaluate_main)
         assert (
             p.returncode == 2
             and last_line(p).startswith(f"error: {tmp_path / name}")
@@ -668,7 +665,7 @@ def test_unreadable_checkpoints_fail_clearly(chain, toy_root, tmp_path):
         p.returncode == 2
         and f"{run / 'invariant.pt'} is a classifier, not a self-supervised encoder" in p.stderr
     )
-    p = train("--stage", "eval", "--ckpt", str(out / "distinctive.pt"), root=toy_root, out=run, check=False)
+    p = train("--ckpt", str(out / "distinctive.pt"), root=toy_root, out=run, check=False, main=evaluate_main)
     assert p.returncode == 2 and "distinctive.pt is a self-supervised encoder, not a classifier" in p.stderr
     assert not (run / "teacher_invariant.pt").exists() and not (run / "results.json").exists()
 
@@ -839,6 +836,13 @@ def test_subset_tool_on_a_ucf101_tree(ucf_root, tmp_path, capsys):
             subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(tmp_path / "e"), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e")
+    subset_lists(ucf_root, tmp_path / "a", "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class",
+                 "1")  # the same lists again: left as they are
+    before = {f: (tmp_path / "a" / f).read_text() for f in ("train.txt", "test.txt", "classes.txt")}
+    with pytest.raises(SystemExit):  # other lists into the same folder: refused, nothing changed
+        subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(tmp_path / "a"), "--classes", "3"])
+    assert "holds other lists: write these to another --lists folder" in capsys.readouterr().err
+    assert before == {f: (tmp_path / "a" / f).read_text() for f in before}
 
 
 def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):
@@ -1035,15 +1039,15 @@ def test_knn_top1_against_a_naive_loop():
     [
         (
             {"classInd.txt": "1 A\r\n3 B\r\n"}, ["--dataset", "ucf101"],
-            "classInd.txt:2: class index 3 leaves a gap: 2 classes must be numbered 1..2",
+            "classInd.txt:2: expected 'index ClassName', the indices 1..2 each once, got '3 B'",
         ),
         (
             {"classInd.txt": "1 A\n1 B\n"}, ["--dataset", "ucf101"],
-            "classInd.txt:2: class index 1 given twice",
+            "classInd.txt:2: expected 'index ClassName', the indices 1..2 each once, got '1 B'",
         ),
         (
             {"classInd.txt": "0 A\n"}, ["--dataset", "ucf101"],
-            "classInd.txt:1: expected 'index ClassName' with an index from 1",
+            "classInd.txt:1: expected 'index ClassName', the indices 1..1 each once, got '0 A'",
         ),
         (
             {"train.txt": "A/a.avi 0\nA/b.avi 2\n", "names.txt": "A\nB\n"}, ["--class-names", "NAMES"],

@@ -13,10 +13,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules
 import train  # noqa: E402
 
+CLIP_FLAGS = ("arch", "width", "layers", "frames", "stride", "size")  # what a classifier's clips are
+
+
+def with_checkpoint_clips(args, ckpt):
+    """args with the network and clip flags the classifier checkpoint `ckpt` was trained with."""
+    return argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in CLIP_FLAGS if k in ckpt["args"]}})
+
 
 def predict(args):
     ckpt = train.load_checkpoint(args.ckpt, "classifier")
-    args = argparse.Namespace(**{**vars(train.with_checkpoint_clips(args, ckpt)), "root": ""})  # paths as given
+    args = argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""})  # paths as given
+
     run = train.Run(args, "predict", dataset=False)
     model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
     p, bad = train.probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)

@@ -52,10 +52,15 @@ def take_subset(train_items, test_items, classes, which=None, per_class=None, te
 def write_subset(args):
     train_items, test_items, classes = take_subset(*train.read_splits(args), args.classes, args.per_class,
                                                    args.test_per_class, args.seed)
+    files = {"train.txt": [f"{p} {label}" for p, label in train_items],
+             "test.txt": [f"{p} {label}" for p, label in test_items], "classes.txt": classes}
+    for name, lines in files.items():  # a run folder knows its lists by their paths: never changed in place
+        path = os.path.join(args.lists, name)
+        if os.path.exists(path) and open(path).read() != "".join(f"{line}\n" for line in lines):
+            raise data.DataError(f"{path} holds other lists: write these to another --lists folder")
     os.makedirs(args.lists, exist_ok=True)
-    for name, items in (("train", train_items), ("test", test_items)):
-        data.write_lines(os.path.join(args.lists, f"{name}.txt"), (f"{p} {label}" for p, label in items))
-    data.write_lines(os.path.join(args.lists, "classes.txt"), classes)
+    for name, lines in files.items():
+        data.write_lines(os.path.join(args.lists, name), lines)
     print(f"{args.lists}: {len(classes)} classes, {len(train_items)} training and {len(test_items)} test videos "
           f"(train.txt, test.txt, classes.txt)")
 
