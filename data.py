@@ -413,13 +413,12 @@ def _class_index(path):
     """classInd.txt, lines 'index ClassName' with the indices 1..K, each once -> the K names in index order."""
     rows, names = numbered_lines(path), {}
     for n, words in rows:
-        i = int(words[0]) if len(words) == 2 and words[0].isdigit() else 0
+        i = int(words[0]) if len(words) == 2 and words[0].isdecimal() else 0
         if not 1 <= i <= len(rows) or i in names:
             raise DataError(f"{path}:{n}: expected 'index ClassName', the indices 1..{len(rows)} each once, got "
                             f"{' '.join(words)!r}")
         names[i] = words[1]
     return [names[i] for i in sorted(names)]
-
 
 
 def read_ucf101(root, splits, fold):
@@ -484,7 +483,7 @@ def _parse_list(path, num_classes=None):
     for n, words in numbered_lines(path):
         if len(words) != 2:
             raise DataError(f"{path}:{n}: lines must read 'relative/path label', got {' '.join(words)!r}")
-        if not words[1].isdigit():
+        if not words[1].isdecimal():
             raise DataError(f"{path}:{n}: the label must be a non-negative integer, got {words[1]!r}")
         if num_classes is not None and int(words[1]) >= num_classes:
             raise DataError(f"{path}:{n}: label {words[1]} is out of range: there are {num_classes} classes "

@@ -690,6 +690,7 @@ class Run:
             if a.source:
                 take(self, taken)
             source = {"from": a.source, "taken": list(taken)} if a.source else {}
+            # tools/evaluate.py ("eval") records only the flags that reach every step: its network is the checkpoint's
             write_json(path, {**run_json, **settings(a, "run" if self.stage == "eval" else None), **source})
             if self.stage in LABELED_STAGES:
                 for name, items in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
@@ -817,9 +818,7 @@ def read_splits(args):
 
 # The flags that cannot change what a step computes. Every other flag of `parser` defines each step it reaches
 # (`settings`): a flag added later defines every step unless it is named here or in the three lists below.
-NOT_DEFINING = ("help", "stage", "out",
- "source", "resume", "workers", "cache_mb", "device",
-                "no_amp", "log_every")
+NOT_DEFINING = ("help", "stage", "out", "source", "resume", "workers", "cache_mb", "device", "no_amp", "log_every")
 # Flags that reach only some steps: the classifiers' training (not the encoders, their kNN check or the scores),
 # the teachers' (and the student's through them), the student's. The schedule is resolved per step (`hparams`);
 # the class-mean teachers and the scores take no training step and read none of it.
@@ -828,7 +827,6 @@ TEACHER_FLAGS = ("teacher", "teacher_t", "finetune_backbone_lr")
 STUDENT_FLAGS = ("w_labeled", "w_unlabeled", "distill", "mix", "score_norm", "student_init", "student_forward")
 SCHEDULE = ("epochs", "lr", "batch_size", "weight_decay")
 LABELED_STAGES = ("finetune", "supervised", "semisup")
-
 PATH_FLAGS = ("root", "splits", "train_list", "test_list", "class_names", "labeled_list", "source")
 
 
@@ -879,6 +877,10 @@ def differs(run, name, record):
     such flag (--recipe first: it sets many), else None. An encoder's schedule is its own stage's: another
     command that reads it finished leaves it as it is."""
     own = name not in SSL_STAGES or not record.finished or run.stage == name
+    for k in ("classes", "per_class", "test_per_class"):  # flags of older versions: now tools/subset.py's lists
+        if record.settings.get(k) is not None:
+            return (f"{record.path} was trained on a subset (--{k.replace('_', '-')} {record.settings[k]}), a flag "
+                    "train.py no longer has: use another --out (tools/subset.py writes a subset's lists)")
     for k, v in sorted(settings(run.args, name).items(), key=lambda kv: kv[0] != "recipe"):
         was = record.settings.get(k, v)
         if was != v and (own or k not in SCHEDULE):
@@ -928,8 +930,6 @@ def take(run, taken):
     for f in ("results.json", "per_class.json"):
         write_json(os.path.join(a.out, f), {k: v for k, v in read_json(os.path.join(a.source, f)).items() if k in keys})
     run.log(f"--from {a.source}: took {', '.join(taken) or 'no step'}; the other steps are trained here")
-
-
 
 
 def checkpoint(run, name, kind):
@@ -1182,7 +1182,6 @@ def get_args(argv=None, p=None, dataset=True):
     if args.ssl_stride % 4:
         p.error(f"--ssl-stride must be a multiple of 4 (the 4 dense clips tile the sparse span), "
                 f"got {args.ssl_stride}")
-
     args.root = args.root or (DEFAULT_TOY if args.dataset == "toy" else None)
     if args.root is None and dataset:
         p.error(f"--dataset {args.dataset} needs --root")
@@ -1190,7 +1189,6 @@ def get_args(argv=None, p=None, dataset=True):
         if getattr(args, flag) is not None:
             setattr(args, flag, os.path.abspath(getattr(args, flag)))
     return args
-
 
 
 if __name__ == "__main__":

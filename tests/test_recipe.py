@@ -202,6 +202,18 @@ def test_each_step_refuses_each_flag_it_records(toy_root, tmp_path, step, flag, 
                             train_py.Record(recorded, True, "x", None))
 
 
+def test_a_step_trained_on_a_subset_by_flag_is_refused(toy_root, tmp_path):
+    """Older versions recorded --classes, --per-class and --test-per-class (now tools/subset.py's lists): a step
+    trained on such a subset is refused in one line, never reused or taken for a run of the whole dataset."""
+    args = train_py.get_args(["--stage", "invariant", "--root", toy_root, "--out", str(tmp_path), *FAST])
+    run = argparse.Namespace(args=args, stage="invariant")
+    recorded = {**train_py.settings(args, "invariant"), "test_per_class": None}
+    train_py.check_step(run, "invariant", train_py.Record(recorded, True, "x", None))  # None: the whole dataset
+    for k, value in (("classes", ["A", "B"]), ("per_class", 4), ("test_per_class", 1)):
+        with pytest.raises(train_py.StageError, match=rf"^x was trained on a subset \(--{k.replace('_', '-')} "):
+            train_py.check_step(run, "invariant", train_py.Record({**recorded, k: value}, True, "x", None))
+
+
 def test_released_test_clip_starts_by_hand():
     """--recipe released's test clips (dl_semisup_2clips.py): starts int(linspace(0, n - stride T - 10, 10)), a
     negative one replaced by the clip's number, the stride halved where T strides pass the end; by hand."""

@@ -836,13 +836,21 @@ def test_subset_tool_on_a_ucf101_tree(ucf_root, tmp_path, capsys):
             subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(tmp_path / "e"), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e")
+    state = lambda: {f: ((tmp_path / "a" / f).read_text(), os.stat(tmp_path / "a" / f).st_mtime_ns)  # noqa: E731
+                     for f in ("train.txt", "test.txt", "classes.txt")}
+    before = state()
     subset_lists(ucf_root, tmp_path / "a", "--classes", "Drumming,Basketball", "--per-class", "3", "--test-per-class",
-                 "1")  # the same lists again: left as they are
-    before = {f: (tmp_path / "a" / f).read_text() for f in ("train.txt", "test.txt", "classes.txt")}
+                 "1")  # the same lists again: the files left as they are
     with pytest.raises(SystemExit):  # other lists into the same folder: refused, nothing changed
         subset.main(["--dataset", "ucf101", "--root", ucf_root, "--lists", str(tmp_path / "a"), "--classes", "3"])
     assert "holds other lists: write these to another --lists folder" in capsys.readouterr().err
-    assert before == {f: (tmp_path / "a" / f).read_text() for f in before}
+    assert state() == before
+    for flags, message in ((["--dataset", "ucf101"], "--dataset ucf101 needs --root"),
+                           (["--root", ucf_root, "--classes", "Drumming,Drumming"], "each once"),
+                           (["--root", ucf_root, "--lists", str(tmp_path / "a" / "train.txt")], "is a file, not a")):
+        with pytest.raises(SystemExit) as e:
+            subset.main(["--lists", str(tmp_path / "f"), *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_smoke_run_of_the_three_commands_on_a_ucf101_subset(ucf_root, tmp_path):

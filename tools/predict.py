@@ -24,7 +24,6 @@ def with_checkpoint_clips(args, ckpt):
 def predict(args):
     ckpt = train.load_checkpoint(args.ckpt, "classifier")
     args = argparse.Namespace(**{**vars(with_checkpoint_clips(args, ckpt)), "root": ""})  # paths as given
-
     run = train.Run(args, "predict", dataset=False)
     model = run.classifier(ckpt, args.ckpt, ckpt["classes"]).eval()
     p, bad = train.probabilities(run, model, [(v, -1) for v in args.videos])  # (N, K)

@@ -6,7 +6,9 @@ each, drawn per class with --seed, written as the list files `--dataset list` re
     python train.py --stage invariant --dataset list --root UCF-101 --train-list lists/ucf5/train.txt \\
         --test-list lists/ucf5/test.txt --class-names lists/ucf5/classes.txt
 
-The classes are relabeled 0..N-1 in the order chosen; the videos keep their split files' order.
+The classes are relabeled 0..N-1 in the order chosen; the videos keep their split files' order and their paths
+relative to --root, which train.py is then given too. A --lists folder is never rewritten with other lists: a run
+folder knows its lists by their paths.
 """
 import argparse
 import os
@@ -54,43 +56,61 @@ def write_subset(args):
                                                    args.test_per_class, args.seed)
     files = {"train.txt": [f"{p} {label}" for p, label in train_items],
              "test.txt": [f"{p} {label}" for p, label in test_items], "classes.txt": classes}
-    for name, lines in files.items():  # a run folder knows its lists by their paths: never changed in place
+    if os.path.exists(args.lists) and not os.path.isdir(args.lists):
+        raise data.DataError(f"--lists {args.lists} is a file, not a folder")
+    for name, lines in files.items():
         path = os.path.join(args.lists, name)
-        if os.path.exists(path) and open(path).read() != "".join(f"{line}\n" for line in lines):
-            raise data.DataError(f"{path} holds other lists: write these to another --lists folder")
+        if os.path.exists(path) and text_of(path) != "".join(f"{line}\n" for line in lines):
+            raise data.DataError(f"{path} holds other lists: write these to another --lists folder (or remove it)")
     os.makedirs(args.lists, exist_ok=True)
     for name, lines in files.items():
-        data.write_lines(os.path.join(args.lists, name), lines)
+        if not os.path.exists(os.path.join(args.lists, name)):  # the same lists already there are left alone
+            data.write_lines(os.path.join(args.lists, name), lines)
     print(f"{args.lists}: {len(classes)} classes, {len(train_items)} training and {len(test_items)} test videos "
           f"(train.txt, test.txt, classes.txt)")
 
 
+def text_of(path):
+    """The text of the file `path`; None where it is a folder or cannot be read as text."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
 def classes_flag(text):
     """--classes: "5" -> 5 (the first five), "A,B" -> ["A", "B"]."""
-    if text.isdigit():
+    if text.isdecimal():
         return int(text)
     names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected N or comma-separated class names, got {text!r}")
+    if not names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected N or comma-separated class names, each once, got {text!r}")
     return names
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     p.add_argument("--lists", required=True, help="the folder to write train.txt, test.txt and classes.txt to")
-    p.add_argument("--classes", type=classes_flag, default=None, help="the first N classes, or names 'A,B,C'")
-    p.add_argument("--per-class", type=train.at_least(1), default=None, help="at most N training videos a class")
-    p.add_argument("--test-per-class", type=train.at_least(1), default=None, help="at most N test videos a class")
+    p.add_argument("--classes", type=classes_flag, default=None, help="the first N classes, or names 'A,B,C' "
+                   "(default: all)")
+    p.add_argument("--per-class", type=train.at_least(1), default=None,
+                   help="at most N training videos a class (default: all)")
+    p.add_argument("--test-per-class", type=train.at_least(1), default=None,
+                   help="at most N test videos a class (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class draws")
     p.add_argument("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    p.add_argument("--root", type=str, default=train.DEFAULT_TOY, help="video folder")
+    p.add_argument("--root", type=str, default=None, help=f"video folder (toy: {train.DEFAULT_TOY})")
     p.add_argument("--splits", type=str, default=None, help="the split files' folder (if not --root)")
     p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
     p.add_argument("--hmdb-unused", action="store_true", help="hmdb51: add the unused (flag 0) videos to training")
-    p.add_argument("--train-list", type=str, default=None, help="list: training videos, lines 'path label'")
-    p.add_argument("--test-list", type=str, default=None, help="list: test videos, lines 'path label'")
+    p.add_argument("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
+    p.add_argument("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
     p.add_argument("--class-names", type=str, default=None, help="list: class names, one a line")
     args = p.parse_args(argv)
+    args.root = args.root or (train.DEFAULT_TOY if args.dataset == "toy" else None)
+    if args.root is None:
+        p.error(f"--dataset {args.dataset} needs --root")
     train.command(lambda: write_subset(args))
 
 

@@ -72,8 +72,7 @@ def stages(check, launcher, flags, out, label):
         cmd = [*launcher, "train.py", "--stage", stage, *flags, "--out", out]
         check.part(f"{stage}, {label}", cmd, lambda text, name=name: last_rate(out, name))
     student = os.path.join(out, "student.pt")
-    check.part(f"eval, {label}", [*launcher, "train.py", "--stage", "eval", "--ckpt", student, *flags,
-                                  "--out", out])
+    check.part(f"eval, {label}", [*launcher, "tools/evaluate.py", "--ckpt", student, *flags, "--out", out])
     video = os.path.join(flags[flags.index("--root") + 1], "Disk", "v_Disk_g00_c01.avi")
     check.part(f"predict, {label}", [sys.executable, "tools/predict.py", "--ckpt", student,
                                      "--device", check.args.device, video])
