@@ -213,6 +213,18 @@ def test_gpu_check_fails_loudly(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
 
 
+def test_gpu_check_runs_every_part_on_a_cpu(tmp_path):
+    """Every command the GPU check runs (each stage, tools/evaluate.py and tools/predict.py, in 1 and 2 processes)
+    works as written, on a CPU at a tiny size: a GPU's few minutes are not spent on a stale command."""
+    tiny = ["--device", "cpu", "--width", "8", "--layers", "1", "1", "1", "1", "--size", "32", "--epochs", "1",
+            "--workers", "0", "--out", str(tmp_path), "--no-tests", "--no-bench", "--budget", "600"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "diagnostics", "gpu_check.py"), *tiny],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert p.returncode == 0 and len(rows) == 12 and not any("FAILED" in row for row in rows), p.stdout + p.stderr
+    assert sum(row.startswith(("| eval, ", "| predict, ")) and "| ok |" in row for row in rows) == 4
+
+
 def test_the_ordered_variant_is_bob_and_pulse_ordered_classes(tmp_path):
     """--variant ordered: its classes are bob's four ordered classes, then pulse's four, drawn as they are
     there (so each is its partner played backwards, as tested above), and groups.txt calls every one ordered."""
