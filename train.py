@@ -1113,15 +1113,7 @@ def running_flags(p):
     add("--out", type=str, default="runs/default", help="run folder: checkpoints, scores, logs, results")
     add("--from", dest="source", type=str, default=None, metavar="DIR", help="a new --out from run folder DIR: "
         "its finished steps whose settings equal this command's are linked (or copied), the others trained")
-    add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
-    add("--splits", type=str, default=None,
-        help="the split files' folder (if not --root): ucf101 ucfTrainTestlist, hmdb51 testTrainMulti_7030_splits")
-    add("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
-    add("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
-    add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
-    add("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
-    add("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
+    dataset_flags(add)
     add("--labeled-list", type=str, default=None, help="a labeled list, lines 'relative/path label'")
     add("--seed", type=int, default=0, help="seed of the labeled split, initialisation, augmentation")
     add("--arch", choices=sorted(models.NETWORKS), default="compact", help="the network (models.py): compact, "
@@ -1140,6 +1132,19 @@ def running_flags(p):
     add("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--no-amp", action="store_true", help="CUDA: disable bfloat16 autocast")
     add("--log-every", type=at_least(1), default=10, help="a read of the loss sums (and a line) every N steps")
+
+
+def dataset_flags(add):
+    """The flags that name a dataset and its splits (`read_splits`), added by `add`; tools/subset.py reads them too."""
+    add("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
+    add("--root", type=str, default=None, help=f"video folder (toy: {DEFAULT_TOY})")
+    add("--splits", type=str, default=None,
+        help="the split files' folder (if not --root): ucf101 ucfTrainTestlist, hmdb51 testTrainMulti_7030_splits")
+    add("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
+    add("--hmdb-unused", action="store_true", help="hmdb51: add the split's unused (flag 0) videos to the pool")
+    add("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
+    add("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
+    add("--class-names", type=str, default=None, help="list: class names, one a line, line k naming label k")
 
 
 def tuning_flags(p):

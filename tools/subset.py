@@ -99,14 +99,7 @@ def main(argv=None):
     p.add_argument("--test-per-class", type=train.at_least(1), default=None,
                    help="at most N test videos a class (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class draws")
-    p.add_argument("--dataset", choices=["toy", "ucf101", "hmdb51", "list"], default="toy", help="split format")
-    p.add_argument("--root", type=str, default=None, help=f"video folder (toy: {train.DEFAULT_TOY})")
-    p.add_argument("--splits", type=str, default=None, help="the split files' folder (if not --root)")
-    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="split number (ucf101, hmdb51)")
-    p.add_argument("--hmdb-unused", action="store_true", help="hmdb51: add the unused (flag 0) videos to training")
-    p.add_argument("--train-list", type=str, default=None, help="list: training videos, lines 'relative/path label'")
-    p.add_argument("--test-list", type=str, default=None, help="list: test videos, lines 'relative/path label'")
-    p.add_argument("--class-names", type=str, default=None, help="list: class names, one a line")
+    train.dataset_flags(p.add_argument)
     args = p.parse_args(argv)
     args.root = args.root or (train.DEFAULT_TOY if args.dataset == "toy" else None)
     if args.root is None:
